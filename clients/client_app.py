@@ -1,0 +1,157 @@
+"""The ClientApp: decode what the server sent, train only the kept parameters, reply.
+
+The node keeps the mask it was last sent in `context.state`, so the server can send
+kept values alone while the mask has not changed. It also keeps the importance it has
+accumulated since the server last asked for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprune import protocol as P
+from fedprune.codec import MASK_PREFIXES, decode_mask, decode_model, encode_mask, encode_update
+from fedprune.data import NUM_CLASSES, client_partition
+from fedprune.masks import Masks
+from fedprune.models import build_model, param_shapes, prunable_names
+from fedprune.settings import Settings
+from fedprune.training import evaluate as evaluate_model
+from fedprune.training import train_masked
+
+app = ClientApp()
+
+# Clients share the machine's cores with each other; one thread each avoids oversubscription.
+torch.set_num_threads(1)
+
+
+def _held_mask(context: Context, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Masks] | None:
+    """(version, masks) the node holds from an earlier message, if any."""
+    if P.STATE_MASK not in context.state:
+        return None
+    record = context.state[P.STATE_MASK]
+    masks = {}
+    for key in record:
+        prefix, name = key.split("/", 1)
+        masks[name] = decode_mask(prefix, record[key].numpy(), shapes[name])
+    return int(context.state[P.STATE_META]["version"]), masks
+
+
+def _hold_mask(context: Context, version: int, masks: Masks) -> None:
+    packed = {}
+    for name, mask in masks.items():
+        prefix, data = encode_mask(mask)
+        packed[f"{prefix}/{name}"] = Array(data)
+    context.state[P.STATE_MASK] = ArrayRecord(packed)
+    context.state[P.STATE_META] = ConfigRecord({"version": version})
+
+
+def _receive(msg: Message, context: Context):
+    """Settings, model loaded with the server's weights, the masks, and the mask version."""
+    settings = Settings.from_run_config(context.run_config)
+    model = build_model(settings.model, NUM_CLASSES[settings.dataset])
+    shapes, prunable = param_shapes(model), prunable_names(model)
+    config = msg.content[P.CONFIG]
+    version = int(config[P.MASK_VERSION])
+    record = msg.content[P.ARRAYS]
+    arrays = {key: record[key].numpy() for key in record}
+    carries_mask = any(key.split("/", 1)[0] in MASK_PREFIXES for key in arrays)
+    held = None if carries_mask else _held_mask(context, shapes)
+    if not carries_mask and (held is None or held[0] != version):
+        raise RuntimeError(
+            f"the server sent values for mask version {version} without the mask, but this "
+            f"node holds {'no mask' if held is None else f'version {held[0]}'}"
+        )
+    params, masks = decode_model(arrays, shapes, prunable, None if held is None else held[1])
+    if carries_mask:
+        _hold_mask(context, version, masks)
+    model.load_state_dict(params)
+    return settings, model, masks, config, version
+
+
+def _local_data(settings: Settings, context: Context):
+    return client_partition(
+        settings.data_spec(),
+        int(context.node_config["partition-id"]),
+        int(context.node_config["num-partitions"]),
+    )
+
+
+def _accumulate_importance(context: Context, importance: dict[str, torch.Tensor]):
+    """Add this round's importance to what the node has gathered since it last sent it."""
+    if P.STATE_IMPORTANCE in context.state:
+        record = context.state[P.STATE_IMPORTANCE]
+        for name, g in importance.items():
+            g.add_(torch.from_numpy(record[name].numpy()))
+        rounds = int(context.state[P.STATE_IMPORTANCE_META][P.IMPORTANCE_ROUNDS]) + 1
+    else:
+        rounds = 1
+    return importance, rounds
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings, model, masks, config, version = _receive(msg, context)
+    data = _local_data(settings, context)
+    server_round = int(config[P.SERVER_ROUND])
+    partition_id = int(context.node_config["partition-id"])
+    generator = torch.Generator().manual_seed(
+        settings.seed * 1_000_003 + server_round * 7919 + partition_id
+    )
+    local = train_masked(
+        model,
+        masks,
+        data,
+        steps=settings.local_steps,
+        batch_size=settings.batch_size,
+        lr=float(config.get(P.LEARNING_RATE, settings.learning_rate)),
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+        generator=generator,
+    )
+    importance, rounds = _accumulate_importance(context, local.importance)
+    metrics = {
+        P.NUM_EXAMPLES: local.num_examples,
+        P.TRAIN_LOSS: local.loss,
+        P.MASK_VERSION: version,
+        P.IMPORTANCE_ROUNDS: rounds,
+    }
+    sent_importance = None
+    if bool(config[P.SEND_IMPORTANCE]):
+        sent_importance = {name: importance[name] for name in masks}
+        metrics[P.FIXED_IMPORTANCE] = sum(
+            float(g.sum()) for name, g in importance.items() if name not in masks
+        )
+        context.state.pop(P.STATE_IMPORTANCE, None)
+    else:
+        context.state[P.STATE_IMPORTANCE] = ArrayRecord(
+            {name: Array(g.numpy()) for name, g in importance.items()}
+        )
+        context.state[P.STATE_IMPORTANCE_META] = ConfigRecord({P.IMPORTANCE_ROUNDS: rounds})
+    state = {name: p.detach() for name, p in model.named_parameters()}
+    arrays = encode_update(state, masks, sent_importance)
+    reply = RecordDict(
+        {
+            P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            P.METRICS: MetricRecord(metrics),
+        }
+    )
+    return Message(content=reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Accuracy of the global model on this node's local data."""
+    settings, model, _, _, version = _receive(msg, context)
+    data = _local_data(settings, context)
+    loss, accuracy = evaluate_model(model, data)
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: len(data),
+            P.EVAL_LOSS: loss,
+            P.EVAL_ACCURACY: accuracy,
+            P.MASK_VERSION: version,
+        }
+    )
+    return Message(content=RecordDict({P.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,130 @@
+"""Phase 1 of PruneFL: the server trains the full model on its own data and prunes it.
+
+Every `interval` iterations, once training accuracy is above chance (1.5 / classes), the
+server reconfigures the mask with removals only. It stops when the kept size changed by at
+most `tolerance` (relative) over the last `window` reconfigurations, or at
+`max_iterations`. No target density is given: the cost model decides how small the model
+gets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fedprune.costs import CostProfile
+from fedprune.data import Examples
+from fedprune.masks import Masks, full_masks, kept_counts
+from fedprune.reconfigure import reconfigure
+from fedprune.training import evaluate, train_masked
+
+
+@dataclass
+class InitialPruning:
+    """The result of phase 1. `history` rows: (iteration, kept prunable params, train acc)."""
+
+    masks: Masks
+    iterations: int
+    stopped_by: str  # "converged" | "max-iterations" | "disabled"
+    history: list[tuple[int, int, float]] = field(default_factory=list)
+
+
+def split_importance(
+    importance: dict[str, torch.Tensor], prunable: list[str]
+) -> tuple[dict[str, torch.Tensor], float]:
+    """(importance of prunable weights, summed importance of the never-pruned params)."""
+    fixed = sum(float(g.sum()) for n, g in importance.items() if n not in prunable)
+    return {n: importance[n] for n in prunable}, fixed
+
+
+def size_converged(sizes: list[int], window: int, tolerance: float) -> bool:
+    """True when the last `window` reconfigurations changed the size by at most
+    `tolerance` relative to the size before them."""
+    if len(sizes) <= window:
+        return False
+    before, recent = sizes[-1 - window], sizes[-window:]
+    return max(abs(s - before) for s in recent) <= tolerance * max(before, 1)
+
+
+def initial_prune(
+    model: nn.Module,
+    data: Examples,
+    profile: CostProfile,
+    *,
+    num_classes: int,
+    lr: float,
+    batch_size: int,
+    local_steps: int,
+    interval: int = 50,
+    max_iterations: int = 1000,
+    window: int = 5,
+    tolerance: float = 0.1,
+    delta: float = 0.3,
+    max_density: float = 1.0,
+    seed: int = 0,
+    on_reconfigure=None,
+) -> InitialPruning:
+    """Train `model` in place on the server's data and prune it by PruneFL's objective.
+
+    Importance is accumulated like a client's: the square of the gradient summed over
+    each block of `local_steps` iterations, summed over blocks since the last
+    reconfiguration. `on_reconfigure(iteration, kept, total, train_acc)` is called after
+    each reconfiguration (progress output).
+    """
+    masks = full_masks(model)
+    prunable = list(masks)
+    never_pruned = sum(p.numel() for n, p in model.named_parameters() if n not in masks)
+    time_per_param = profile.time_per_param()
+    fixed_time_s = profile.fixed_time_s(never_pruned)
+    generator = torch.Generator().manual_seed(seed)
+    chance = 1.5 / num_classes
+    accumulated: dict[str, torch.Tensor] | None = None
+    sizes: list[int] = []
+    history: list[tuple[int, int, float]] = []
+    iteration, since_reconfig = 0, 0
+    while iteration < max_iterations:
+        steps = min(local_steps, max_iterations - iteration)
+        result = train_masked(
+            model, masks, data, steps=steps, batch_size=batch_size, lr=lr, generator=generator
+        )
+        iteration += steps
+        since_reconfig += steps
+        if accumulated is None:
+            accumulated = result.importance
+        else:
+            for n, g in result.importance.items():
+                accumulated[n].add_(g)
+        if since_reconfig < interval:
+            continue
+        _, train_acc = evaluate(model, data)
+        if train_acc <= chance:
+            continue  # too early: gradients of an untrained model say little
+        weights = {n: p.detach() for n, p in model.named_parameters() if n in masks}
+        importance, fixed_importance = split_importance(accumulated, prunable)
+        masks = reconfigure(
+            weights,
+            masks,
+            importance,
+            time_per_param,
+            fixed_time_s,
+            fixed_importance=fixed_importance,
+            delta=delta,
+            max_density=max_density,
+            allow_regrowth=False,
+        ).masks
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in masks:
+                    p.mul_(masks[n])
+        kept = sum(kept_counts(masks).values())
+        total = sum(m.numel() for m in masks.values())
+        sizes.append(kept)
+        history.append((iteration, kept, train_acc))
+        if on_reconfigure is not None:
+            on_reconfigure(iteration, kept, total, train_acc)
+        accumulated, since_reconfig = None, 0
+        if size_converged(sizes, window, tolerance):
+            return InitialPruning(masks, iteration, "converged", history)
+    return InitialPruning(masks, iteration, "max-iterations", history)

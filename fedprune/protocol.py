@@ -1,0 +1,30 @@
+"""The message layout shared by the server strategy and the ClientApp.
+
+Both sides import these names, so neither imports the other. A train or evaluate message
+carries an ArrayRecord under ARRAYS (built by `fedprune.codec`) and a ConfigRecord under
+CONFIG; a reply carries an ArrayRecord (train only) and a MetricRecord under METRICS.
+"""
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ConfigRecord keys, server -> client
+SERVER_ROUND = "server-round"
+MASK_VERSION = "mask-version"  # the version of the mask the message's values are laid out by
+SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated since last asked
+LEARNING_RATE = "lr"
+
+# MetricRecord keys, client -> server
+NUM_EXAMPLES = "num-examples"  # Flower's aggregation weight key
+TRAIN_LOSS = "train-loss"
+FIXED_IMPORTANCE = "importance-fixed"  # importance summed over never-pruned parameters
+IMPORTANCE_ROUNDS = "importance-rounds"  # local rounds the importance was accumulated over
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+
+# context.state keys on the node
+STATE_MASK = "fedprune-mask"  # ArrayRecord: the mask the node holds, packed
+STATE_META = "fedprune-meta"  # ConfigRecord: its version
+STATE_IMPORTANCE = "fedprune-importance"  # ArrayRecord: importance accumulated so far
+STATE_IMPORTANCE_META = "fedprune-importance-meta"  # ConfigRecord: over how many rounds

@@ -1,0 +1,154 @@
+"""One typed settings object, validated once from the run config.
+
+Every tunable value of a run is a field here, with its run-config key (kebab-case, as in
+`[tool.flwr.app.config]` of pyproject.toml), its type and its allowed range. A bad value
+stops the run at start with a message naming the key. The defaults here are the ones in
+pyproject.toml (a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedprune.costs import PROFILES
+from fedprune.data import DATASETS, PARTITIONERS, DataSpec
+from fedprune.models import MODELS
+
+
+class SettingsError(ValueError):
+    """A run-config value that cannot be used; the message names the key."""
+
+
+def _opt(default: Any, check: Callable[[Any], bool] | None = None, why: str = "", **kw) -> Any:
+    return field(default=default, metadata={"check": check, "why": why, **kw})
+
+
+def _in(choices) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), f"one of {sorted(choices)}"
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _non_negative(v) -> bool:
+    return v >= 0
+
+
+def _fraction_open(v) -> bool:
+    return 0 < v < 1
+
+
+def _fraction_closed(v) -> bool:
+    return 0 <= v <= 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of a run. Field `foo_bar` is run-config key `foo-bar`."""
+
+    # --- federated rounds
+    num_server_rounds: int = _opt(40, _positive, "a positive integer")
+    clients_per_round: int = _opt(10, _positive, "a positive integer")
+    fraction_evaluate: float = _opt(0.0, _fraction_closed, "in [0, 1]")
+    round_timeout_s: float = _opt(600.0, _positive, "positive seconds")
+    # --- model and data
+    model: str = _opt("conv2", *_in(MODELS))
+    dataset: str = _opt("mnist", *_in(DATASETS))
+    partitioner: str = _opt("iid", *_in(PARTITIONERS))
+    dirichlet_alpha: float = _opt(0.5, _positive, "positive")
+    shards_per_client: int = _opt(2, _positive, "a positive integer")
+    test_fraction: float = _opt(0.2, _fraction_open, "in (0, 1)")
+    server_fraction: float = _opt(0.1, _fraction_open, "in (0, 1)")
+    # --- local training (the paper: K = 5, batch 20, no momentum)
+    local_steps: int = _opt(5, _positive, "a positive integer")
+    batch_size: int = _opt(20, _positive, "a positive integer")
+    learning_rate: float = _opt(0.1, _positive, "positive")
+    momentum: float = _opt(0.0, lambda v: 0 <= v < 1, "in [0, 1)")
+    weight_decay: float = _opt(0.0, _non_negative, "non-negative")
+    # --- phase 1: initial pruning on the server's own data
+    initial_pruning: bool = _opt(True)
+    ip_interval: int = _opt(50, _positive, "a positive number of iterations")
+    ip_max_iterations: int = _opt(1000, _non_negative, "a non-negative number of iterations")
+    ip_stop_window: int = _opt(5, _positive, "a positive number of reconfigurations")
+    ip_stop_tolerance: float = _opt(0.1, _non_negative, "a non-negative fraction")
+    # --- phase 2: reconfiguration during federated training
+    reconfigure: bool = _opt(True)
+    reconfig_interval: int = _opt(10, _positive, "a positive number of rounds")
+    delta_initial: float = _opt(0.3, _fraction_closed, "in [0, 1]")
+    delta_half_life: float = _opt(50.0, _positive, "a positive number of rounds")
+    max_density: float = _opt(1.0, lambda v: 0 < v <= 1, "in (0, 1]")
+    regrow_init: str = _opt("last", *_in({"last", "zero"}))
+    cost_profile: str = _opt("paper-conv2", *_in(PROFILES))
+    # --- bookkeeping
+    seed: int = _opt(0, _non_negative, "a non-negative integer")
+    output_dir: str = _opt("outputs", lambda v: v != "", "a folder path")
+    run_name: str = _opt("", lambda v: "/" not in v, "a name without '/' (empty: automatic)")
+
+    @staticmethod
+    def key(field_name: str) -> str:
+        return field_name.replace("_", "-")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> Settings:
+        """Validate a run config (Flower's `context.run_config`) into Settings.
+
+        Unknown keys are errors too: a typo must not silently fall back to a default.
+        """
+        fields = {cls.key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        if unknown:
+            raise SettingsError(
+                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
+                f"known settings are: {', '.join(sorted(fields))}"
+            )
+        values = {}
+        for key, f in fields.items():
+            if key in config:
+                values[f.name] = _coerce(key, config[key], type(f.default), f.metadata)
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {self.key(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def data_spec(self) -> DataSpec:
+        return DataSpec(
+            dataset=self.dataset,
+            test_fraction=self.test_fraction,
+            server_fraction=self.server_fraction,
+            partitioner=self.partitioner,
+            dirichlet_alpha=self.dirichlet_alpha,
+            shards_per_client=self.shards_per_client,
+            seed=self.seed,
+        )
+
+
+def _coerce(key: str, value: Any, kind: type, meta: Mapping[str, Any]) -> Any:
+    def fail(reason: str) -> SettingsError:
+        return SettingsError(f"setting {key!r} = {value!r}: {reason}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise fail("expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise fail("expected an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise fail("expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail("expected a finite number")
+    elif kind is str and not isinstance(value, str):
+        raise fail("expected a string")
+    check = meta.get("check")
+    if check is not None and not check(value):
+        raise fail(f"expected {meta['why']}")
+    return value

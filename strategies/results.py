@@ -1,0 +1,159 @@
+"""What a run prints and writes: one line per round, metrics.csv, summary.json, plots.
+
+Rows are appended and flushed as rounds finish, so a run that dies midway still leaves
+its metrics so far on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import time
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.common.logger import log
+
+from fedprune.masks import layer_densities, to_prune_state
+
+COLUMNS = [
+    "round",
+    "accuracy",
+    "loss",
+    "density",
+    "bytes_down",
+    "bytes_up",
+    "sim_time_s",
+    "wall_time_s",
+    "round_sim_time_s",
+    "mask_version",
+    "masks_sent",
+    "replies",
+    "dropped",
+    "reconfigured",
+]
+
+
+class RunRecorder:
+    """Collects one row per round and writes the run's files under `out_dir`."""
+
+    def __init__(self, out_dir: Path, t0: float | None = None) -> None:
+        self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.time() if t0 is None else t0
+        self.rows: list[dict[str, Any]] = []
+        self._csv = (out_dir / "metrics.csv").open("w", newline="")
+        self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
+        self._writer.writeheader()
+
+    def add(self, row: dict[str, Any]) -> None:
+        row = {**row, "wall_time_s": round(time.time() - self.t0, 3)}
+        self.rows.append(row)
+        self._writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        self._csv.flush()
+        log(
+            INFO,
+            "[fedprune] round %3d | acc %.4f | loss %.4f | density %.4f | down %s | up %s | "
+            "modelled round %.1f s | wall %.1f s",
+            row["round"],
+            row["accuracy"],
+            row["loss"],
+            row["density"],
+            human_bytes(row["bytes_down"]),
+            human_bytes(row["bytes_up"]),
+            row["round_sim_time_s"],
+            row["wall_time_s"],
+        )
+
+    def finish(
+        self,
+        params: dict[str, torch.Tensor],
+        masks: dict[str, torch.Tensor],
+        summary_extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Write the final model, its mask, summary.json and the plot; return the summary."""
+        self._csv.close()
+        torch.save(params, self.out_dir / "model.pt")
+        torch.save(to_prune_state(masks), self.out_dir / "mask.pt")
+        last = self.rows[-1]
+        summary = {
+            "final_accuracy": last["accuracy"],
+            "final_loss": last["loss"],
+            "final_density": last["density"],
+            "layer_densities": layer_densities(masks),
+            "rounds": last["round"],
+            "total_bytes_down": sum(r["bytes_down"] for r in self.rows),
+            "total_bytes_up": sum(r["bytes_up"] for r in self.rows),
+            "total_sim_time_s": last["sim_time_s"],
+            "total_wall_time_s": last["wall_time_s"],
+            "dropped_replies": sum(r["dropped"] for r in self.rows),
+            "machine": machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            **summary_extra,
+        }
+        summary["total_bytes"] = summary["total_bytes_down"] + summary["total_bytes_up"]
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot(self.rows, self.out_dir / "curves.png")
+        log(
+            INFO,
+            "[fedprune] final accuracy %.4f at density %.4f, %s moved, %.0f s modelled; "
+            "results in %s",
+            summary["final_accuracy"],
+            summary["final_density"],
+            human_bytes(summary["total_bytes"]),
+            summary["total_sim_time_s"],
+            self.out_dir,
+        )
+        return summary
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against modelled time and bytes, and density per round, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    cum_bytes, total = [], 0
+    for r in rows:
+        total += r["bytes_down"] + r["bytes_up"]
+        cum_bytes.append(total / 1e6)
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    ax[0].plot([r["sim_time_s"] for r in rows], [r["accuracy"] for r in rows], marker=".")
+    ax[0].set(xlabel="modelled time (s)", ylabel="test accuracy", title="accuracy vs time")
+    ax[1].plot(cum_bytes, [r["accuracy"] for r in rows], marker=".")
+    ax[1].set(
+        xlabel="bytes moved (MB, down + up)", ylabel="test accuracy", title="accuracy vs bytes"
+    )
+    ax[2].plot(rounds, [r["density"] for r in rows], marker=".")
+    ax[2].set(
+        xlabel="round", ylabel="density (kept fraction)", title="density per round", ylim=(0, 1.05)
+    )
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

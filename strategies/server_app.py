@@ -1,0 +1,198 @@
+"""The ServerApp: settings, data, initial pruning, then PruneFL rounds, then results.
+
+main(grid, context)
+  1. validate the run config into Settings (a bad value stops here, naming the key);
+  2. build the model and the server's data (its own share and the test split);
+  3. phase 1: train and prune on the server's share (unless disabled);
+  4. phase 2: `PruneFL.start`, evaluating the global model on the test split each round;
+  5. write metrics.csv, summary.json, the final model, its mask and a plot.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from logging import ERROR, INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedprune import protocol as P
+from fedprune.costs import named_profile
+from fedprune.data import NUM_CLASSES, server_split, test_split
+from fedprune.initial_pruning import initial_prune
+from fedprune.masks import full_masks, model_density
+from fedprune.models import build_model, count_parameters, prunable_names
+from fedprune.reconfigure import stability_delta
+from fedprune.settings import Settings, SettingsError
+from fedprune.training import evaluate
+from strategies.prunefl import PruneFL
+from strategies.results import RunRecorder
+
+app = ServerApp()
+
+
+def load_settings(context: Context) -> Settings:
+    try:
+        return Settings.from_run_config(context.run_config)
+    except SettingsError as exc:
+        log(ERROR, "[fedprune] bad run config: %s", exc)
+        raise
+
+
+def run_name(settings: Settings) -> str:
+    return (
+        settings.run_name
+        or f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.model}-seed{settings.seed}"
+    )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    t0 = time.time()
+    settings = load_settings(context)
+    random.seed(settings.seed)  # Flower samples nodes with the `random` module
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+
+    num_classes = NUM_CLASSES[settings.dataset]
+    model = build_model(settings.model, num_classes, seed=settings.seed)
+    try:
+        profile = named_profile(settings.cost_profile, prunable_names(model))
+    except ValueError as exc:
+        raise SettingsError(f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}") from exc
+    spec = settings.data_spec()
+    server_data, test_data = server_split(spec), test_split(spec)
+    out_dir = Path(settings.output_dir).resolve() / run_name(settings)
+    log(
+        INFO,
+        "[fedprune] %s with %s parameters; server share %d, test split %d; output %s",
+        settings.model,
+        f"{count_parameters(model):,}",
+        len(server_data),
+        len(test_data),
+        out_dir,
+    )
+
+    # --- phase 1: initial pruning on the server's own data
+    if settings.initial_pruning and settings.ip_max_iterations > 0:
+
+        def progress(iteration: int, kept: int, total: int, acc: float) -> None:
+            log(
+                INFO,
+                "[fedprune] initial pruning: iteration %4d | train acc %.3f | "
+                "kept %s of %s prunable weights (%.4f)",
+                iteration,
+                acc,
+                f"{kept:,}",
+                f"{total:,}",
+                kept / total,
+            )
+
+        t_ip = time.time()
+        phase1 = initial_prune(
+            model,
+            server_data,
+            profile,
+            num_classes=num_classes,
+            lr=settings.learning_rate,
+            batch_size=settings.batch_size,
+            local_steps=settings.local_steps,
+            interval=settings.ip_interval,
+            max_iterations=settings.ip_max_iterations,
+            window=settings.ip_stop_window,
+            tolerance=settings.ip_stop_tolerance,
+            delta=settings.delta_initial,
+            max_density=settings.max_density,
+            seed=settings.seed,
+            on_reconfigure=progress,
+        )
+        masks = phase1.masks
+        phase1_info = {
+            "enabled": True,
+            "iterations": phase1.iterations,
+            "stopped_by": phase1.stopped_by,
+            "density": model_density(model, masks),
+            "wall_time_s": round(time.time() - t_ip, 3),
+            "history": phase1.history,
+        }
+        log(
+            INFO,
+            "[fedprune] initial pruning stopped (%s) after %d iterations at density %.4f",
+            phase1.stopped_by,
+            phase1.iterations,
+            phase1_info["density"],
+        )
+    else:
+        masks = full_masks(model)
+        phase1_info = {"enabled": False}
+
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    strategy = PruneFL(
+        params=params,
+        masks=masks,
+        profile=profile,
+        clients_per_round=settings.clients_per_round,
+        fraction_evaluate=settings.fraction_evaluate,
+        reconfig_interval=settings.reconfig_interval if settings.reconfigure else 0,
+        delta_initial=settings.delta_initial,
+        delta_half_life=settings.delta_half_life,
+        max_density=settings.max_density,
+        regrow_init=settings.regrow_init,
+    )
+    recorder = RunRecorder(out_dir, t0=t0)
+    eval_model = build_model(settings.model, num_classes)
+    sim_time = 0.0
+
+    def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        nonlocal sim_time
+        eval_model.load_state_dict(arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(eval_model, test_data)
+        stats = strategy.stats.get(server_round)
+        round_time = stats.sim_time_s if stats else 0.0
+        sim_time += round_time
+        recorder.add(
+            {
+                "round": server_round,
+                "accuracy": accuracy,
+                "loss": loss,
+                "density": strategy.density(),
+                "bytes_down": stats.bytes_down if stats else 0,
+                "bytes_up": stats.bytes_up if stats else 0,
+                "sim_time_s": round(sim_time, 3),
+                "round_sim_time_s": round(round_time, 3),
+                "mask_version": strategy.mask_version,
+                "masks_sent": stats.masks_sent if stats else 0,
+                "replies": stats.replies if stats else 0,
+                "dropped": stats.dropped if stats else 0,
+                "reconfigured": int(stats.reconfigured) if stats else 0,
+            }
+        )
+        return MetricRecord({"accuracy": accuracy, "loss": loss, "density": strategy.density()})
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=strategy.global_arrays(),
+        num_rounds=settings.num_server_rounds,
+        timeout=settings.round_timeout_s,
+        train_config=ConfigRecord({P.LEARNING_RATE: settings.learning_rate}),
+        evaluate_fn=evaluate_global,
+    )
+    recorder.finish(
+        strategy.masked_params(),
+        strategy.masks,
+        {
+            "settings": settings.to_run_config(),
+            "cost_profile": profile.to_dict(),
+            "initial_pruning": phase1_info,
+            "final_delta": stability_delta(
+                settings.num_server_rounds, settings.delta_initial, settings.delta_half_life
+            ),
+            "mask_version": strategy.mask_version,
+            "parameters": count_parameters(model),
+        },
+    )
