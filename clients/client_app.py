@@ -22,9 +22,6 @@ from fedprune.training import train_masked
 
 app = ClientApp()
 
-# Clients share the machine's cores with each other; one thread each avoids oversubscription.
-torch.set_num_threads(1)
-
 
 def _held_mask(context: Context, shapes: dict[str, tuple[int, ...]]) -> tuple[int, Masks] | None:
     """(version, masks) the node holds from an earlier message, if any."""
@@ -49,6 +46,10 @@ def _hold_mask(context: Context, version: int, masks: Masks) -> None:
 
 def _receive(msg: Message, context: Context):
     """Settings, model loaded with the server's weights, the masks, and the mask version."""
+    # Simulated clients share the machine's cores; one thread each avoids oversubscription.
+    # Set here, not at import: the simulation engine also imports this module in the
+    # process that runs the ServerApp.
+    torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
     model = build_model(settings.model, NUM_CLASSES[settings.dataset])
     shapes, prunable = param_shapes(model), prunable_names(model)

@@ -84,11 +84,11 @@ def _take(spec: DataSpec, idx: np.ndarray) -> Examples:
     return Examples(data.x[t], data.y[t])
 
 
-def test_split(spec: DataSpec) -> Examples:
+def heldout_split(spec: DataSpec) -> Examples:
     return _take(spec, _split_indices(spec)[0])
 
 
-def server_split(spec: DataSpec) -> Examples:
+def server_share(spec: DataSpec) -> Examples:
     return _take(spec, _split_indices(spec)[1])
 
 

@@ -15,6 +15,8 @@ value they had, so a parameter that grows back can restart from it (the paper) o
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -33,7 +35,6 @@ from flwr.app import (
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedprune import protocol as P
 from fedprune.codec import CodecError, decode_update, encode_model
@@ -42,6 +43,24 @@ from fedprune.masks import Masks, density, kept_counts
 from fedprune.reconfigure import reconfigure, stability_delta
 
 MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
+
+
+def sample_nodes(grid: Grid, sample_size: int, wait_s: float) -> tuple[list[int], list[int]]:
+    """Sample `sample_size` connected nodes, waiting up to `wait_s` for enough to connect.
+
+    Flower's own helper waits forever; a run configured for more clients than exist
+    should stop with a message that says how to fix it.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(nodes := list(grid.get_node_ids())) < sample_size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} nodes connected after {wait_s:.0f} s, but "
+                f"clients-per-round = {sample_size}: start more SuperNodes (in simulation: "
+                f"--federation-config 'num-supernodes={sample_size}') or lower clients-per-round"
+            )
+        time.sleep(0.5)
+    return random.sample(nodes, sample_size), nodes
 
 
 @dataclass
@@ -90,6 +109,8 @@ class PruneFL(FedAvg):
         Upper bound on the kept fraction of prunable weights.
     regrow_init : "last" | "zero"
         Value a regrown parameter starts from.
+    node_wait_s : float (default: 120)
+        How long to wait for enough nodes to connect before giving up with an error.
     """
 
     def __init__(
@@ -105,6 +126,7 @@ class PruneFL(FedAvg):
         delta_half_life: float = 50.0,
         max_density: float = 1.0,
         regrow_init: str = "last",
+        node_wait_s: float = 120.0,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -117,6 +139,7 @@ class PruneFL(FedAvg):
             weighted_by_key=P.NUM_EXAMPLES,
         )
         self.clients_per_round = clients_per_round
+        self.node_wait_s = node_wait_s
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
         self.masks = {k: m.clone() for k, m in masks.items()}
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
@@ -204,7 +227,7 @@ class PruneFL(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes; send each the kept values, plus the mask if it lacks it."""
-        node_ids, all_nodes = sample_nodes(grid, self.min_available_nodes, self.clients_per_round)
+        node_ids, all_nodes = sample_nodes(grid, self.clients_per_round, self.node_wait_s)
         importance = self.is_reconfig_round(server_round)
         self._asked_importance = set(node_ids) if importance else set()
         self._sent_version = self.mask_version
@@ -232,7 +255,7 @@ class PruneFL(FedAvg):
             return []
         all_nodes = list(grid.get_node_ids())
         sample_size = max(int(len(all_nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, sample_size)
+        node_ids, _ = sample_nodes(grid, sample_size, self.node_wait_s)
         self._eval_version = self.mask_version
         return self._messages(
             server_round, node_ids, self._config(server_round, config, False), MessageType.EVALUATE

@@ -10,6 +10,7 @@ main(grid, context)
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from logging import ERROR, INFO
@@ -23,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprune import protocol as P
 from fedprune.costs import named_profile
-from fedprune.data import NUM_CLASSES, server_split, test_split
+from fedprune.data import NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
 from fedprune.masks import full_masks, model_density
 from fedprune.models import build_model, count_parameters, prunable_names
@@ -55,6 +56,9 @@ def run_name(settings: Settings) -> str:
 def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     settings = load_settings(context)
+    # The server computes while the clients wait (initial pruning, aggregation, test
+    # evaluation): it may use every core.
+    torch.set_num_threads(os.cpu_count() or 1)
     random.seed(settings.seed)  # Flower samples nodes with the `random` module
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
@@ -66,7 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     except ValueError as exc:
         raise SettingsError(f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}") from exc
     spec = settings.data_spec()
-    server_data, test_data = server_split(spec), test_split(spec)
+    server_data, test_data = server_share(spec), heldout_split(spec)
     out_dir = Path(settings.output_dir).resolve() / run_name(settings)
     log(
         INFO,

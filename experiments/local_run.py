@@ -1,0 +1,206 @@
+"""Run the app on a local simulation SuperLink that this process starts and stops.
+
+`flwr run .` starts a detached `flower-superlink` on first use and leaves it running.
+Scripts and tests should not leave processes behind, so this module starts its own
+SuperLink (same flags as Flower's managed local one) in a private FLWR_HOME on free
+ports, runs `flwr run`, and stops the SuperLink and every process below it by pid.
+
+    python -m experiments.local_run --num-supernodes 10 --run-config "num-server-rounds=5"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    # The app runs in this environment; otherwise the SuperLink builds a fresh virtualenv
+    # per run and downloads torch (gigabytes) into it.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DISABLE_USAGE_STATS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """Pids of all processes below `pid`, read from /proc (children before grandchildren)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, frontier = [], [pid]
+    while frontier:
+        nxt = [c for p in frontier for c in children.get(p, [])]
+        found.extend(nxt)
+        frontier = nxt
+    return found
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop `proc` and everything it started, by pid: SIGTERM, then SIGKILL stragglers."""
+    pids = [*descendants(proc.pid), proc.pid]
+    for pid in reversed(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class LocalSuperLink:
+    env: dict[str, str]
+    process: subprocess.Popen
+    flwr_home: Path
+
+    def run(
+        self,
+        run_config: str = "",
+        num_supernodes: int = 10,
+        cpus_per_client: int = 1,
+        project_dir: Path = PROJECT_DIR,
+        timeout_s: float | None = None,
+        capture: bool = False,
+    ) -> subprocess.CompletedProcess:
+        """`flwr run <project> --stream` against this SuperLink; returns when the run ends."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "flwr.cli.app",
+            "run",
+            str(project_dir),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        ]
+        if run_config:
+            cmd += ["--run-config", run_config]
+        return subprocess.run(
+            cmd,
+            env=self.env,
+            cwd=project_dir,
+            timeout=timeout_s,
+            text=True,
+            capture_output=capture,
+            check=False,
+        )
+
+
+@contextlib.contextmanager
+def local_superlink(
+    flwr_home: Path | None = None, startup_timeout_s: float = 60.0
+) -> Iterator[LocalSuperLink]:
+    """Start a simulation SuperLink in a private FLWR_HOME; stop it and its children on exit."""
+    with contextlib.ExitStack() as stack:
+        if flwr_home is None:
+            flwr_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-")))
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        http_port, control_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            **QUIET_ENV,
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        }
+        log_file = flwr_home / "superlink.log"
+        cmd = [
+            "flower-superlink",
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{control_port}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(http_port),
+            "--database",
+            str(flwr_home / "state.db"),
+            "--log-file",
+            str(log_file),
+            "--disable-runtime-dependency-installation",
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            _wait_healthy(proc, http_port, startup_timeout_s, log_file)
+            yield LocalSuperLink(env, proc, flwr_home)
+        finally:
+            stop_tree(proc)
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with {proc.returncode}; see {log_file}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"flower-superlink not healthy after {timeout_s:.0f} s; see {log_file}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--run-config", default="", help='e.g. "num-server-rounds=5 seed=1"')
+    args = parser.parse_args(argv)
+    with local_superlink() as link:
+        return link.run(args.run_config, args.num_supernodes).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Drive the PruneFL strategy and the ClientApp handlers in one process, without Ray.
+
+Flower 1.41 needs a task identity before a Message can be built; the reply's source node
+is taken from it, so each node's handler runs with its own node id set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import clients.client_app as client_app
+from fedprune import protocol as P
+from fedprune.settings import Settings
+
+TaskIdentity.task_id = 1
+TaskIdentity.run_id = 1
+TaskIdentity.node_id = 0
+
+
+class FakeGrid:
+    """The part of Flower's Grid that strategies call while configuring a round."""
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+@dataclass
+class Federation:
+    """Nodes with their own Context (state persists across rounds, as on a SuperNode)."""
+
+    settings: Settings
+    num_nodes: int
+    contexts: dict[int, Context] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i in range(self.num_nodes):
+            node_id = 100 + i
+            self.contexts[node_id] = Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": i, "num-partitions": self.num_nodes},
+                state=RecordDict(),
+                run_config=self.settings.to_run_config(),
+            )
+
+    @property
+    def grid(self) -> FakeGrid:
+        return FakeGrid(list(self.contexts))
+
+    def deliver(self, messages) -> list[Message]:
+        """Run each message's handler on its node and collect the replies."""
+        replies = []
+        for msg in messages:
+            node_id = msg.metadata.dst_node_id
+            TaskIdentity.node_id = node_id
+            handler = (
+                client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
+            )
+            try:
+                replies.append(handler(msg, self.contexts[node_id]))
+            finally:
+                TaskIdentity.node_id = 0
+        return replies
+
+    def train_round(self, strategy, server_round: int, tamper=None):
+        """One training round; `tamper(replies)` may corrupt replies before aggregation."""
+        config = ConfigRecord({P.LEARNING_RATE: self.settings.learning_rate})
+        messages = list(strategy.configure_train(server_round, None, config, self.grid))
+        replies = self.deliver(messages)
+        if tamper is not None:
+            replies = tamper(replies)
+        return messages, replies, strategy.aggregate_train(server_round, replies)

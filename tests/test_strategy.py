@@ -1,0 +1,257 @@
+"""PruneFL strategy and ClientApp together, in one process (no Ray): what is sent, what
+is accepted, what is rejected and why."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedprune import protocol as P
+from fedprune.costs import named_profile
+from fedprune.masks import full_masks
+from fedprune.models import build_model, prunable_names
+from fedprune.settings import Settings
+from strategies.prunefl import PruneFL
+from tests.inprocess import Federation
+
+SETTINGS = Settings(
+    model="small-cnn",
+    cost_profile="paper-uniform",
+    local_steps=2,
+    batch_size=10,
+    clients_per_round=3,
+    learning_rate=0.1,
+)
+
+
+def make_strategy(reconfig_interval=0, density=0.5, **kw):
+    model = build_model("small-cnn", seed=0)
+    g = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(m.shape, generator=g) < density for n, m in full_masks(model).items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return PruneFL(
+        params=params,
+        masks=masks,
+        profile=named_profile("paper-uniform", prunable_names(model)),
+        clients_per_round=3,
+        reconfig_interval=reconfig_interval,
+        **kw,
+    )
+
+
+def snapshot(strategy):
+    return {k: v.clone() for k, v in strategy.masked_params().items()}
+
+
+def test_mask_goes_once_per_node_then_values_only():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    msgs1, _, _ = fed.train_round(strategy, 1)
+    msgs2, _, _ = fed.train_round(strategy, 2)
+    has_mask = [
+        any(k.startswith(("mb/", "mi/", "mc/")) for k in m.content[P.ARRAYS]) for m in msgs1 + msgs2
+    ]
+    assert has_mask == [True] * 3 + [False] * 3
+    s1, s2 = strategy.stats[1], strategy.stats[2]
+    assert s1.masks_sent == 3 and s2.masks_sent == 0
+    assert s2.bytes_down < s1.bytes_down
+    assert s1.replies == s2.replies == 3 and s1.dropped == 0
+
+
+def test_values_sent_shrink_with_density():
+    downs = {}
+    for density in (0.9, 0.3):
+        fed, strategy = Federation(SETTINGS, 3), make_strategy(density=density)
+        fed.train_round(strategy, 1)
+        fed.train_round(strategy, 2)
+        downs[density] = strategy.stats[2].bytes_down
+    assert downs[0.3] < 0.5 * downs[0.9]
+
+
+def test_aggregation_is_the_sample_weighted_mean_of_kept_values():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    before = snapshot(strategy)
+    _, replies, (arrays, _) = fed.train_round(strategy, 1)
+    weights = np.array([r.content[P.METRICS][P.NUM_EXAMPLES] for r in replies], dtype=float)
+    values = [r.content[P.ARRAYS]["v/fc1.weight"].numpy() for r in replies]
+    expected = sum(w * v for w, v in zip(weights / weights.sum(), values, strict=True))
+    mask = strategy.masks["fc1.weight"]
+    got = strategy.masked_params()["fc1.weight"][mask].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    assert torch.all(strategy.masked_params()["fc1.weight"][~mask] == 0)
+    assert not torch.equal(before["fc1.weight"], strategy.masked_params()["fc1.weight"])
+    state = arrays.to_torch_state_dict()
+    assert torch.equal(state["fc1.weight"], strategy.masked_params()["fc1.weight"])
+
+
+def _replace(reply: Message, arrays=None, metrics=None) -> Message:
+    """A copy of `reply` with its arrays and/or metrics swapped, from the same node."""
+    content = RecordDict(
+        {
+            P.ARRAYS: arrays if arrays is not None else reply.content[P.ARRAYS],
+            P.METRICS: metrics if metrics is not None else reply.content[P.METRICS],
+        }
+    )
+    TaskIdentity.node_id = reply.metadata.src_node_id
+    try:
+        # Replies are built as replies to a message; reuse the original's reply metadata.
+        out = Message(content=content, reply_to=_ORIGINALS[reply.metadata.src_node_id])
+    finally:
+        TaskIdentity.node_id = 0
+    return out
+
+
+_ORIGINALS: dict[int, Message] = {}
+
+
+def _arrays(reply):
+    return {k: reply.content[P.ARRAYS][k].numpy().copy() for k in reply.content[P.ARRAYS]}
+
+
+def _metrics(reply, **changes):
+    m = dict(reply.content[P.METRICS])
+    m.update(changes)
+    return MetricRecord({k: v for k, v in m.items() if v is not None})
+
+
+def _with_array(reply, key, value):
+    arrays = _arrays(reply)
+    if value is None:
+        arrays.pop(key)
+    else:
+        arrays[key] = value
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+def _nan(reply):
+    v = _arrays(reply)["v/fc1.weight"]
+    v[0] = np.nan
+    return _replace(reply, arrays=_with_array(reply, "v/fc1.weight", v))
+
+
+BAD_REPLIES = {
+    "NaN value": (_nan, "non-finite"),
+    "one value short": (
+        lambda r: _replace(
+            r, arrays=_with_array(r, "v/fc1.weight", _arrays(r)["v/fc1.weight"][:-1])
+        ),
+        "v/fc1.weight",
+    ),
+    "missing parameter": (
+        lambda r: _replace(r, arrays=_with_array(r, "v/fc2.bias", None)),
+        "v/fc2.bias",
+    ),
+    "float64 values": (
+        lambda r: _replace(
+            r, arrays=_with_array(r, "v/fc1.weight", _arrays(r)["v/fc1.weight"].astype(np.float64))
+        ),
+        "v/fc1.weight",
+    ),
+    "zero examples": (
+        lambda r: _replace(r, metrics=_metrics(r, **{P.NUM_EXAMPLES: 0})),
+        "num-examples",
+    ),
+    "no examples key": (
+        lambda r: _replace(r, metrics=_metrics(r, **{P.NUM_EXAMPLES: None})),
+        "num-examples",
+    ),
+    "stale mask version": (
+        lambda r: _replace(r, metrics=_metrics(r, **{P.MASK_VERSION: 7})),
+        "mask version",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
+def test_a_bad_reply_is_dropped_with_a_logged_reason(kind, caplog):
+    corrupt, reason = BAD_REPLIES[kind]
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+
+    def tamper(replies):
+        _ORIGINALS.clear()
+        return replies
+
+    # Round 1 to learn the reply shapes; round 2 with every reply corrupted.
+    msgs, replies, _ = fed.train_round(strategy, 1, tamper=tamper)
+    for m in msgs:
+        _ORIGINALS[m.metadata.dst_node_id] = m
+    before = snapshot(strategy)
+
+    def corrupt_all(replies):
+        for m in msgs2:
+            _ORIGINALS[m.metadata.dst_node_id] = m
+        return [corrupt(r) for r in replies]
+
+    msgs2 = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies2 = corrupt_all(fed.deliver(msgs2))
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(2, replies2)
+    assert arrays is None
+    assert strategy.stats[2].dropped == 3 and strategy.stats[2].replies == 0
+    after = snapshot(strategy)
+    assert all(torch.equal(before[k], after[k]) for k in before), "global model changed"
+    text = caplog.text
+    assert "round 2: dropped reply from node" in text and reason in text
+
+
+def _config():
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({P.LEARNING_RATE: 0.1})
+
+
+def test_one_bad_reply_does_not_spoil_the_good_ones():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    msgs = list(strategy.configure_train(1, None, _config(), fed.grid))
+    for m in msgs:
+        _ORIGINALS[m.metadata.dst_node_id] = m
+    replies = fed.deliver(msgs)
+    replies[0] = _nan(replies[0])
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics["replies"] == 2 and metrics["dropped"] == 1
+    assert all(torch.isfinite(v).all() for v in strategy.masked_params().values())
+    # The node whose reply was dropped gets the full mask again next round.
+    bad_node = replies[0].metadata.src_node_id
+    msgs2 = list(strategy.configure_train(2, None, _config(), fed.grid))
+    carried = {
+        m.metadata.dst_node_id: any(k.startswith("m") for k in m.content[P.ARRAYS]) for m in msgs2
+    }
+    assert carried[bad_node] and sum(carried.values()) == 1
+
+
+def test_reconfiguration_asks_for_importance_and_changes_the_mask():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2)
+    msgs1, _, _ = fed.train_round(strategy, 1)
+    assert not msgs1[0].content[P.CONFIG][P.SEND_IMPORTANCE]
+    masks_before = {k: m.clone() for k, m in strategy.masks.items()}
+    msgs2, replies2, _ = fed.train_round(strategy, 2)
+    assert msgs2[0].content[P.CONFIG][P.SEND_IMPORTANCE]
+    assert all("g/fc1.weight" in r.content[P.ARRAYS] for r in replies2)
+    assert strategy.stats[2].reconfigured and strategy.mask_version == 1
+    assert any(not torch.equal(masks_before[k], strategy.masks[k]) for k in masks_before)
+    # The reply importance covered two local rounds: the node accumulated it.
+    assert all(r.content[P.METRICS][P.IMPORTANCE_ROUNDS] == 2 for r in replies2)
+    # Every node now lacks the new mask, so round 3 sends it to all of them.
+    fed.train_round(strategy, 3)
+    assert strategy.stats[3].masks_sent == 3 and strategy.stats[3].replies == 3
+
+
+def test_evaluate_round_reports_local_accuracy():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(fraction_evaluate=1.0)
+    fed.train_round(strategy, 1)
+    msgs = list(strategy.configure_evaluate(1, None, _config(), fed.grid))
+    assert len(msgs) == 3
+    metrics = strategy.aggregate_evaluate(1, fed.deliver(msgs))
+    assert 0.0 <= metrics[P.EVAL_ACCURACY] <= 1.0
+
+
+def test_client_refuses_values_for_a_mask_it_does_not_hold():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    fed.train_round(strategy, 1)
+    strategy.mask_version += 1  # pretend the server moved on without telling the nodes
+    strategy.node_mask_version = dict.fromkeys(strategy.node_mask_version, strategy.mask_version)
+    msgs = list(strategy.configure_train(2, None, _config(), fed.grid))
+    with pytest.raises(RuntimeError, match="without the mask"):
+        fed.deliver(msgs[:1])
