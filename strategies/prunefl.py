@@ -76,6 +76,15 @@ class RoundStats:
     reconfigured: bool = False
     per_node_bytes: dict[int, int] = field(default_factory=dict)
 
+    def count(self, node_id: int, sent: int = 0, received: int = 0) -> None:
+        self.bytes_down += sent
+        self.bytes_up += received
+        self.per_node_bytes[node_id] = self.per_node_bytes.get(node_id, 0) + sent + received
+
+    def count_reply(self, msg: Message) -> None:
+        if msg.has_content():
+            self.count(msg.metadata.src_node_id, received=content_bytes(msg.content))
+
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of all records in a message's content, as Flower serialises them."""
@@ -207,9 +216,7 @@ class PruneFL(FedAvg):
         for node_id in node_ids:
             with_mask = self.node_mask_version.get(node_id) != self.mask_version
             content = self._payload(server_round, with_mask, config)
-            sent = content_bytes(content)
-            stats.bytes_down += sent
-            stats.per_node_bytes[node_id] = stats.per_node_bytes.get(node_id, 0) + sent
+            stats.count(node_id, sent=content_bytes(content))
             stats.masks_sent += int(with_mask)
             messages.append(
                 Message(content=content, message_type=message_type, dst_node_id=node_id)
@@ -299,10 +306,7 @@ class PruneFL(FedAvg):
         fixed_importance = 0.0
         for msg in replies:
             node_id = msg.metadata.src_node_id
-            if msg.has_content():
-                received = content_bytes(msg.content)
-                stats.bytes_up += received
-                stats.per_node_bytes[node_id] = stats.per_node_bytes.get(node_id, 0) + received
+            stats.count_reply(msg)
             try:
                 metrics, n = self._check_reply(server_round, msg, self._sent_version)
                 record = msg.content.get(P.ARRAYS)
@@ -412,10 +416,7 @@ class PruneFL(FedAvg):
         rows = []
         for msg in replies:
             node_id = msg.metadata.src_node_id
-            if msg.has_content():
-                received = content_bytes(msg.content)
-                stats.bytes_up += received
-                stats.per_node_bytes[node_id] = stats.per_node_bytes.get(node_id, 0) + received
+            stats.count_reply(msg)
             try:
                 metrics, n = self._check_reply(server_round, msg, self._eval_version)
                 acc, loss = float(metrics[P.EVAL_ACCURACY]), float(metrics[P.EVAL_LOSS])

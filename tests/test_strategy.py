@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import protocol as P
@@ -86,34 +86,23 @@ def test_aggregation_is_the_sample_weighted_mean_of_kept_values():
     assert torch.equal(state["fc1.weight"], strategy.masked_params()["fc1.weight"])
 
 
-def _replace(reply: Message, arrays=None, metrics=None) -> Message:
-    """A copy of `reply` with its arrays and/or metrics swapped, from the same node."""
+def _replace(request: Message, reply: Message, arrays=None, metrics=None) -> Message:
+    """A reply to `request` like `reply`, with its arrays and/or metrics swapped."""
     content = RecordDict(
         {
             P.ARRAYS: arrays if arrays is not None else reply.content[P.ARRAYS],
             P.METRICS: metrics if metrics is not None else reply.content[P.METRICS],
         }
     )
-    TaskIdentity.node_id = reply.metadata.src_node_id
+    TaskIdentity.node_id = request.metadata.dst_node_id
     try:
-        # Replies are built as replies to a message; reuse the original's reply metadata.
-        out = Message(content=content, reply_to=_ORIGINALS[reply.metadata.src_node_id])
+        return Message(content=content, reply_to=request)
     finally:
         TaskIdentity.node_id = 0
-    return out
-
-
-_ORIGINALS: dict[int, Message] = {}
 
 
 def _arrays(reply):
     return {k: reply.content[P.ARRAYS][k].numpy().copy() for k in reply.content[P.ARRAYS]}
-
-
-def _metrics(reply, **changes):
-    m = dict(reply.content[P.METRICS])
-    m.update(changes)
-    return MetricRecord({k: v for k, v in m.items() if v is not None})
 
 
 def _with_array(reply, key, value):
@@ -125,95 +114,76 @@ def _with_array(reply, key, value):
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def _nan(reply):
+def _with_metric(reply, key, value):
+    metrics = dict(reply.content[P.METRICS])
+    if value is None:
+        metrics.pop(key)
+    else:
+        metrics[key] = value
+    return MetricRecord(metrics)
+
+
+def _nan_value(request, reply):
     v = _arrays(reply)["v/fc1.weight"]
     v[0] = np.nan
-    return _replace(reply, arrays=_with_array(reply, "v/fc1.weight", v))
+    return _replace(request, reply, arrays=_with_array(reply, "v/fc1.weight", v))
+
+
+def _array_change(key, change):
+    return lambda req, rep: _replace(
+        req, rep, arrays=_with_array(rep, key, change(_arrays(rep)[key]))
+    )
+
+
+def _metric_change(key, value):
+    return lambda req, rep: _replace(req, rep, metrics=_with_metric(rep, key, value))
 
 
 BAD_REPLIES = {
-    "NaN value": (_nan, "non-finite"),
-    "one value short": (
-        lambda r: _replace(
-            r, arrays=_with_array(r, "v/fc1.weight", _arrays(r)["v/fc1.weight"][:-1])
-        ),
-        "v/fc1.weight",
-    ),
-    "missing parameter": (
-        lambda r: _replace(r, arrays=_with_array(r, "v/fc2.bias", None)),
-        "v/fc2.bias",
-    ),
+    "NaN value": (_nan_value, "non-finite"),
+    "one value short": (_array_change("v/fc1.weight", lambda v: v[:-1]), "v/fc1.weight"),
+    "missing parameter": (_array_change("v/fc2.bias", lambda v: None), "v/fc2.bias"),
     "float64 values": (
-        lambda r: _replace(
-            r, arrays=_with_array(r, "v/fc1.weight", _arrays(r)["v/fc1.weight"].astype(np.float64))
-        ),
+        _array_change("v/fc1.weight", lambda v: v.astype(np.float64)),
         "v/fc1.weight",
     ),
-    "zero examples": (
-        lambda r: _replace(r, metrics=_metrics(r, **{P.NUM_EXAMPLES: 0})),
-        "num-examples",
-    ),
-    "no examples key": (
-        lambda r: _replace(r, metrics=_metrics(r, **{P.NUM_EXAMPLES: None})),
-        "num-examples",
-    ),
-    "stale mask version": (
-        lambda r: _replace(r, metrics=_metrics(r, **{P.MASK_VERSION: 7})),
-        "mask version",
-    ),
+    "zero examples": (_metric_change(P.NUM_EXAMPLES, 0), "num-examples"),
+    "no examples key": (_metric_change(P.NUM_EXAMPLES, None), "num-examples"),
+    "stale mask version": (_metric_change(P.MASK_VERSION, 7), "mask version"),
 }
+
+
+def _config():
+    return ConfigRecord({P.LEARNING_RATE: 0.1})
 
 
 @pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
 def test_a_bad_reply_is_dropped_with_a_logged_reason(kind, caplog):
     corrupt, reason = BAD_REPLIES[kind]
     fed, strategy = Federation(SETTINGS, 3), make_strategy()
-
-    def tamper(replies):
-        _ORIGINALS.clear()
-        return replies
-
-    # Round 1 to learn the reply shapes; round 2 with every reply corrupted.
-    msgs, replies, _ = fed.train_round(strategy, 1, tamper=tamper)
-    for m in msgs:
-        _ORIGINALS[m.metadata.dst_node_id] = m
+    fed.train_round(strategy, 1)  # nodes now hold the mask
     before = snapshot(strategy)
-
-    def corrupt_all(replies):
-        for m in msgs2:
-            _ORIGINALS[m.metadata.dst_node_id] = m
-        return [corrupt(r) for r in replies]
-
-    msgs2 = list(strategy.configure_train(2, None, _config(), fed.grid))
-    replies2 = corrupt_all(fed.deliver(msgs2))
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = [corrupt(req, rep) for req, rep in zip(requests, fed.deliver(requests), strict=True)]
     with caplog.at_level(logging.WARNING):
-        arrays, _ = strategy.aggregate_train(2, replies2)
+        arrays, _ = strategy.aggregate_train(2, replies)
     assert arrays is None
     assert strategy.stats[2].dropped == 3 and strategy.stats[2].replies == 0
     after = snapshot(strategy)
     assert all(torch.equal(before[k], after[k]) for k in before), "global model changed"
-    text = caplog.text
-    assert "round 2: dropped reply from node" in text and reason in text
-
-
-def _config():
-    from flwr.app import ConfigRecord
-
-    return ConfigRecord({P.LEARNING_RATE: 0.1})
+    assert "round 2: dropped reply from node" in caplog.text and reason in caplog.text
 
 
 def test_one_bad_reply_does_not_spoil_the_good_ones():
     fed, strategy = Federation(SETTINGS, 3), make_strategy()
-    msgs = list(strategy.configure_train(1, None, _config(), fed.grid))
-    for m in msgs:
-        _ORIGINALS[m.metadata.dst_node_id] = m
-    replies = fed.deliver(msgs)
-    replies[0] = _nan(replies[0])
+    requests = list(strategy.configure_train(1, None, _config(), fed.grid))
+    replies = fed.deliver(requests)
+    replies[0] = _nan_value(requests[0], replies[0])
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None and metrics["replies"] == 2 and metrics["dropped"] == 1
     assert all(torch.isfinite(v).all() for v in strategy.masked_params().values())
     # The node whose reply was dropped gets the full mask again next round.
-    bad_node = replies[0].metadata.src_node_id
+    bad_node = requests[0].metadata.dst_node_id
     msgs2 = list(strategy.configure_train(2, None, _config(), fed.grid))
     carried = {
         m.metadata.dst_node_id: any(k.startswith("m") for k in m.content[P.ARRAYS]) for m in msgs2
