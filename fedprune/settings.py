@@ -19,6 +19,9 @@ from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import MODELS
 
 
+METHODS = ("prunefl", "fedavg", "snip", "iterative", "feddst", "lottery")
+
+
 class SettingsError(ValueError):
     """A run-config value that cannot be used; the message names the key."""
 
@@ -84,10 +87,32 @@ class Settings:
     max_density: float = _opt(1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     regrow_init: str = _opt("last", *_in({"last", "zero"}))
     cost_profile: str = _opt("paper-conv2", *_in(PROFILES))
+    # --- the method (prunefl, or a baseline of the paper's comparison)
+    method: str = _opt("prunefl", *_in(METHODS))
+    target_density: float = _opt(
+        0.0, _fraction_closed, "in [0, 1] (snip, iterative, feddst need it > 0)"
+    )
+    prune_steps: int = _opt(20, _positive, "a positive number of pruning steps")
+    prune_ramp_rounds: int = _opt(0, _non_negative, "rounds (0: half of num-server-rounds)")
+    mask_path: str = _opt("", None, "a mask.pt written by an earlier run (lottery)")
+    lottery_init: str = _opt("original", *_in({"original", "random"}))
     # --- bookkeeping
     seed: int = _opt(0, _non_negative, "a non-negative integer")
     output_dir: str = _opt("outputs", lambda v: v != "", "a folder path")
     run_name: str = _opt("", lambda v: "/" not in v, "a name without '/' (empty: automatic)")
+
+    def __post_init__(self) -> None:
+        # Checks that involve more than one key.
+        if self.method in ("snip", "iterative", "feddst") and self.target_density <= 0:
+            raise SettingsError(
+                f"setting 'target-density' = {self.target_density}: method {self.method!r} "
+                "prunes to a given density; set it in (0, 1] (e.g. PruneFL's final density)"
+            )
+        if self.method == "lottery" and not self.mask_path:
+            raise SettingsError(
+                "setting 'mask-path' is empty: method 'lottery' trains a mask found by an "
+                "earlier run; give the path of its mask.pt"
+            )
 
     @staticmethod
     def key(field_name: str) -> str:

@@ -26,13 +26,15 @@ from fedprune import protocol as P
 from fedprune.costs import named_profile
 from fedprune.data import NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
-from fedprune.masks import full_masks, model_density
+from fedprune.masks import Masks, check_masks, from_prune_state, full_masks, model_density
 from fedprune.models import build_model, count_parameters, prunable_names
 from fedprune.reconfigure import stability_delta
 from fedprune.settings import Settings, SettingsError
 from fedprune.training import evaluate
+from strategies.baselines import FedDST, FixedMask, IterativeMagnitude, Snip, initial_random_masks
 from strategies.prunefl import PruneFL
 from strategies.results import RunRecorder
+from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
 
@@ -50,6 +52,129 @@ def run_name(settings: Settings) -> str:
         settings.run_name
         or f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.model}-seed{settings.seed}"
     )
+
+
+def run_initial_pruning(settings: Settings, model, profile, server_data) -> tuple[Masks, dict]:
+    """PruneFL's phase 1 on the server's own data; trains and prunes `model` in place."""
+
+    def progress(iteration: int, kept: int, total: int, acc: float) -> None:
+        log(
+            INFO,
+            "[fedprune] initial pruning: iteration %4d | train acc %.3f | "
+            "kept %s of %s prunable weights (%.4f)",
+            iteration,
+            acc,
+            f"{kept:,}",
+            f"{total:,}",
+            kept / total,
+        )
+
+    t_ip = time.time()
+    phase1 = initial_prune(
+        model,
+        server_data,
+        profile,
+        num_classes=NUM_CLASSES[settings.dataset],
+        lr=settings.learning_rate,
+        batch_size=settings.batch_size,
+        local_steps=settings.local_steps,
+        interval=settings.ip_interval,
+        max_iterations=settings.ip_max_iterations,
+        window=settings.ip_stop_window,
+        tolerance=settings.ip_stop_tolerance,
+        delta=settings.delta_initial,
+        max_density=settings.max_density,
+        seed=settings.seed,
+        on_reconfigure=progress,
+    )
+    info = {
+        "enabled": True,
+        "iterations": phase1.iterations,
+        "stopped_by": phase1.stopped_by,
+        "density": model_density(model, phase1.masks),
+        "wall_time_s": round(time.time() - t_ip, 3),
+        "history": phase1.history,
+    }
+    log(
+        INFO,
+        "[fedprune] initial pruning stopped (%s) after %d iterations at density %.4f",
+        phase1.stopped_by,
+        phase1.iterations,
+        info["density"],
+    )
+    return phase1.masks, info
+
+
+def starting_point(settings: Settings, model, profile, server_data):
+    """(weights, masks, initial-pruning info) the first round starts from, per method."""
+    info: dict = {"enabled": False}
+    if settings.method == "prunefl" and settings.initial_pruning and settings.ip_max_iterations:
+        masks, info = run_initial_pruning(settings, model, profile, server_data)
+    elif settings.method == "feddst":
+        masks = initial_random_masks(
+            dict(model.named_parameters()),
+            prunable_names(model),
+            settings.target_density,
+            settings.seed,
+        )
+    elif settings.method == "lottery":
+        masks = load_mask(settings.mask_path, model)
+        if settings.lottery_init == "random":
+            # A fresh initialisation: same architecture, a seed no other run uses.
+            model = build_model(
+                settings.model, NUM_CLASSES[settings.dataset], seed=settings.seed + 1_000_003
+            )
+    else:
+        masks = full_masks(model)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    return params, masks, info
+
+
+def load_mask(path: str, model) -> Masks:
+    try:
+        masks = from_prune_state(torch.load(path), prunable_names(model))
+        check_masks(model, masks)
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise SettingsError(f"setting 'mask-path' = {path!r}: cannot use it: {exc}") from exc
+    return masks
+
+
+def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
+    """The strategy of `settings.method`, with the settings it uses."""
+    common = dict(
+        params=params,
+        masks=masks,
+        profile=profile,
+        clients_per_round=settings.clients_per_round,
+        fraction_evaluate=settings.fraction_evaluate,
+        regrow_init=settings.regrow_init,
+    )
+    ramp = settings.prune_ramp_rounds or max(1, settings.num_server_rounds // 2)
+    if settings.method == "prunefl":
+        return PruneFL(
+            reconfig_interval=settings.reconfig_interval if settings.reconfigure else 0,
+            delta_initial=settings.delta_initial,
+            delta_half_life=settings.delta_half_life,
+            max_density=settings.max_density,
+            **common,
+        )
+    if settings.method == "snip":
+        return Snip(target_density=settings.target_density, **common)
+    if settings.method == "iterative":
+        return IterativeMagnitude(
+            target_density=settings.target_density,
+            steps=settings.prune_steps,
+            ramp_rounds=ramp,
+            **common,
+        )
+    if settings.method == "feddst":
+        return FedDST(
+            interval=settings.reconfig_interval,
+            delta_initial=settings.delta_initial,
+            delta_half_life=settings.delta_half_life,
+            **common,
+        )
+    return FixedMask(**common)  # fedavg (full masks) and lottery (a given mask)
 
 
 @app.main()
@@ -82,72 +207,8 @@ def main(grid: Grid, context: Context) -> None:
         out_dir,
     )
 
-    # --- phase 1: initial pruning on the server's own data
-    if settings.initial_pruning and settings.ip_max_iterations > 0:
-
-        def progress(iteration: int, kept: int, total: int, acc: float) -> None:
-            log(
-                INFO,
-                "[fedprune] initial pruning: iteration %4d | train acc %.3f | "
-                "kept %s of %s prunable weights (%.4f)",
-                iteration,
-                acc,
-                f"{kept:,}",
-                f"{total:,}",
-                kept / total,
-            )
-
-        t_ip = time.time()
-        phase1 = initial_prune(
-            model,
-            server_data,
-            profile,
-            num_classes=num_classes,
-            lr=settings.learning_rate,
-            batch_size=settings.batch_size,
-            local_steps=settings.local_steps,
-            interval=settings.ip_interval,
-            max_iterations=settings.ip_max_iterations,
-            window=settings.ip_stop_window,
-            tolerance=settings.ip_stop_tolerance,
-            delta=settings.delta_initial,
-            max_density=settings.max_density,
-            seed=settings.seed,
-            on_reconfigure=progress,
-        )
-        masks = phase1.masks
-        phase1_info = {
-            "enabled": True,
-            "iterations": phase1.iterations,
-            "stopped_by": phase1.stopped_by,
-            "density": model_density(model, masks),
-            "wall_time_s": round(time.time() - t_ip, 3),
-            "history": phase1.history,
-        }
-        log(
-            INFO,
-            "[fedprune] initial pruning stopped (%s) after %d iterations at density %.4f",
-            phase1.stopped_by,
-            phase1.iterations,
-            phase1_info["density"],
-        )
-    else:
-        masks = full_masks(model)
-        phase1_info = {"enabled": False}
-
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    strategy = PruneFL(
-        params=params,
-        masks=masks,
-        profile=profile,
-        clients_per_round=settings.clients_per_round,
-        fraction_evaluate=settings.fraction_evaluate,
-        reconfig_interval=settings.reconfig_interval if settings.reconfigure else 0,
-        delta_initial=settings.delta_initial,
-        delta_half_life=settings.delta_half_life,
-        max_density=settings.max_density,
-        regrow_init=settings.regrow_init,
-    )
+    params, masks, phase1_info = starting_point(settings, model, profile, server_data)
+    strategy = build_strategy(settings, params, masks, profile)
     recorder = RunRecorder(out_dir, t0=t0)
     eval_model = build_model(settings.model, num_classes)
     sim_time = 0.0

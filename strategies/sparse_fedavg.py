@@ -1,0 +1,418 @@
+"""FedAvg over a sparse model: the machinery every pruning method here shares.
+
+What changes against Flower's FedAvg, and nothing else:
+- `configure_train` / `configure_evaluate`: each node gets the kept values only if it
+  already holds the current mask version, else values plus the packed mask;
+- `aggregate_train`: replies are validated one by one (a bad reply is dropped with a
+  logged reason, never aggregated) and kept values are averaged weighted by samples.
+
+A pruning method is a subclass that says when it needs the clients' importance
+(`wants_importance`) and how the mask changes (`update_mask`); its policy itself is a
+pure function in `fedprune/`. The strategy keeps a dense copy of the global weights:
+pruned positions keep the last value they had, so a parameter that grows back can
+restart from it (the paper) or from 0.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedprune import protocol as P
+from fedprune.codec import CodecError, decode_update, encode_model
+from fedprune.costs import CostProfile
+from fedprune.masks import Masks, density, kept_counts
+
+MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
+
+
+def sample_nodes(grid: Grid, sample_size: int, wait_s: float) -> tuple[list[int], list[int]]:
+    """Sample `sample_size` connected nodes, waiting up to `wait_s` for enough to connect.
+
+    Flower's own helper waits forever; a run configured for more clients than exist
+    should stop with a message that says how to fix it.
+    """
+    deadline = time.monotonic() + wait_s
+    while len(nodes := list(grid.get_node_ids())) < sample_size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} nodes connected after {wait_s:.0f} s, but "
+                f"clients-per-round = {sample_size}: start more SuperNodes (in simulation: "
+                f"--federation-config 'num-supernodes={sample_size}') or lower clients-per-round"
+            )
+        time.sleep(0.5)
+    return random.sample(nodes, sample_size), nodes
+
+
+@dataclass
+class RoundStats:
+    """What one round cost, from the records really sent and received."""
+
+    bytes_down: int = 0
+    bytes_up: int = 0
+    sim_time_s: float = 0.0  # modelled time of this round (slowest node)
+    replies: int = 0
+    dropped: int = 0
+    masks_sent: int = 0
+    reconfigured: bool = False
+    per_node_bytes: dict[int, int] = field(default_factory=dict)
+
+    def count(self, node_id: int, sent: int = 0, received: int = 0) -> None:
+        self.bytes_down += sent
+        self.bytes_up += received
+        self.per_node_bytes[node_id] = self.per_node_bytes.get(node_id, 0) + sent + received
+
+    def count_reply(self, msg: Message) -> None:
+        if msg.has_content():
+            self.count(msg.metadata.src_node_id, received=content_bytes(msg.content))
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of all records in a message's content, as Flower serialises them."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+
+
+class SparseFedAvg(FedAvg):
+    """FedAvg on the kept parameters of a masked model, on Flower's Message API.
+
+    Parameters
+    ----------
+    params : dict[str, torch.Tensor]
+        Initial global weights (dense; pruned positions are ignored).
+    masks : dict[str, torch.Tensor]
+        Initial bool masks of the prunable weights (e.g. from initial pruning).
+    profile : CostProfile
+        Round-time model used by the solver and for the modelled time.
+    clients_per_round : int
+        Nodes sampled for training each round (and nodes to wait for before round 1).
+    fraction_evaluate : float (default: 0.0)
+        Fraction of nodes asked to evaluate the global model on their local data.
+    regrow_init : "last" | "zero"
+        Value a regrown parameter starts from.
+    node_wait_s : float (default: 120)
+        How long to wait for enough nodes to connect before giving up with an error.
+    """
+
+    def __init__(
+        self,
+        *,
+        params: Mapping[str, torch.Tensor],
+        masks: Masks,
+        profile: CostProfile,
+        clients_per_round: int,
+        fraction_evaluate: float = 0.0,
+        regrow_init: str = "last",
+        node_wait_s: float = 120.0,
+    ) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=clients_per_round,
+            min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
+            min_available_nodes=clients_per_round,
+            arrayrecord_key=P.ARRAYS,
+            configrecord_key=P.CONFIG,
+            weighted_by_key=P.NUM_EXAMPLES,
+        )
+        self.clients_per_round = clients_per_round
+        self.node_wait_s = node_wait_s
+        self.params = {k: v.detach().clone().float() for k, v in params.items()}
+        self.masks = {k: m.clone() for k, m in masks.items()}
+        self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
+        self.profile = profile
+        self.regrow_init = regrow_init
+        self.num_rounds = 0
+        self.mask_version = 0
+        self.node_mask_version: dict[int, int] = {}
+        self.stats: dict[int, RoundStats] = {}
+        self._payloads: dict[bool, RecordDict] = {}
+        self._payload_key: tuple[int, int, str] | None = None
+        self._asked_importance = False
+
+    # ------------------------------------------------------------------ state views
+    @property
+    def never_pruned(self) -> int:
+        return sum(v.numel() for k, v in self.params.items() if k not in self.masks)
+
+    def masked_params(self) -> dict[str, torch.Tensor]:
+        """The global model as the nodes see it: exact zeros at pruned positions."""
+        return {
+            k: v * self.masks[k] if k in self.masks else v.clone() for k, v in self.params.items()
+        }
+
+    def global_arrays(self) -> ArrayRecord:
+        return ArrayRecord(self.masked_params())
+
+    def density(self) -> float:
+        """Kept fraction of the whole model, biases included."""
+        return density(self.masks, always_kept=self.never_pruned)
+
+    # ------------------------------------------------------------------ the method's hooks
+    def wants_importance(self, server_round: int) -> bool:
+        """Whether this round's replies must carry the clients' importance."""
+        return False
+
+    def update_mask(
+        self,
+        server_round: int,
+        importance: dict[str, torch.Tensor] | None,
+        fixed_importance: float,
+    ) -> Masks | None:
+        """The mask after this round (None: unchanged). Called after averaging."""
+        return None
+
+    def summary(self) -> None:
+        super().summary()
+        log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, self.profile.name)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kw):
+        self.num_rounds = num_rounds  # importance asked for in the last round would go unused
+        return super().start(grid, initial_arrays, num_rounds, *args, **kw)
+
+    # ------------------------------------------------------------------ sending
+    def _payload(self, server_round: int, with_mask: bool, config: ConfigRecord) -> RecordDict:
+        """The message content for this round, built once per (mask version, kind)."""
+        key = (server_round, self.mask_version, str(dict(config)))
+        if key != self._payload_key:
+            self._payloads, self._payload_key = {}, key
+        if with_mask not in self._payloads:
+            arrays = encode_model(self.params, self.masks, include_masks=with_mask)
+            self._payloads[with_mask] = RecordDict(
+                {P.ARRAYS: to_array_record(arrays), P.CONFIG: config}
+            )
+        return self._payloads[with_mask]
+
+    def _messages(
+        self, server_round: int, node_ids: list[int], config: ConfigRecord, message_type: str
+    ) -> list[Message]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        messages = []
+        for node_id in node_ids:
+            with_mask = self.node_mask_version.get(node_id) != self.mask_version
+            content = self._payload(server_round, with_mask, config)
+            stats.count(node_id, sent=content_bytes(content))
+            stats.masks_sent += int(with_mask)
+            messages.append(
+                Message(content=content, message_type=message_type, dst_node_id=node_id)
+            )
+        return messages
+
+    def _config(self, server_round: int, config: ConfigRecord, importance: bool) -> ConfigRecord:
+        cfg = ConfigRecord(dict(config))
+        cfg[P.SERVER_ROUND] = server_round
+        cfg[P.MASK_VERSION] = self.mask_version
+        cfg[P.SEND_IMPORTANCE] = importance
+        return cfg
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes; send each the kept values, plus the mask if it lacks it."""
+        node_ids, all_nodes = sample_nodes(grid, self.clients_per_round, self.node_wait_s)
+        importance = self.wants_importance(server_round) and server_round != self.num_rounds
+        self._asked_importance = importance
+        self._sent_version = self.mask_version
+        messages = self._messages(
+            server_round,
+            node_ids,
+            self._config(server_round, config, importance),
+            MessageType.TRAIN,
+        )
+        log(
+            INFO,
+            "configure_train: %d of %d nodes, %d get the mask (version %d)%s",
+            len(node_ids),
+            len(all_nodes),
+            self.stats[server_round].masks_sent,
+            self.mask_version,
+            ", importance requested" if importance else "",
+        )
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        all_nodes = list(grid.get_node_ids())
+        sample_size = max(int(len(all_nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
+        node_ids, _ = sample_nodes(grid, sample_size, self.node_wait_s)
+        self._eval_version = self.mask_version
+        return self._messages(
+            server_round, node_ids, self._config(server_round, config, False), MessageType.EVALUATE
+        )
+
+    # ------------------------------------------------------------------ receiving
+    def _reject(self, server_round: int, node_id: int, reason: str) -> None:
+        log(WARNING, "round %d: dropped reply from node %d: %s", server_round, node_id, reason)
+        self.stats[server_round].dropped += 1
+        # The node may hold a mask we no longer know about: send it in full next time.
+        self.node_mask_version.pop(node_id, None)
+
+    def _check_reply(self, server_round: int, msg: Message, expected_version: int):
+        """Return (metrics, arrays) of a well-formed reply; raise ValueError otherwise."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        content = msg.content
+        metrics = content.get(P.METRICS)
+        if not isinstance(metrics, MetricRecord):
+            raise ValueError(f"no MetricRecord under {P.METRICS!r}")
+        n = metrics.get(P.NUM_EXAMPLES)
+        if isinstance(n, float) and n.is_integer():
+            n = int(n)
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_NUM_EXAMPLES:
+            raise ValueError(
+                f"{P.NUM_EXAMPLES} = {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]"
+            )
+        version = metrics.get(P.MASK_VERSION)
+        if version != expected_version:
+            raise ValueError(f"mask version {version!r}, expected {expected_version}")
+        return metrics, n
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply, average kept values by samples, maybe reconfigure."""
+        stats = self.stats.setdefault(server_round, RoundStats())
+        importance_expected = self._asked_importance
+        accepted: list[tuple[int, dict[str, torch.Tensor], MetricRecord]] = []
+        importance_sum: dict[str, torch.Tensor] | None = None
+        fixed_importance = 0.0
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            stats.count_reply(msg)
+            try:
+                metrics, n = self._check_reply(server_round, msg, self._sent_version)
+                record = msg.content.get(P.ARRAYS)
+                if not isinstance(record, ArrayRecord):
+                    raise ValueError(f"no ArrayRecord under {P.ARRAYS!r}")
+                arrays = {k: record[k].numpy() for k in record}
+                values, importance = decode_update(
+                    arrays, self.shapes, self.masks, expect_importance=importance_expected
+                )
+                if importance_expected:
+                    fixed = metrics.get(P.FIXED_IMPORTANCE, 0.0)
+                    if not isinstance(fixed, int | float) or not np.isfinite(fixed) or fixed < 0:
+                        raise ValueError(f"{P.FIXED_IMPORTANCE} = {fixed!r} is not finite and >= 0")
+            except (ValueError, CodecError, TypeError, KeyError) as exc:
+                self._reject(server_round, node_id, str(exc))
+                continue
+            accepted.append((n, values, metrics))
+            self.node_mask_version[node_id] = self._sent_version
+            if importance is not None:
+                fixed_importance += float(fixed)
+                if importance_sum is None:
+                    importance_sum = importance
+                else:
+                    for k, g in importance.items():
+                        importance_sum[k].add_(g)
+        stats.replies = len(accepted)
+        kept_this_round = kept_counts(self.masks)
+        if stats.per_node_bytes:
+            stats.sim_time_s = self.profile.round_time_s(
+                kept_this_round, max(stats.per_node_bytes.values())
+            )
+        if not accepted:
+            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
+            return None, None
+
+        self._average(accepted)
+        new_masks = self.update_mask(server_round, importance_sum, fixed_importance)
+        if new_masks is not None:
+            stats.reconfigured = self._install_masks(server_round, new_masks)
+        total = sum(n for n, _, _ in accepted)
+        loss = sum(n * float(m.get(P.TRAIN_LOSS, 0.0)) for n, _, m in accepted) / total
+        metrics = MetricRecord(
+            {
+                P.TRAIN_LOSS: loss,
+                "replies": len(accepted),
+                "dropped": stats.dropped,
+                "density": self.density(),
+                P.MASK_VERSION: self.mask_version,
+            }
+        )
+        return self.global_arrays(), metrics
+
+    def _average(self, accepted: list[tuple[int, dict[str, torch.Tensor], MetricRecord]]) -> None:
+        """FedAvg over the kept positions; pruned positions keep their last value."""
+        total = float(sum(n for n, _, _ in accepted))
+        for name in self.params:
+            avg = sum(values[name] * (n / total) for n, values, _ in accepted)
+            if name in self.masks:
+                self.params[name] = torch.where(self.masks[name], avg, self.params[name])
+            else:
+                self.params[name] = avg
+
+    def _install_masks(self, server_round: int, masks: Masks) -> bool:
+        """Adopt `masks`; return True if they differ (a new mask version)."""
+        grown = sum(int((new & ~self.masks[k]).sum()) for k, new in masks.items())
+        removed = sum(int((self.masks[k] & ~new).sum()) for k, new in masks.items())
+        if grown == 0 and removed == 0:
+            log(INFO, "round %d: the mask is unchanged", server_round)
+            return False
+        if self.regrow_init == "zero":
+            for k, new in masks.items():
+                self.params[k] = torch.where(new & ~self.masks[k], 0.0, self.params[k])
+        self.masks = {k: m.clone() for k, m in masks.items()}
+        self.mask_version += 1
+        log(
+            INFO,
+            "round %d: new mask: +%d -%d parameters, density %.4f, mask version %d",
+            server_round,
+            grown,
+            removed,
+            self.density(),
+            self.mask_version,
+        )
+        return True
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the nodes' local evaluation; bad replies are dropped."""
+        stats = self.stats.setdefault(server_round, RoundStats())
+        rows = []
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            stats.count_reply(msg)
+            try:
+                metrics, n = self._check_reply(server_round, msg, self._eval_version)
+                acc, loss = float(metrics[P.EVAL_ACCURACY]), float(metrics[P.EVAL_LOSS])
+                if not (np.isfinite(acc) and np.isfinite(loss)):
+                    raise ValueError("non-finite evaluation metrics")
+            except (ValueError, TypeError, KeyError) as exc:
+                self._reject(server_round, node_id, f"evaluate: {exc}")
+                continue
+            self.node_mask_version[node_id] = self._eval_version
+            rows.append((n, acc, loss))
+        if not rows:
+            return None
+        total = sum(n for n, _, _ in rows)
+        return MetricRecord(
+            {
+                P.EVAL_ACCURACY: sum(n * a for n, a, _ in rows) / total,
+                P.EVAL_LOSS: sum(n * lo for n, _, lo in rows) / total,
+            }
+        )
