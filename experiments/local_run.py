@@ -103,8 +103,13 @@ class LocalSuperLink:
         project_dir: Path = PROJECT_DIR,
         timeout_s: float | None = None,
         capture: bool = False,
+        stdout=None,
     ) -> subprocess.CompletedProcess:
-        """`flwr run <project> --stream` against this SuperLink; returns when the run ends."""
+        """`flwr run <project> --stream` against this SuperLink; returns when the run ends.
+
+        With `capture` the output comes back in the result; with `stdout` (a file) it goes
+        there, stderr included; otherwise it goes to this process's output.
+        """
         cmd = [
             sys.executable,
             "-m",
@@ -117,14 +122,19 @@ class LocalSuperLink:
         ]
         if run_config:
             cmd += ["--run-config", run_config]
+        streams = (
+            {"capture_output": True}
+            if capture
+            else {"stdout": stdout, "stderr": subprocess.STDOUT if stdout else None}
+        )
         return subprocess.run(
             cmd,
             env=self.env,
             cwd=project_dir,
             timeout=timeout_s,
             text=True,
-            capture_output=capture,
             check=False,
+            **streams,
         )
 
 

@@ -29,8 +29,8 @@ Keys on the wire
     So a mask never costs more than one bit per position, and masks of density 0 or 1
     cost nothing.
 ``"g/<name>"``
-    float32 importance, dense and flattened, one per prunable parameter (only in client
-    replies on reconfiguration rounds).
+    importance, dense and flattened, one per prunable parameter (only in client replies on
+    reconfiguration rounds), as bfloat16 bit patterns in uint16: half the bytes of float32.
 
 The decoders treat their input as untrusted: anything that does not fit the model or the
 mask it claims raises :class:`CodecError` whose text names the offending key; every
@@ -437,8 +437,24 @@ def encode_update(
                     f"importance of {name!r} must be a tensor of shape "
                     f"{tuple(params[name].shape)}, got {got}"
                 )
-            out[f"{_IMPORTANCE}/{name}"] = _encode_values(name, g, None)
+            out[f"{_IMPORTANCE}/{name}"] = _bfloat16_bits(_param_flat(name, g))
     return out
+
+
+def _bfloat16_bits(t: torch.Tensor) -> np.ndarray:
+    """bfloat16 (round to nearest) as its uint16 bit patterns: half the bytes of float32
+    with float32's range, so squared gradients of 1e-30 survive; 8 bits of precision are
+    plenty for ranking parameters."""
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).copy()
+
+
+def _decode_bfloat16(key: str, data: Any, dims: tuple[int, ...], n: int) -> torch.Tensor:
+    data = _check_array(key, data, np.dtype(np.uint16))
+    if data.size != n:
+        raise CodecError(f"{key!r}: expected {n} bfloat16 values, got {data.size}")
+    values = (data.astype(np.uint32) << 16).view(np.float32)
+    _finite_values(key, values)
+    return torch.from_numpy(values).reshape(dims)
 
 
 def decode_update(
@@ -502,7 +518,7 @@ def decode_update(
             if name not in prun_set:
                 continue
             key = f"{_IMPORTANCE}/{name}"
-            g = _decode_values(key, groups[_IMPORTANCE][name], dims, n, None)
+            g = _decode_bfloat16(key, groups[_IMPORTANCE][name], dims, n)
             if n and bool((g < 0).any()):
                 raise CodecError(f"{key!r}: negative importance")
             importance[name] = g
