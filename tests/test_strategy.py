@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import protocol as P
@@ -139,17 +139,68 @@ def _metric_change(key, value):
     return lambda req, rep: _replace(req, rep, metrics=_with_metric(rep, key, value))
 
 
+def _error_reply(request, reply):
+    TaskIdentity.node_id = request.metadata.dst_node_id
+    try:
+        return Message(error=Error(code=0, reason="ClientApp raised ValueError"), reply_to=request)
+    finally:
+        TaskIdentity.node_id = 0
+
+
+def _without(record_key):
+    def corrupt(request, reply):
+        content = RecordDict({k: v for k, v in reply.content.items() if k != record_key})
+        TaskIdentity.node_id = request.metadata.dst_node_id
+        try:
+            return Message(content=content, reply_to=request)
+        finally:
+            TaskIdentity.node_id = 0
+
+    return corrupt
+
+
+def _bf16_at(i, bits):
+    def change(a):
+        a = a.copy()
+        a[i] = bits
+        return a
+
+    return change
+
+
+def _added(key, value):
+    return lambda req, rep: _replace(req, rep, arrays=_with_array(rep, key, value))
+
+
 BAD_REPLIES = {
     "NaN value": (_nan_value, "non-finite"),
+    "inf value": (_array_change("v/fc2.weight", lambda v: np.full_like(v, np.inf)), "non-finite"),
     "one value short": (_array_change("v/fc1.weight", lambda v: v[:-1]), "v/fc1.weight"),
+    "one value too many": (
+        _array_change("v/fc1.weight", lambda v: np.append(v, 1.0)),
+        "v/fc1.weight",
+    ),
     "missing parameter": (_array_change("v/fc2.bias", lambda v: None), "v/fc2.bias"),
+    "unknown parameter": (_added("v/fc3.weight", np.zeros(4, np.float32)), "v/fc3.weight"),
+    "a mask in a reply": (_added("mb/fc1.weight", np.zeros(8, np.uint8)), "mb/fc1.weight"),
     "float64 values": (
         _array_change("v/fc1.weight", lambda v: v.astype(np.float64)),
         "v/fc1.weight",
     ),
     "zero examples": (_metric_change(P.NUM_EXAMPLES, 0), "num-examples"),
+    "negative examples": (_metric_change(P.NUM_EXAMPLES, -5), "num-examples"),
+    "absurd examples": (_metric_change(P.NUM_EXAMPLES, 10**12), "num-examples"),
+    "fractional examples": (_metric_change(P.NUM_EXAMPLES, 2.5), "num-examples"),
     "no examples key": (_metric_change(P.NUM_EXAMPLES, None), "num-examples"),
     "stale mask version": (_metric_change(P.MASK_VERSION, 7), "mask version"),
+    "importance missing": (_array_change("g/fc1.weight", lambda v: None), "g/fc1.weight"),
+    "importance too short": (_array_change("g/fc2.weight", lambda v: v[:-1]), "g/fc2.weight"),
+    "importance negative": (_array_change("g/fc1.weight", _bf16_at(0, 0xBF80)), "negative"),
+    "importance NaN": (_array_change("g/fc1.weight", _bf16_at(0, 0x7FC0)), "non-finite"),
+    "negative fixed importance": (_metric_change(P.FIXED_IMPORTANCE, -1.0), "importance-fixed"),
+    "no ArrayRecord": (_without(P.ARRAYS), "no ArrayRecord"),
+    "no MetricRecord": (_without(P.METRICS), "no MetricRecord"),
+    "client error": (_error_reply, "ClientApp raised ValueError"),
 }
 
 
@@ -160,9 +211,11 @@ def _config():
 @pytest.mark.parametrize("kind", sorted(BAD_REPLIES))
 def test_a_bad_reply_is_dropped_with_a_logged_reason(kind, caplog):
     corrupt, reason = BAD_REPLIES[kind]
-    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    # Round 2 is a reconfiguration round: replies carry importance too.
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2)
     fed.train_round(strategy, 1)  # nodes now hold the mask
     before = snapshot(strategy)
+    masks_before = {k: m.clone() for k, m in strategy.masks.items()}
     requests = list(strategy.configure_train(2, None, _config(), fed.grid))
     replies = [corrupt(req, rep) for req, rep in zip(requests, fed.deliver(requests), strict=True)]
     with caplog.at_level(logging.WARNING):
@@ -171,6 +224,8 @@ def test_a_bad_reply_is_dropped_with_a_logged_reason(kind, caplog):
     assert strategy.stats[2].dropped == 3 and strategy.stats[2].replies == 0
     after = snapshot(strategy)
     assert all(torch.equal(before[k], after[k]) for k in before), "global model changed"
+    assert strategy.mask_version == 0
+    assert all(torch.equal(masks_before[k], strategy.masks[k]) for k in masks_before)
     assert "round 2: dropped reply from node" in caplog.text and reason in caplog.text
 
 
