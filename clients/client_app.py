@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_mask, decode_model, encode_mask, encode_update
-from fedprune.data import NUM_CLASSES, client_partition
+from fedprune.data import INPUT_SHAPE, NUM_CLASSES, client_partition, load_folder
 from fedprune.masks import Masks
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.settings import Settings
@@ -51,7 +51,11 @@ def _receive(msg: Message, context: Context):
     # process that runs the ServerApp.
     torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
-    model = build_model(settings.model, NUM_CLASSES[settings.dataset])
+    model = build_model(
+        settings.model,
+        NUM_CLASSES[settings.dataset],
+        input_shape=INPUT_SHAPE[settings.dataset],
+    )
     shapes, prunable = param_shapes(model), prunable_names(model)
     config = msg.content[P.CONFIG]
     version = int(config[P.MASK_VERSION])
@@ -72,6 +76,11 @@ def _receive(msg: Message, context: Context):
 
 
 def _local_data(settings: Settings, context: Context):
+    """The node's own data folder if its node config names one (`data-path`), else its
+    partition of the embedded data set by `partition-id` / `num-partitions`."""
+    data_path = str(context.node_config.get("data-path", "")).strip()
+    if data_path:
+        return load_folder(data_path, NUM_CLASSES[settings.dataset], INPUT_SHAPE[settings.dataset])
     return client_partition(
         settings.data_spec(),
         int(context.node_config["partition-id"]),
@@ -96,7 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     settings, model, masks, config, version = _receive(msg, context)
     data = _local_data(settings, context)
     server_round = int(config[P.SERVER_ROUND])
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(context.node_config.get("partition-id", 0))  # seeds batches only
     generator = torch.Generator().manual_seed(
         settings.seed * 1_000_003 + server_round * 7919 + partition_id
     )
@@ -117,6 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
         P.IMPORTANCE_ROUNDS: rounds,
+        P.PARTITION_ID: partition_id,
     }
     sent_importance = None
     if bool(config[P.SEND_IMPORTANCE]):

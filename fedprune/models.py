@@ -1,13 +1,19 @@
 """Models of the paper, plus a small one for fast tests.
 
-Every model takes images shaped (batch, 1, 28, 28) with values in [0, 1]. Which parameters
-can be pruned is decided here, once, by layer type: the weights of convolutions and fully
-connected layers. Biases and normalisation layers are never pruned (PruneFL keeps them
-dense: they are few and cheap).
+Every model takes images shaped (batch, channels, height, width), given at construction
+as `input_shape` (the data set's `fedprune.data.INPUT_SHAPE`; MNIST and FEMNIST are
+(1, 28, 28), CIFAR-10 (3, 32, 32)). Which parameters can be pruned is decided here, once,
+by layer type: the weights of convolutions and fully connected layers. Biases and
+normalisation layers are never pruned (PruneFL keeps them dense: they are few and cheap).
+
+A model's state is its parameters alone (no buffers): that is what the server and the
+clients exchange. ResNet-18's batch norm therefore normalises with batch statistics and
+keeps no running averages.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,17 +21,29 @@ from torch import nn
 
 PRUNABLE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
+Shape = tuple[int, int, int]
+MNIST_SHAPE: Shape = (1, 28, 28)
+CIFAR_SHAPE: Shape = (3, 32, 32)
+
 
 class TwoConvNet(nn.Module):
     """Conv-2's shape: two 5x5 convolutions with 2x2 max-pooling, then two fully
-    connected layers. Images (batch, 1, 28, 28)."""
+    connected layers. Images (batch, *input_shape)."""
 
-    def __init__(self, channels1: int, channels2: int, hidden: int, num_classes: int) -> None:
+    def __init__(
+        self,
+        channels1: int,
+        channels2: int,
+        hidden: int,
+        num_classes: int,
+        input_shape: Shape = MNIST_SHAPE,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(1, channels1, kernel_size=5, padding=2)
+        in_channels, height, width = input_shape
+        self.conv1 = nn.Conv2d(in_channels, channels1, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(channels1, channels2, kernel_size=5, padding=2)
         self.pool = nn.MaxPool2d(2)
-        self.fc1 = nn.Linear(7 * 7 * channels2, hidden)
+        self.fc1 = nn.Linear((height // 4) * (width // 4) * channels2, hidden)
         self.fc2 = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,35 +53,108 @@ class TwoConvNet(nn.Module):
         return self.fc2(x)
 
 
-def conv2(num_classes: int = 10) -> TwoConvNet:
-    """The paper's FEMNIST model: 32 and 64 channels, fc 3136 -> 2048 -> classes.
+def conv2(num_classes: int = 10, input_shape: Shape = MNIST_SHAPE) -> TwoConvNet:
+    """The paper's FEMNIST model: 32 and 64 channels, fc 3136 -> 2048 -> classes
+    (on 28x28 images).
 
     With 62 classes it has 6,603,710 parameters; with 10 classes 6,497,162.
     """
-    return TwoConvNet(32, 64, 2048, num_classes)
+    return TwoConvNet(32, 64, 2048, num_classes, input_shape)
 
 
-def small_cnn(num_classes: int = 10) -> TwoConvNet:
-    """Conv-2 in miniature (8 and 16 channels, fc 784 -> 64): the same layer kinds and
-    order in about 55k parameters, so tests and smoke runs take seconds."""
-    return TwoConvNet(8, 16, 64, num_classes)
+def small_cnn(num_classes: int = 10, input_shape: Shape = MNIST_SHAPE) -> TwoConvNet:
+    """Conv-2 in miniature (8 and 16 channels, fc 784 -> 64 on 28x28 images): the same
+    layer kinds and order in about 55k parameters, so tests and smoke runs take seconds."""
+    return TwoConvNet(8, 16, 64, num_classes, input_shape)
 
 
-MODELS: dict[str, Callable[[int], nn.Module]] = {
+# VGG-11's convolutions: output channels, "M" for a 2x2 max-pool.
+_VGG11_LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+class VGG11(nn.Module):
+    """VGG-11 as in the paper for CIFAR-10: eight 3x3 convolutions with ReLU and five
+    max-pools, no batch norm, then a 512-512-classes head (dropout-free).
+
+    With 10 classes on 32x32 images it has 9,750,922 parameters.
+    """
+
+    def __init__(self, num_classes: int = 10, input_shape: Shape = CIFAR_SHAPE) -> None:
+        super().__init__()
+        in_channels, height, width = input_shape
+        if height < 32 or width < 32:
+            raise ValueError(
+                f"vgg11 pools five times by 2 and needs images of at least 32x32, "
+                f"not {height}x{width}"
+            )
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for item in _VGG11_LAYERS:
+            if item == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(channels, int(item), kernel_size=3, padding=1), nn.ReLU()]
+                channels = int(item)
+        self.features = nn.Sequential(*layers)
+        flat = channels * (height // 32) * (width // 32)
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, 512),
+            nn.ReLU(),
+            nn.Linear(512, 512),
+            nn.ReLU(),
+            nn.Linear(512, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def vgg11(num_classes: int = 10, input_shape: Shape = CIFAR_SHAPE) -> VGG11:
+    return VGG11(num_classes, input_shape)
+
+
+def resnet18(num_classes: int = 10, input_shape: Shape = CIFAR_SHAPE) -> nn.Module:
+    """torchvision's ResNet-18 in its CIFAR form: a 3x3 stride-1 stem convolution and no
+    stem max-pool, so 32x32 images keep their resolution into the residual stages.
+
+    Batch norm keeps no running statistics (`track_running_stats=False`): it normalises
+    with the statistics of the batch, in training and evaluation alike, so the model's
+    whole state is its parameters, the part the server and clients exchange. 11,173,962
+    parameters with 10 classes.
+    """
+    import torchvision  # a few seconds to import; only when this model is built
+
+    norm = functools.partial(nn.BatchNorm2d, track_running_stats=False)
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes, norm_layer=norm)
+    model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
     "conv2": conv2,
     "small-cnn": small_cnn,
+    "vgg11": vgg11,
+    "resnet18": resnet18,
 }
 
 
-def build_model(name: str, num_classes: int = 10, seed: int | None = None) -> nn.Module:
-    """Build a model by name; with `seed`, its initial weights are reproducible."""
+def build_model(
+    name: str,
+    num_classes: int = 10,
+    seed: int | None = None,
+    input_shape: Shape = MNIST_SHAPE,
+) -> nn.Module:
+    """Build a model by name for images of `input_shape` (channels, height, width);
+    with `seed`, its initial weights are reproducible."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    input_shape = tuple(input_shape)
     if seed is None:
-        return MODELS[name](num_classes)
+        return MODELS[name](num_classes, input_shape)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](num_classes)
+        return MODELS[name](num_classes, input_shape)
 
 
 def prunable_names(model: nn.Module) -> list[str]:

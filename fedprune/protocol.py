@@ -18,6 +18,7 @@ LEARNING_RATE = "lr"
 # MetricRecord keys, client -> server
 NUM_EXAMPLES = "num-examples"  # Flower's aggregation weight key
 TRAIN_LOSS = "train-loss"
+PARTITION_ID = "partition-id"  # lets the server sum replies in a fixed order
 FIXED_IMPORTANCE = "importance-fixed"  # importance summed over never-pruned parameters
 IMPORTANCE_ROUNDS = "importance-rounds"  # local rounds the importance was accumulated over
 EVAL_LOSS = "eval-loss"

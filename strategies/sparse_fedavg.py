@@ -85,6 +85,19 @@ class RoundStats:
             self.count(msg.metadata.src_node_id, received=content_bytes(msg.content))
 
 
+@dataclass
+class TrainReply:
+    """A train reply that passed validation, decoded."""
+
+    node_id: int
+    num_examples: int
+    values: dict[str, torch.Tensor]
+    importance: dict[str, torch.Tensor] | None
+    fixed_importance: float
+    loss: float
+    order: tuple[int, int]  # (partition id, node id): a fixed summation order
+
+
 def content_bytes(content: RecordDict) -> int:
     """Bytes of all records in a message's content, as Flower serialises them."""
     return sum(record.count_bytes() for record in content.values())
@@ -113,6 +126,8 @@ class SparseFedAvg(FedAvg):
         Value a regrown parameter starts from.
     node_wait_s : float (default: 120)
         How long to wait for enough nodes to connect before giving up with an error.
+    min_replies : int (default: 1)
+        A round with fewer valid train replies is skipped (logged, model unchanged).
     """
 
     def __init__(
@@ -125,6 +140,7 @@ class SparseFedAvg(FedAvg):
         fraction_evaluate: float = 0.0,
         regrow_init: str = "last",
         node_wait_s: float = 120.0,
+        min_replies: int = 1,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -138,6 +154,7 @@ class SparseFedAvg(FedAvg):
         )
         self.clients_per_round = clients_per_round
         self.node_wait_s = node_wait_s
+        self.min_replies = min_replies
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
         self.masks = {k: m.clone() for k, m in masks.items()}
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
@@ -294,56 +311,48 @@ class SparseFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, average kept values by samples, maybe reconfigure."""
+        """Validate each reply, average kept values by samples, maybe change the mask."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        importance_expected = self._asked_importance
-        accepted: list[tuple[int, dict[str, torch.Tensor], MetricRecord]] = []
-        importance_sum: dict[str, torch.Tensor] | None = None
-        fixed_importance = 0.0
+        accepted = []
         for msg in replies:
-            node_id = msg.metadata.src_node_id
             stats.count_reply(msg)
             try:
-                metrics, n = self._check_reply(server_round, msg, self._sent_version)
-                record = msg.content.get(P.ARRAYS)
-                if not isinstance(record, ArrayRecord):
-                    raise ValueError(f"no ArrayRecord under {P.ARRAYS!r}")
-                arrays = {k: record[k].numpy() for k in record}
-                values, importance = decode_update(
-                    arrays, self.shapes, self.masks, expect_importance=importance_expected
-                )
-                if importance_expected:
-                    fixed = metrics.get(P.FIXED_IMPORTANCE, 0.0)
-                    if not isinstance(fixed, int | float) or not np.isfinite(fixed) or fixed < 0:
-                        raise ValueError(f"{P.FIXED_IMPORTANCE} = {fixed!r} is not finite and >= 0")
+                accepted.append(self._accept_train_reply(server_round, msg))
             except (ValueError, CodecError, TypeError, KeyError) as exc:
-                self._reject(server_round, node_id, str(exc))
-                continue
-            accepted.append((n, values, metrics))
-            self.node_mask_version[node_id] = self._sent_version
-            if importance is not None:
-                fixed_importance += float(fixed)
-                if importance_sum is None:
-                    importance_sum = importance
-                else:
-                    for k, g in importance.items():
-                        importance_sum[k].add_(g)
+                self._reject(server_round, msg.metadata.src_node_id, str(exc))
+        # Replies arrive in any order; summing them in a fixed one keeps runs reproducible.
+        accepted.sort(key=lambda reply: reply.order)
         stats.replies = len(accepted)
-        kept_this_round = kept_counts(self.masks)
         if stats.per_node_bytes:
             stats.sim_time_s = self.profile.round_time_s(
-                kept_this_round, max(stats.per_node_bytes.values())
+                kept_counts(self.masks), max(stats.per_node_bytes.values())
             )
-        if not accepted:
-            log(WARNING, "round %d: no valid reply; the global model is unchanged", server_round)
+        if len(accepted) < max(self.min_replies, 1):
+            log(
+                WARNING,
+                "round %d: %d valid replies, fewer than min-replies = %d; the round "
+                "is skipped and the global model is unchanged",
+                server_round,
+                len(accepted),
+                self.min_replies,
+            )
             return None, None
+        for reply in accepted:
+            self.node_mask_version[reply.node_id] = self._sent_version
 
-        self._average(accepted)
-        new_masks = self.update_mask(server_round, importance_sum, fixed_importance)
+        self._average([(r.num_examples, r.values) for r in accepted])
+        importance, fixed_importance = None, 0.0
+        if self._asked_importance:
+            importance = {k: torch.zeros_like(v) for k, v in accepted[0].importance.items()}
+            for r in accepted:
+                for k, g in r.importance.items():
+                    importance[k].add_(g)
+                fixed_importance += r.fixed_importance
+        new_masks = self.update_mask(server_round, importance, fixed_importance)
         if new_masks is not None:
             stats.reconfigured = self._install_masks(server_round, new_masks)
-        total = sum(n for n, _, _ in accepted)
-        loss = sum(n * float(m.get(P.TRAIN_LOSS, 0.0)) for n, _, m in accepted) / total
+        total = sum(r.num_examples for r in accepted)
+        loss = sum(r.num_examples * r.loss for r in accepted) / total
         metrics = MetricRecord(
             {
                 P.TRAIN_LOSS: loss,
@@ -355,11 +364,39 @@ class SparseFedAvg(FedAvg):
         )
         return self.global_arrays(), metrics
 
-    def _average(self, accepted: list[tuple[int, dict[str, torch.Tensor], MetricRecord]]) -> None:
+    def _accept_train_reply(self, server_round: int, msg: Message) -> TrainReply:
+        """Decode one train reply; raise ValueError (or CodecError) saying what is wrong."""
+        metrics, n = self._check_reply(server_round, msg, self._sent_version)
+        record = msg.content.get(P.ARRAYS)
+        if not isinstance(record, ArrayRecord):
+            raise ValueError(f"no ArrayRecord under {P.ARRAYS!r}")
+        arrays = {k: record[k].numpy() for k in record}
+        values, importance = decode_update(
+            arrays, self.shapes, self.masks, expect_importance=self._asked_importance
+        )
+        fixed = 0.0
+        if self._asked_importance:
+            fixed = metrics.get(P.FIXED_IMPORTANCE, 0.0)
+            if not isinstance(fixed, int | float) or not np.isfinite(fixed) or fixed < 0:
+                raise ValueError(f"{P.FIXED_IMPORTANCE} = {fixed!r} is not finite and >= 0")
+        loss = metrics.get(P.TRAIN_LOSS, 0.0)
+        node_id = msg.metadata.src_node_id
+        partition = metrics.get(P.PARTITION_ID, node_id)
+        return TrainReply(
+            node_id=node_id,
+            num_examples=n,
+            values=values,
+            importance=importance,
+            fixed_importance=float(fixed),
+            loss=float(loss) if isinstance(loss, int | float) else 0.0,
+            order=(partition if isinstance(partition, int) else node_id, node_id),
+        )
+
+    def _average(self, accepted: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
         """FedAvg over the kept positions; pruned positions keep their last value."""
-        total = float(sum(n for n, _, _ in accepted))
+        total = float(sum(n for n, _ in accepted))
         for name in self.params:
-            avg = sum(values[name] * (n / total) for n, values, _ in accepted)
+            avg = sum(values[name] * (n / total) for n, values in accepted)
             if name in self.masks:
                 self.params[name] = torch.where(self.masks[name], avg, self.params[name])
             else:

@@ -280,3 +280,28 @@ def test_client_refuses_values_for_a_mask_it_does_not_hold():
     msgs = list(strategy.configure_train(2, None, _config(), fed.grid))
     with pytest.raises(RuntimeError, match="without the mask"):
         fed.deliver(msgs[:1])
+
+
+def test_a_round_with_too_few_valid_replies_is_skipped(caplog):
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(min_replies=3)
+    fed.train_round(strategy, 1)
+    before = snapshot(strategy)
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = fed.deliver(requests)
+    replies[1] = _nan_value(requests[1], replies[1])
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is None and "fewer than min-replies = 3" in caplog.text
+    after = snapshot(strategy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_replies_are_summed_in_partition_order_whatever_their_arrival():
+    results = []
+    for reverse in (False, True):
+        fed, strategy = Federation(SETTINGS, 3), make_strategy()
+        requests = list(strategy.configure_train(1, None, _config(), fed.grid))
+        replies = fed.deliver(requests)
+        strategy.aggregate_train(1, replies[::-1] if reverse else replies)
+        results.append(strategy.masked_params())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
