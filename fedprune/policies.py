@@ -79,15 +79,40 @@ def iterative_density(server_round: int, target: float, steps: int, ramp_rounds:
     return target ** (done / steps)
 
 
+def erk_densities(
+    shapes: Mapping[str, torch.Size | tuple[int, ...]], density: float
+) -> dict[str, float]:
+    """Per-layer densities of the Erdős-Rényi-Kernel rule (Evci et al., 2020), which FedDST
+    uses: layer l gets density proportional to sum(shape) / prod(shape), capped at 1, scaled
+    so that the whole reaches `density`. Small layers (conv1, the classifier) stay denser;
+    a uniform density would leave a 5x5 single-channel conv with a handful of weights."""
+    numel = {k: math.prod(s) for k, s in shapes.items()}
+    score = {k: sum(s) / numel[k] for k, s in shapes.items()}
+    budget = density * sum(numel.values())
+    dense: set[str] = set()
+    while True:
+        rest = [k for k in shapes if k not in dense]
+        free = budget - sum(numel[k] for k in dense)
+        scale = free / max(sum(score[k] * numel[k] for k in rest), 1e-300)
+        over = [k for k in rest if scale * score[k] > 1.0]
+        if not over:
+            return {k: 1.0 if k in dense else scale * score[k] for k in shapes}
+        dense.update(over)
+
+
 def random_masks(
-    shapes: Mapping[str, torch.Size | tuple[int, ...]], density: float, generator: torch.Generator
+    shapes: Mapping[str, torch.Size | tuple[int, ...]],
+    density: float | Mapping[str, float],
+    generator: torch.Generator,
 ) -> Masks:
-    """Each layer kept uniformly at random at `density` (exact count per layer)."""
+    """Each layer kept uniformly at random at its density (exact count per layer);
+    `density` is one fraction for all layers or one per layer."""
     masks = {}
     for name, shape in shapes.items():
         n = math.prod(shape)
+        d = density[name] if isinstance(density, Mapping) else density
         keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.randperm(n, generator=generator)[: round(density * n)]] = True
+        keep[torch.randperm(n, generator=generator)[: round(d * n)]] = True
         masks[name] = keep.reshape(shape)
     return masks
 
@@ -105,7 +130,8 @@ def prune_and_regrow(
     for name, mask in masks.items():
         flat_mask = mask.reshape(-1)
         kept = int(flat_mask.sum())
-        k = math.floor(fraction * kept)
+        # Swap as many as can come back, so the density holds (a full layer has none).
+        k = min(math.floor(fraction * kept), flat_mask.numel() - kept)
         if k == 0:
             out[name] = mask.clone()
             continue
@@ -117,9 +143,7 @@ def prune_and_regrow(
         new[drop] = False
         # Regrow among the entries pruned before this update (not the ones just dropped).
         g_pruned = torch.where(flat_mask, torch.tensor(-math.inf, dtype=torch.float64), g)
-        grow = torch.sort(g_pruned, descending=True, stable=True).indices[
-            : min(k, flat_mask.numel() - kept)
-        ]
+        grow = torch.sort(g_pruned, descending=True, stable=True).indices[:k]
         new[grow] = True
         out[name] = new.reshape(mask.shape)
     return out

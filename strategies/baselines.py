@@ -87,6 +87,8 @@ class FedDST(SparseFedAvg):
 def initial_random_masks(
     params: dict[str, torch.Tensor], names: list[str], density: float, seed: int
 ) -> Masks:
-    """FedDST's starting mask: each layer at `density`, uniformly at random."""
+    """FedDST's starting mask: random within each layer, at the layer densities of the
+    Erdős-Rényi-Kernel rule, `density` overall."""
+    shapes = {n: tuple(params[n].shape) for n in names}
     generator = torch.Generator().manual_seed(seed)
-    return policies.random_masks({n: params[n].shape for n in names}, density, generator)
+    return policies.random_masks(shapes, policies.erk_densities(shapes, density), generator)

@@ -106,3 +106,14 @@ def test_methods_that_prune_to_a_density_need_one():
         Settings(method="snip")
     with pytest.raises(SettingsError, match="'mask-path'"):
         Settings(method="lottery")
+
+
+def test_erk_keeps_small_layers_denser_and_hits_the_overall_density():
+    model = build_model("conv2")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if n in full_masks(model)}
+    d = policies.erk_densities(shapes, 0.04)
+    sizes = {k: torch.Size(s).numel() for k, s in shapes.items()}
+    overall = sum(d[k] * sizes[k] for k in d) / sum(sizes.values())
+    assert overall == pytest.approx(0.04)
+    assert all(0 < v <= 1 for v in d.values())
+    assert d["conv1.weight"] > d["conv2.weight"] > d["fc1.weight"]
