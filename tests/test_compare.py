@@ -26,8 +26,12 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     preset.write_text(TINY)
     out = tmp_path / "results"
     # snip needs PruneFL's density on the same seed: the harness adds and runs it first.
-    assert compare.main(["--preset", str(preset), "--out", str(out),
-                         "--methods", "fedavg", "snip", "prunefl"]) == 0
+    assert (
+        compare.main(
+            ["--preset", str(preset), "--out", str(out), "--methods", "fedavg", "snip", "prunefl"]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["method"] for r in rows] == ["prunefl", "fedavg", "snip"]
     for r in rows:
@@ -35,11 +39,19 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
         assert r["time_to_0.999_s"] == ""  # never reached: blank, not zero
     assert float(rows[1]["final_density"]) == 1.0  # fedavg stays dense
     assert abs(float(rows[2]["final_density"]) - float(rows[0]["final_density"])) < 0.02
-    for name in ("summary.md", "accuracy_vs_time.png", "accuracy_vs_bytes.png",
-                 "density_vs_round.png"):
+    for name in (
+        "summary.md",
+        "accuracy_vs_time.png",
+        "accuracy_vs_bytes.png",
+        "density_vs_round.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     # A second call resumes: nothing is run again.
     capsys.readouterr()
-    assert compare.main(["--preset", str(preset), "--out", str(out),
-                         "--methods", "fedavg", "snip", "prunefl"]) == 0
+    assert (
+        compare.main(
+            ["--preset", str(preset), "--out", str(out), "--methods", "fedavg", "snip", "prunefl"]
+        )
+        == 0
+    )
     assert "(3 done already)" in capsys.readouterr().out
