@@ -167,6 +167,8 @@ class SparseFedAvg(FedAvg):
         self._payloads: dict[bool, RecordDict] = {}
         self._payload_key: tuple[int, int, str] | None = None
         self._asked_importance = False
+        self._train_nodes: set[int] = set()
+        self._eval_nodes: set[int] = set()
 
     # ------------------------------------------------------------------ state views
     @property
@@ -248,6 +250,7 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Sample nodes; send each the kept values, plus the mask if it lacks it."""
         node_ids, all_nodes = sample_nodes(grid, self.clients_per_round, self.node_wait_s)
+        self._train_nodes = set(node_ids)
         importance = self.wants_importance(server_round) and server_round != self.num_rounds
         self._asked_importance = importance
         self._sent_version = self.mask_version
@@ -276,12 +279,20 @@ class SparseFedAvg(FedAvg):
         all_nodes = list(grid.get_node_ids())
         sample_size = max(int(len(all_nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
         node_ids, _ = sample_nodes(grid, sample_size, self.node_wait_s)
+        self._eval_nodes = set(node_ids)
         self._eval_version = self.mask_version
         return self._messages(
             server_round, node_ids, self._config(server_round, config, False), MessageType.EVALUATE
         )
 
     # ------------------------------------------------------------------ receiving
+    def _forget_silent_nodes(self, sampled: set[int], answered: set[int]) -> None:
+        """A sampled node without a valid reply may have lost (or never stored) its mask:
+        it gets the mask in full next time. This covers nodes that timed out, and errors
+        the SuperLink writes for a node that died, which name the SuperLink as sender."""
+        for node_id in sampled - answered:
+            self.node_mask_version.pop(node_id, None)
+
     def _reject(self, server_round: int, node_id: int, reason: str) -> None:
         log(WARNING, "round %d: dropped reply from node %d: %s", server_round, node_id, reason)
         self.stats[server_round].dropped += 1
@@ -322,6 +333,7 @@ class SparseFedAvg(FedAvg):
                 self._reject(server_round, msg.metadata.src_node_id, str(exc))
         # Replies arrive in any order; summing them in a fixed one keeps runs reproducible.
         accepted.sort(key=lambda reply: reply.order)
+        self._forget_silent_nodes(self._train_nodes, {r.node_id for r in accepted})
         stats.replies = len(accepted)
         if stats.per_node_bytes:
             stats.sim_time_s = self.profile.round_time_s(
@@ -430,7 +442,7 @@ class SparseFedAvg(FedAvg):
     ) -> MetricRecord | None:
         """Weighted mean of the nodes' local evaluation; bad replies are dropped."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        rows = []
+        rows, answered = [], set()
         for msg in replies:
             node_id = msg.metadata.src_node_id
             stats.count_reply(msg)
@@ -443,7 +455,9 @@ class SparseFedAvg(FedAvg):
                 self._reject(server_round, node_id, f"evaluate: {exc}")
                 continue
             self.node_mask_version[node_id] = self._eval_version
+            answered.add(node_id)
             rows.append((n, acc, loss))
+        self._forget_silent_nodes(self._eval_nodes, answered)
         if not rows:
             return None
         total = sum(n for n, _, _ in rows)

@@ -305,3 +305,17 @@ def test_replies_are_summed_in_partition_order_whatever_their_arrival():
         strategy.aggregate_train(1, replies[::-1] if reverse else replies)
         results.append(strategy.masked_params())
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_a_sampled_node_that_never_answers_gets_the_mask_again():
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    fed.train_round(strategy, 1)
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = fed.deliver(requests)
+    silent = requests[0].metadata.dst_node_id
+    strategy.aggregate_train(2, replies[1:])  # no reply at all from one node (timed out)
+    msgs3 = list(strategy.configure_train(3, None, _config(), fed.grid))
+    carried = {
+        m.metadata.dst_node_id: any(k.startswith("m") for k in m.content[P.ARRAYS]) for m in msgs3
+    }
+    assert carried == {n: n == silent for n in carried}
