@@ -224,9 +224,11 @@ def plot(out: Path, rows) -> None:
             labelled.add(arm)
         ax.set(xlabel=xlabel, ylabel=ylabel)
         if ykey == "accuracy":
-            ax.set_ylim(0.8, 1.0)
+            ax.set_ylim(0.5, 1.0)
         if "bytes" in filename or "time" in filename:
-            ax.set_xscale("symlog")
+            # Methods differ by orders of magnitude; linear below 1 so that round 0 shows.
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+
+from fedprune.models import build_model, prunable_names
+from fedprune.profiler import (
+    crossover_density,
+    csr_max_densities,
+    fit_line,
+    format_report,
+    profile_device,
+    profile_from_measurements,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    model = build_model("small-cnn", seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    profile, measurements = profile_device(model, 2, 8, 1e6, densities=(1.0, 0.3, 0.05), repeats=1)
+    return model, before, profile, measurements
+
+
+def test_profile_has_one_finite_non_negative_slope_per_prunable_layer(profiled):
+    model, _, profile, measurements = profiled
+    names = prunable_names(model)
+    assert list(profile.compute_s_per_param) == names
+    for name, slope in profile.compute_s_per_param.items():
+        assert math.isfinite(slope) and slope >= 0, name
+    assert math.isfinite(profile.fixed_s) and profile.fixed_s >= 0
+    assert profile.comm_s_per_param == pytest.approx(8 / 1e6)
+    assert measurements["layers"] == names
+    for name in names:
+        formats = measurements[f"{name}/formats"]
+        assert formats == (["dense", "csr"] if name.startswith("fc") else ["dense"])
+        assert len(measurements[f"{name}/fastest"]) == 3
+        for f in formats:
+            secs = measurements[f"{name}/{f}/seconds"]
+            assert len(secs) == len(measurements[f"{name}/{f}/densities"])
+            assert all(math.isfinite(s) and s > 0 for s in secs)
+            assert measurements[f"{name}/{f}/slope_s_per_param"] >= 0
+            assert measurements[f"{name}/{f}/intercept_s"] >= 0
+    # CSR is timed at 0.5 and below only.
+    assert measurements["fc1.weight/csr/densities"] == [0.3, 0.05]
+    assert set(csr_max_densities(measurements)) == {"fc1.weight", "fc2.weight"}
+
+
+def test_measurements_are_flat_plain_values_that_rebuild_the_profile(profiled):
+    _, _, profile, measurements = profiled
+    scalars = (str, int, float, bool)
+    for key, value in measurements.items():
+        assert isinstance(key, str)
+        if isinstance(value, list):
+            assert value and all(isinstance(v, type(value[0])) for v in value), key
+            assert isinstance(value[0], scalars), key
+        else:
+            assert isinstance(value, scalars), key
+    assert profile_from_measurements(measurements) == profile
+    from flwr.app import ConfigRecord  # the record it travels in
+
+    record = ConfigRecord(measurements)
+    assert profile_from_measurements(dict(record)) == profile
+    assert "fc1.weight" in format_report(measurements)
+
+
+def test_profiling_leaves_the_model_alone_and_reports_its_time(profiled):
+    model, before, _, measurements = profiled
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert 0 < measurements["seconds"] < 30
+    assert measurements["calibration/measured_s"] > 0 and measurements["check/predicted_s"] > 0
+
+
+def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
+    slope, intercept = fit_line([0, 10, 20], [1.0, 2.0, 3.0])
+    assert slope == pytest.approx(0.1) and intercept == pytest.approx(1.0)
+    assert fit_line([0, 10, 20], [3.0, 2.0, 1.0]) == (0.0, pytest.approx(2.0))
+    slope, intercept = fit_line([10, 20, 30], [0.5, 2.0, 3.0])
+    assert intercept == 0.0 and slope > 0
+    assert fit_line([5], [0.2]) == (0.0, 0.2)
+    # A slope within the noise (well under two standard errors) is no slope.
+    assert fit_line([0, 10, 20, 30], [1.0, 1.5, 0.9, 1.4]) == (0.0, pytest.approx(1.2))
+
+
+def test_profile_device_rejects_bad_arguments():
+    model = build_model("small-cnn", seed=0)
+    with pytest.raises(ValueError, match="bandwidth"):
+        profile_device(model, 1, 4, 0.0)
+    with pytest.raises(ValueError, match="densities"):
+        profile_device(model, 1, 4, 1e6, densities=(0.0,))
+
+
+def test_crossover_density_interpolates_between_measured_densities():
+    dense = {0.01: 10.0, 0.1: 10.0, 0.3: 10.0, 0.5: 10.0}
+    assert crossover_density(dense, {0.01: 2.0, 0.1: 6.0, 0.3: 14.0, 0.5: 22.0}) == (
+        pytest.approx(0.2)
+    )
+    assert crossover_density(dense, {0.01: 11.0, 0.1: 12.0}) == 0.0
+    assert crossover_density(dense, {0.01: 1.0, 0.5: 9.0}) == 0.5

@@ -1,0 +1,252 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from fedprune.data import Examples
+from fedprune.masks import apply_masks, full_masks
+from fedprune.models import build_model
+from fedprune.sparse import (
+    SparseLinear,
+    export_for_inference,
+    inference_latency,
+    load_for_inference,
+    read_export,
+    sparse_layers,
+    to_dense,
+    to_sparse,
+    train_sparse,
+)
+from fedprune.training import train_masked
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+
+
+def linear_with_mask(n_in, n_out, density, seed, zeros=3):
+    """A Linear layer, a mask, and the layer's weight zeroed at pruned positions, with a
+    few kept weights set to exactly 0.0."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(n_in, n_out)
+    mask = torch.rand(n_out, n_in, generator=g) < density
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+        kept = mask.nonzero()[:zeros]
+        layer.weight[kept[:, 0], kept[:, 1]] = 0.0
+    return layer, mask
+
+
+def masked_dense_pass(layer, mask, x, grad_out):
+    """Forward and backward of the dense layer whose weight is 0.0 at pruned positions, as
+    train_masked runs it: output, input gradient, weight gradient at every position, bias
+    gradient."""
+    x = x.clone().requires_grad_(True)
+    w = (layer.weight.detach() * mask).requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    y = torch.nn.functional.linear(x, w, b)
+    y.backward(grad_out)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_in=st.integers(1, 40),
+    n_out=st.integers(1, 40),
+    batch=st.integers(1, 9),
+    density=st.sampled_from([0.0, 0.05, 0.3, 0.7, 1.0]),
+    seed=st.integers(0, 10_000),
+)
+def test_csr_forward_and_gradients_match_masked_dense(n_in, n_out, batch, density, seed):
+    layer, mask = linear_with_mask(n_in, n_out, density, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(batch, n_in, generator=g)
+    grad_out = torch.randn(batch, n_out, generator=g)
+    y_ref, gx_ref, gw_ref, gb_ref = masked_dense_pass(layer, mask, x, grad_out)
+
+    sparse = SparseLinear.from_linear(layer, mask)
+    assert sparse.nnz == int(mask.sum())  # exact zeros are kept in the structure
+    xs = x.clone().requires_grad_(True)
+    y = sparse(xs)
+    y.backward(grad_out)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(xs.grad, gx_ref)
+    torch.testing.assert_close(sparse.values.grad, gw_ref[mask])
+    torch.testing.assert_close(sparse.bias.grad, gb_ref)
+
+
+def test_exact_zero_weights_keep_their_place_and_train():
+    layer, mask = linear_with_mask(12, 8, 0.5, seed=3, zeros=5)
+    zero_kept = mask & (layer.weight == 0)
+    assert int(zero_kept.sum()) == 5
+    # What the module must not do: to_sparse_csr() drops the kept zeros.
+    assert layer.weight.detach().to_sparse_csr().values().numel() == int(mask.sum()) - 5
+
+    sparse = SparseLinear.from_linear(layer, mask)
+    opt = torch.optim.SGD(sparse.parameters(), lr=0.5)
+    sparse(torch.randn(4, 12)).square().sum().backward()
+    opt.step()
+    dense = sparse.dense_weight()
+    assert torch.all(dense[~mask] == 0)
+    assert torch.all(dense[zero_kept] != 0), "kept zeros got no gradient"
+    assert torch.equal(sparse.mask(), mask)
+
+
+def test_importance_is_the_dense_gradient_summed_over_passes_only_when_tracked():
+    layer, mask = linear_with_mask(20, 15, 0.2, seed=5)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(6, 20, generator=g) for _ in range(3)]
+    grads = [torch.randn(6, 15, generator=g) for _ in range(3)]
+    expected = sum(
+        masked_dense_pass(layer, mask, x, go)[2] for x, go in zip(xs, grads, strict=True)
+    )
+
+    sparse = SparseLinear.from_linear(layer, mask)
+    for x, go in zip(xs, grads, strict=True):
+        sparse(x).backward(go)
+    assert sparse.dense_grad_sum() is None  # not tracked: nothing kept, nothing computed
+
+    sparse.track_importance = True
+    for x, go in zip(xs, grads, strict=True):
+        sparse(x).backward(go)
+    total = sparse.dense_grad_sum()
+    torch.testing.assert_close(total, expected)
+    assert total[~mask].abs().sum() > 0, "no gradient at pruned positions"
+    assert sparse.dense_grad_sum() is None  # the sum was consumed
+
+
+def masked_small_cnn(density, seed=0):
+    model = build_model("small-cnn", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(m.shape, generator=g) < density for n, m in full_masks(model).items()}
+    apply_masks(model, masks)
+    with torch.no_grad():  # a kept weight that is exactly zero
+        i, j = masks["fc1.weight"].nonzero()[0]
+        model.fc1.weight[i, j] = 0.0
+    return model, masks
+
+
+def toy_data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Examples(torch.rand(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+@pytest.mark.parametrize(
+    ("momentum", "weight_decay", "track_importance"),
+    [(0.0, 0.0, True), (0.9, 0.05, True), (0.5, 0.0, False)],
+)
+def test_train_sparse_matches_train_masked(momentum, weight_decay, track_importance):
+    model, masks = masked_small_cnn(0.2)
+    twin = copy.deepcopy(model)
+    params_before = {n: id(p) for n, p in twin.named_parameters()}
+    kw = dict(
+        steps=6,
+        batch_size=16,
+        lr=0.2,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        track_importance=track_importance,
+    )
+    ref = train_masked(model, masks, toy_data(), generator=torch.Generator().manual_seed(4), **kw)
+    got = train_sparse(
+        twin,
+        masks,
+        toy_data(),
+        generator=torch.Generator().manual_seed(4),
+        max_csr_density=0.5,
+        **kw,
+    )
+    assert isinstance(twin.fc1, nn.Linear) and not sparse_layers(twin)
+    assert {n: id(p) for n, p in twin.named_parameters()} == params_before
+    assert (got.num_examples, got.steps, got.samples) == (ref.num_examples, ref.steps, ref.samples)
+    assert got.loss == pytest.approx(ref.loss, rel=1e-5)
+    ref_params = dict(model.named_parameters())
+    for name, p in twin.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], msg=name)
+        if name in masks:
+            assert torch.all(p[~masks[name]] == 0), name
+    if not track_importance:
+        assert got.importance is None and ref.importance is None
+        return
+    assert list(got.importance) == list(ref.importance)
+    for name, imp in ref.importance.items():
+        torch.testing.assert_close(got.importance[name], imp, rtol=1e-4, atol=1e-9, msg=name)
+    assert got.importance["fc1.weight"][~masks["fc1.weight"]].sum() > 0
+
+
+def test_train_sparse_leaves_layers_that_were_already_sparse_sparse():
+    model, masks = masked_small_cnn(0.2)
+    twin = copy.deepcopy(model)
+    to_sparse(twin, masks, max_csr_density={"fc1.weight": 1.0})
+    kw = dict(steps=3, batch_size=16, lr=0.2)
+    ref = train_masked(model, masks, toy_data(), generator=torch.Generator().manual_seed(1), **kw)
+    got = train_sparse(twin, masks, toy_data(), generator=torch.Generator().manual_seed(1), **kw)
+    assert isinstance(twin.fc1, SparseLinear) and isinstance(twin.fc2, nn.Linear)
+    assert set(got.importance) == set(ref.importance)
+    torch.testing.assert_close(got.importance["fc1.weight"], ref.importance["fc1.weight"])
+    torch.testing.assert_close(twin.fc1.dense_weight(), model.fc1.weight.detach())
+
+
+def test_to_sparse_follows_the_density_threshold_and_round_trips():
+    model, masks = masked_small_cnn(0.2)
+    masks["fc2.weight"] = torch.ones_like(masks["fc2.weight"])
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    replaced = to_sparse(model, masks, max_csr_density=0.3)
+    assert list(replaced) == ["fc1"]
+    assert isinstance(model.fc1, SparseLinear) and isinstance(model.fc2, nn.Linear)
+    assert [n for n, _ in model.named_parameters()][4:6] == ["fc1.values", "fc1.bias"]
+    back = to_dense(model)
+    assert list(back) == ["fc1.weight"] and torch.equal(back["fc1.weight"], masks["fc1.weight"])
+    for name, p in model.named_parameters():
+        assert torch.equal(p, reference[name]), name
+
+    per_layer = to_sparse(model, masks, max_csr_density={"fc2.weight": 1.0})
+    assert list(per_layer) == ["fc2"] and isinstance(model.fc1, nn.Linear)
+    to_dense(model, per_layer)
+    assert model.fc2 is per_layer["fc2"]
+
+
+def test_sparse_model_inference_matches_masked_dense():
+    model, masks = masked_small_cnn(0.1)
+    x = toy_data(5).x
+    with torch.no_grad():
+        expected = model(x)
+    to_sparse(model, masks, max_csr_density=1.0)
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, expected)
+    layer = model.fc1
+    x3 = torch.randn(2, 3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            layer(x3), nn.functional.linear(x3, layer.dense_weight(), layer.bias)
+        )
+
+
+@pytest.mark.parametrize("formats", [None, {"fc1.weight": "csr", "fc2.weight": "dense"}])
+def test_export_and_load_give_identical_outputs(tmp_path, formats):
+    model, masks = masked_small_cnn(0.1)
+    path = tmp_path / "model.pt"
+    chosen = export_for_inference(model, masks, path, formats=formats)
+    assert set(chosen) == {"fc1.weight", "fc2.weight"} and set(chosen.values()) <= {"csr", "dense"}
+    loaded = load_for_inference(path)
+    assert isinstance(loaded.fc1, SparseLinear) == (chosen["fc1.weight"] == "csr")
+    x = toy_data(7).x
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), expected)
+    stored = read_export(path)
+    assert stored["layer_formats"] == chosen
+    for name, mask in masks.items():
+        assert torch.equal(stored["masks"][name], mask)
+    assert inference_latency(loaded, x[:1], repeats=3, warmup=1) > 0
+
+
+def test_export_needs_an_architecture_for_unknown_models(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="arch"):
+        export_for_inference(
+            model, {"0.weight": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "m"
+        )
