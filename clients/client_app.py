@@ -13,10 +13,13 @@ from flwr.clientapp import ClientApp
 
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_mask, decode_model, encode_mask, encode_update
+from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import INPUT_SHAPE, NUM_CLASSES, client_partition, load_folder
 from fedprune.masks import Masks
 from fedprune.models import build_model, param_shapes, prunable_names
+from fedprune.profiler import csr_max_densities, profile_device
 from fedprune.settings import Settings
+from fedprune.sparse import train_sparse
 from fedprune.training import evaluate as evaluate_model
 from fedprune.training import train_masked
 
@@ -109,10 +112,7 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(
         settings.seed * 1_000_003 + server_round * 7919 + partition_id
     )
-    local = train_masked(
-        model,
-        masks,
-        data,
+    kw = dict(
         steps=settings.local_steps,
         batch_size=settings.batch_size,
         lr=float(config.get(P.LEARNING_RATE, settings.learning_rate)),
@@ -120,6 +120,15 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=settings.weight_decay,
         generator=generator,
     )
+    if settings.sparse_training:
+        # Fully connected layers train in CSR below the density where this device
+        # measured CSR to be the faster format.
+        measurements = _measurements(settings, context)
+        local = train_sparse(
+            model, masks, data, max_csr_density=csr_max_densities(measurements), **kw
+        )
+    else:
+        local = train_masked(model, masks, data, **kw)
     importance, rounds = _accumulate_importance(context, local.importance)
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
@@ -148,6 +157,59 @@ def train(msg: Message, context: Context) -> Message:
             P.METRICS: MetricRecord(metrics),
         }
     )
+    return Message(content=reply, reply_to=msg)
+
+
+def _measurements(settings: Settings, context: Context) -> dict:
+    """This device's raw profile (`fedprune.profiler.profile_device`), measured once per
+    node and cached in `context.state`."""
+    if P.STATE_PROFILE in context.state:
+        return dict(context.state[P.STATE_PROFILE])
+    torch.set_num_threads(1)
+    model = build_model(
+        settings.model, NUM_CLASSES[settings.dataset], input_shape=INPUT_SHAPE[settings.dataset]
+    )
+    _, measurements = profile_device(
+        model,
+        settings.local_steps,
+        settings.batch_size,
+        settings.bandwidth_bytes_per_s,
+        repeats=settings.profile_repeats,
+        input_shape=INPUT_SHAPE[settings.dataset],
+        seed=settings.seed,
+    )
+    context.state[P.STATE_PROFILE] = ConfigRecord(measurements)
+    return dict(context.state[P.STATE_PROFILE])
+
+
+def scaled_measurements(measurements: dict, speed_factor: float, bandwidth: float) -> dict:
+    """The measurements as a device `speed_factor` times slower, on a `bandwidth` bytes/s
+    link: compute slopes and fixed cost multiplied, communication from the bandwidth."""
+    out = dict(measurements)
+    for name in out["layers"]:
+        out[f"{name}/compute_s_per_param"] = float(out[f"{name}/compute_s_per_param"]) * (
+            speed_factor
+        )
+    out["fixed_s"] = float(out["fixed_s"]) * speed_factor
+    out["comm_s_per_param"] = BYTES_PER_VALUE_ROUND_TRIP / bandwidth
+    out["speed_factor"] = float(speed_factor)
+    out["bandwidth_bytes_per_s"] = float(bandwidth)
+    return out
+
+
+@app.query(P.PROFILE_ACTION)
+def profile(msg: Message, context: Context) -> Message:
+    """The device profile: measured at first contact, then from the node's cache. In
+    simulation, the node's speed factor and bandwidth (by partition id) apply."""
+    settings = Settings.from_run_config(context.run_config)
+    partition_id = int(context.node_config.get("partition-id", 0))
+    measurements = scaled_measurements(
+        _measurements(settings, context),
+        settings.speed_factor(partition_id),
+        settings.bandwidth(partition_id),
+    )
+    measurements[P.PARTITION_ID] = partition_id
+    reply = RecordDict({P.PROFILE: ConfigRecord(measurements)})
     return Message(content=reply, reply_to=msg)
 
 

@@ -29,3 +29,11 @@ STATE_MASK = "fedprune-mask"  # ArrayRecord: the mask the node holds, packed
 STATE_META = "fedprune-meta"  # ConfigRecord: its version
 STATE_IMPORTANCE = "fedprune-importance"  # ArrayRecord: importance accumulated so far
 STATE_IMPORTANCE_META = "fedprune-importance-meta"  # ConfigRecord: over how many rounds
+
+# The device-profile query (message type "query.profile"): the server sends an empty
+# ConfigRecord under CONFIG; the node replies with its measurements (`fedprune.profiler`,
+# scaled by its simulated speed factor and link) under PROFILE, plus PARTITION_ID.
+PROFILE_ACTION = "profile"
+PROFILE_MESSAGE_TYPE = "query.profile"
+PROFILE = "profile"
+STATE_PROFILE = "fedprune-profile"  # ConfigRecord: the node's raw measurements, cached

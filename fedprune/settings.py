@@ -49,6 +49,25 @@ def _fraction_closed(v) -> bool:
     return 0 <= v <= 1
 
 
+def parse_factors(text: str) -> list[float]:
+    """Comma-separated positive numbers ("1, 2.5,1") as floats; "" gives []. Raises
+    ValueError on a bad entry."""
+    if not text.strip():
+        return []
+    values = [float(part) for part in text.split(",")]
+    if not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"not all positive and finite: {text!r}")
+    return values
+
+
+def _factors_ok(text: str) -> bool:
+    try:
+        parse_factors(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of a run. Field `foo_bar` is run-config key `foo-bar`."""
@@ -87,7 +106,17 @@ class Settings:
     delta_half_life: float = _opt(50.0, _positive, "a positive number of rounds")
     max_density: float = _opt(1.0, lambda v: 0 < v <= 1, "in (0, 1]")
     regrow_init: str = _opt("last", *_in({"last", "zero"}))
-    cost_profile: str = _opt("paper-conv2", *_in(PROFILES))
+    cost_profile: str = _opt("paper-conv2", *_in({*PROFILES, "measured"}))
+    # --- measured device costs, sparse training, simulated heterogeneity
+    bandwidth_bytes_per_s: float = _opt(1438848.9, _positive, "positive bytes per second")
+    sparse_training: bool = _opt(False)
+    profile_repeats: int = _opt(2, _positive, "a positive number of timed rounds")
+    speed_factors: str = _opt("", _factors_ok, "comma-separated positive numbers (empty: all 1)")
+    bandwidths: str = _opt(
+        "",
+        _factors_ok,
+        "comma-separated positive bytes per second (empty: all bandwidth-bytes-per-s)",
+    )
     # --- the method (prunefl, or a baseline of the paper's comparison)
     method: str = _opt("prunefl", *_in(METHODS))
     target_density: float = _opt(
@@ -124,6 +153,16 @@ class Settings:
                 "setting 'mask-path' is empty: method 'lottery' trains a mask found by an "
                 "earlier run; give the path of its mask.pt"
             )
+
+    def speed_factor(self, partition_id: int) -> float:
+        """Multiplier of this partition's compute time (`speed-factors`, cycled)."""
+        factors = parse_factors(self.speed_factors)
+        return factors[partition_id % len(factors)] if factors else 1.0
+
+    def bandwidth(self, partition_id: int) -> float:
+        """This partition's link in bytes/s (`bandwidths`, cycled; else the default)."""
+        values = parse_factors(self.bandwidths)
+        return values[partition_id % len(values)] if values else self.bandwidth_bytes_per_s
 
     @staticmethod
     def key(field_name: str) -> str:

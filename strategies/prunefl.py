@@ -50,6 +50,7 @@ class PruneFL(SparseFedAvg):
         if importance is None:
             return None
         delta = stability_delta(server_round, self.delta_initial, self.delta_half_life)
+        # With measured costs, self.profile is this round's slowest sampled node.
         result = reconfigure(
             {k: self.params[k] * self.masks[k] for k in self.masks},
             self.masks,
@@ -63,10 +64,11 @@ class PruneFL(SparseFedAvg):
         )
         log(
             INFO,
-            "round %d: PruneFL reconfiguration (delta %.3f): objective %.4g per s, "
-            "modelled round %.2f s",
+            "round %d: PruneFL reconfiguration (delta %.3f, cost profile %s): objective "
+            "%.4g per s, modelled round %.2f s",
             server_round,
             delta,
+            self.profile.name,
             result.objective,
             result.round_time_s,
         )

@@ -19,6 +19,11 @@ import torch
 from flwr.common.logger import log
 
 from fedprune.masks import layer_densities, to_prune_state
+from fedprune.sparse import export_for_inference, inference_latency, load_for_inference
+
+INFERENCE_FILE = "model_inference.pt"
+INFERENCE_BATCHES = (1, 20)
+INFERENCE_ROUNDS = 3
 
 COLUMNS = [
     "round",
@@ -36,6 +41,46 @@ COLUMNS = [
     "dropped",
     "reconfigured",
 ]
+
+
+def inference_summary(
+    model: torch.nn.Module,
+    masks: dict[str, torch.Tensor],
+    out_dir: Path,
+    *,
+    arch: dict,
+    input_shape: tuple[int, ...],
+    repeats: int = 20,
+    formats: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Export the pruned `model` (its masked weights) for inference into
+    `out_dir`/model_inference.pt, reload it, and time dense vs pruned forward passes.
+
+    Returns the "inference" block of summary.json: the file, the format chosen per Linear
+    layer (the faster here at batch 1, unless `formats` names them), and per batch size
+    the seconds of one forward pass of the dense model and of the reloaded pruned one
+    (the fastest of `INFERENCE_ROUNDS` interleaved medians), and their ratio.
+    """
+    path = Path(out_dir) / INFERENCE_FILE
+    chosen = export_for_inference(model, masks, path, batch_size=1, formats=formats, arch=arch)
+    pruned = load_for_inference(path)
+    g = torch.Generator().manual_seed(0)
+    block: dict[str, Any] = {"file": INFERENCE_FILE, "formats": chosen}
+    for batch_size in INFERENCE_BATCHES:
+        x = torch.rand((batch_size, *input_shape), generator=g)
+        # Interleaved, the fastest of a few medians: load from other processes (other
+        # clients, a busy server) only ever adds time, and hits both models alike.
+        dense_t, pruned_t = [], []
+        for _ in range(INFERENCE_ROUNDS):
+            dense_t.append(inference_latency(model, x, repeats=repeats))
+            pruned_t.append(inference_latency(pruned, x, repeats=repeats))
+        dense_s, pruned_s = min(dense_t), min(pruned_t)
+        block[f"batch_{batch_size}"] = {
+            "dense_s": dense_s,
+            "pruned_s": pruned_s,
+            "pruned_vs_dense": pruned_s / dense_s if dense_s > 0 else None,
+        }
+    return block
 
 
 class RunRecorder:

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprune import protocol as P
-from fedprune.costs import named_profile
+from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
 from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
 from fedprune.masks import Masks, check_masks, from_prune_state, full_masks, model_density
@@ -33,7 +33,7 @@ from fedprune.settings import Settings, SettingsError
 from fedprune.training import evaluate
 from strategies.baselines import FedDST, FixedMask, IterativeMagnitude, Snip, initial_random_masks
 from strategies.prunefl import PruneFL
-from strategies.results import RunRecorder
+from strategies.results import RunRecorder, inference_summary
 from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
@@ -142,9 +142,51 @@ def load_mask(path: str, model) -> Masks:
     return masks
 
 
+def base_profile(settings: Settings, prunable: list[str]) -> CostProfile:
+    """The named cost profile; with `cost-profile = measured`, the paper's profile that
+    fits the model, used for initial pruning and until the first node has been profiled."""
+    name = settings.cost_profile
+    if name == "measured":
+        name = (
+            "paper-conv2"
+            if len(prunable) == len(PAPER_CONV2_COMPUTE_S_PER_PARAM)
+            else ("paper-uniform")
+        )
+    try:
+        return named_profile(name, prunable)
+    except ValueError as exc:
+        raise SettingsError(f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}") from exc
+
+
+def final_inference(settings: Settings, strategy: SparseFedAvg, out_dir: Path) -> dict:
+    """The "inference" block of summary.json; a failure is logged and recorded, not raised
+    (the run's results are already on disk)."""
+    num_classes, input_shape = NUM_CLASSES[settings.dataset], INPUT_SHAPE[settings.dataset]
+    model = build_model(settings.model, num_classes, input_shape=input_shape)
+    model.load_state_dict(strategy.masked_params())
+    arch = {"name": settings.model, "num_classes": num_classes, "input_shape": list(input_shape)}
+    try:
+        block = inference_summary(
+            model, strategy.masks, out_dir, arch=arch, input_shape=tuple(input_shape)
+        )
+    except (RuntimeError, ValueError, OSError) as exc:
+        log(ERROR, "[fedprune] export for inference failed: %s", exc)
+        return {"error": str(exc)}
+    log(
+        INFO,
+        "[fedprune] inference, pruned vs dense: %.2fx at batch 1, %.2fx at batch 20 (%s)",
+        block["batch_1"]["pruned_vs_dense"] or 0.0,
+        block["batch_20"]["pruned_vs_dense"] or 0.0,
+        block["file"],
+    )
+    return block
+
+
 def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
     """The strategy of `settings.method`, with the settings it uses."""
     common = dict(
+        measure_costs=settings.cost_profile == "measured",
+        query_timeout_s=settings.round_timeout_s,
         params=params,
         masks=masks,
         profile=profile,
@@ -195,10 +237,7 @@ def main(grid: Grid, context: Context) -> None:
     num_classes = NUM_CLASSES[settings.dataset]
     input_shape = INPUT_SHAPE[settings.dataset]
     model = build_model(settings.model, num_classes, seed=settings.seed, input_shape=input_shape)
-    try:
-        profile = named_profile(settings.cost_profile, prunable_names(model))
-    except ValueError as exc:
-        raise SettingsError(f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}") from exc
+    profile = base_profile(settings, prunable_names(model))
     spec = settings.data_spec()
     server_data, test_data = server_share(spec), heldout_split(spec)
     out_dir = Path(settings.output_dir).resolve() / run_name(settings)
@@ -257,7 +296,11 @@ def main(grid: Grid, context: Context) -> None:
         strategy.masks,
         {
             "settings": settings.to_run_config(),
-            "cost_profile": profile.to_dict(),
+            "cost_profile": strategy.profile.to_dict(),
+            "node_profiles": {
+                str(node): p.to_dict() for node, p in sorted(strategy.node_profiles.items())
+            },
+            "inference": final_inference(settings, strategy, out_dir),
             "initial_pruning": phase1_info,
             "final_delta": stability_delta(
                 settings.num_server_rounds, settings.delta_initial, settings.delta_half_life

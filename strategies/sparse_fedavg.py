@@ -40,6 +40,7 @@ from fedprune import protocol as P
 from fedprune.codec import CodecError, decode_update, encode_model
 from fedprune.costs import CostProfile
 from fedprune.masks import Masks, density, kept_counts
+from fedprune.profiler import profile_from_measurements
 
 MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
 
@@ -98,6 +99,25 @@ class TrainReply:
     order: tuple[int, int]  # (partition id, node id): a fixed summation order
 
 
+def slowest_profile(profiles: Iterable[CostProfile]) -> CostProfile:
+    """The element-wise slowest of some device profiles: per layer the largest compute
+    time per kept parameter, the largest fixed cost and the slowest link. A synchronous
+    round waits for its slowest node."""
+    profiles = list(profiles)
+    if not profiles:
+        raise ValueError("no profiles to take the slowest of")
+    return CostProfile(
+        name="measured",
+        compute_s_per_param={
+            k: max(p.compute_s_per_param[k] for p in profiles)
+            for k in profiles[0].compute_s_per_param
+        },
+        comm_s_per_param=max(p.comm_s_per_param for p in profiles),
+        fixed_s=max(p.fixed_s for p in profiles),
+        source=f"element-wise slowest of {len(profiles)} measured node profiles",
+    )
+
+
 def content_bytes(content: RecordDict) -> int:
     """Bytes of all records in a message's content, as Flower serialises them."""
     return sum(record.count_bytes() for record in content.values())
@@ -128,6 +148,12 @@ class SparseFedAvg(FedAvg):
         How long to wait for enough nodes to connect before giving up with an error.
     min_replies : int (default: 1)
         A round with fewer valid train replies is skipped (logged, model unchanged).
+    measure_costs : bool (default: False)
+        Ask each sampled node for its device profile (a "query.profile" message, once per
+        node) and model each round with the slowest sampled node's costs; `profile` is
+        then only the fallback while no node has answered.
+    query_timeout_s : float (default: 600)
+        How long to wait for profile replies.
     """
 
     def __init__(
@@ -141,6 +167,8 @@ class SparseFedAvg(FedAvg):
         regrow_init: str = "last",
         node_wait_s: float = 120.0,
         min_replies: int = 1,
+        measure_costs: bool = False,
+        query_timeout_s: float = 600.0,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -159,6 +187,11 @@ class SparseFedAvg(FedAvg):
         self.masks = {k: m.clone() for k, m in masks.items()}
         self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
         self.profile = profile
+        self.prior_profile = profile
+        self.measure_costs = measure_costs
+        self.query_timeout_s = query_timeout_s
+        self.node_profiles: dict[int, CostProfile] = {}
+        self.profile_queries: dict[int, int] = {}  # node id -> profile queries sent
         self.regrow_init = regrow_init
         self.num_rounds = 0
         self.mask_version = 0
@@ -204,7 +237,10 @@ class SparseFedAvg(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, self.profile.name)
+        name = self.profile.name
+        if self.measure_costs:
+            name = f"measured per node (until profiled: {self.prior_profile.name})"
+        log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, name)
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kw):
         self.num_rounds = num_rounds  # importance asked for in the last round would go unused
@@ -251,6 +287,9 @@ class SparseFedAvg(FedAvg):
         """Sample nodes; send each the kept values, plus the mask if it lacks it."""
         node_ids, all_nodes = sample_nodes(grid, self.clients_per_round, self.node_wait_s)
         self._train_nodes = set(node_ids)
+        if self.measure_costs:
+            self._query_profiles(server_round, node_ids, grid)
+            self.profile = self.round_profile(server_round, node_ids)
         importance = self.wants_importance(server_round) and server_round != self.num_rounds
         self._asked_importance = importance
         self._sent_version = self.mask_version
@@ -284,6 +323,90 @@ class SparseFedAvg(FedAvg):
         return self._messages(
             server_round, node_ids, self._config(server_round, config, False), MessageType.EVALUATE
         )
+
+    # ------------------------------------------------------------------ device profiles
+    def _query_profiles(self, server_round: int, node_ids: list[int], grid: Grid) -> None:
+        """Ask the sampled nodes without a profile yet for theirs; keep the valid ones."""
+        missing = [n for n in node_ids if n not in self.node_profiles]
+        if not missing:
+            return
+        stats = self.stats.setdefault(server_round, RoundStats())
+        messages = []
+        for node_id in missing:
+            content = RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})})
+            stats.count(node_id, sent=content_bytes(content))
+            self.profile_queries[node_id] = self.profile_queries.get(node_id, 0) + 1
+            messages.append(
+                Message(
+                    content=content,
+                    message_type=f"{MessageType.QUERY}.{P.PROFILE_ACTION}",
+                    dst_node_id=node_id,
+                )
+            )
+        asked = set(missing)
+        for msg in grid.send_and_receive(messages, timeout=self.query_timeout_s):
+            node_id = msg.metadata.src_node_id
+            stats.count_reply(msg)
+            try:
+                if node_id not in asked:
+                    raise ValueError("a profile this round did not ask this node for")
+                self.node_profiles[node_id] = self._check_profile_reply(msg, node_id)
+            except (ValueError, TypeError, KeyError) as exc:
+                log(
+                    WARNING,
+                    "round %d: dropped profile reply from node %d: %s",
+                    server_round,
+                    node_id,
+                    exc,
+                )
+        log(
+            INFO,
+            "round %d: profiled %d of %d nodes asked; %d nodes profiled so far",
+            server_round,
+            len(asked & set(self.node_profiles)),
+            len(asked),
+            len(self.node_profiles),
+        )
+
+    def _check_profile_reply(self, msg: Message, node_id: int) -> CostProfile:
+        """The node's CostProfile from a well-formed profile reply; ValueError otherwise."""
+        if msg.has_error():
+            raise ValueError(f"client error: {msg.error.reason}")
+        record = msg.content.get(P.PROFILE)
+        if not isinstance(record, ConfigRecord):
+            raise ValueError(f"no ConfigRecord under {P.PROFILE!r}")
+        profile = profile_from_measurements(record)
+        if set(profile.compute_s_per_param) != set(self.masks):
+            raise ValueError(
+                f"profile layers {sorted(profile.compute_s_per_param)} are not the model's "
+                f"prunable layers {sorted(self.masks)}"
+            )
+        costs = [*profile.compute_s_per_param.values(), profile.fixed_s]
+        if not all(np.isfinite(v) and v >= 0 for v in costs):
+            raise ValueError("compute and fixed costs must be finite and >= 0")
+        if not (np.isfinite(profile.comm_s_per_param) and profile.comm_s_per_param > 0):
+            raise ValueError(f"comm_s_per_param = {profile.comm_s_per_param!r} is not > 0")
+        return CostProfile(
+            name=f"measured-node-{node_id}",
+            compute_s_per_param=profile.compute_s_per_param,
+            comm_s_per_param=profile.comm_s_per_param,
+            fixed_s=profile.fixed_s,
+            source=profile.source,
+        )
+
+    def round_profile(self, server_round: int, node_ids: Iterable[int]) -> CostProfile:
+        """The element-wise slowest profile of the sampled nodes that have one; the prior
+        profile if none has."""
+        profiles = [self.node_profiles[n] for n in node_ids if n in self.node_profiles]
+        if not profiles:
+            log(
+                WARNING,
+                "round %d: no sampled node has a device profile; using %s",
+                server_round,
+                self.prior_profile.name,
+            )
+            return self.prior_profile
+        return slowest_profile(profiles)
 
     # ------------------------------------------------------------------ receiving
     def _forget_silent_nodes(self, sampled: set[int], answered: set[int]) -> None:

@@ -21,13 +21,28 @@ TaskIdentity.node_id = 0
 
 
 class FakeGrid:
-    """The part of Flower's Grid that strategies call while configuring a round."""
+    """The part of Flower's Grid that strategies call while configuring a round
+    (`send_and_receive` delivers through `deliver`, e.g. profile queries)."""
 
-    def __init__(self, node_ids: list[int]) -> None:
+    def __init__(self, node_ids: list[int], deliver=None) -> None:
         self.node_ids = node_ids
+        self._deliver = deliver
+        self.sent: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        messages = list(messages)
+        self.sent.extend(messages)
+        return self._deliver(messages)
+
+
+HANDLERS = {
+    "train": client_app.train,
+    "evaluate": client_app.evaluate,
+    f"query.{P.PROFILE_ACTION}": client_app.profile,
+}
 
 
 @dataclass
@@ -51,7 +66,7 @@ class Federation:
 
     @property
     def grid(self) -> FakeGrid:
-        return FakeGrid(list(self.contexts))
+        return FakeGrid(list(self.contexts), self.deliver)
 
     def deliver(self, messages) -> list[Message]:
         """Run each message's handler on its node and collect the replies."""
@@ -59,9 +74,7 @@ class Federation:
         for msg in messages:
             node_id = msg.metadata.dst_node_id
             TaskIdentity.node_id = node_id
-            handler = (
-                client_app.train if msg.metadata.message_type == "train" else client_app.evaluate
-            )
+            handler = HANDLERS[msg.metadata.message_type]
             try:
                 replies.append(handler(msg, self.contexts[node_id]))
             finally:
