@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import random
 import statistics
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.bench_sparse import machine
 from fedprune.costs import CostProfile
 from fedprune.data import DataSpec, client_partition
 from fedprune.masks import apply_masks, full_masks
@@ -121,12 +121,13 @@ def main(argv=None) -> int:
 
 
 def render(rows, profile: CostProfile, profile_s, max_csr, args, load_before) -> str:
+    m = machine()
     lines = [
         "# bench_profile: the device profile's predicted round time vs measured",
         "",
         f"- date: {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {args.threads} threads; load average (1 min) "
+        f"- machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs, "
+        f"torch {m['torch']}, {m['threads']} threads; load average (1 min) "
         f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
         f"- Conv-2, one local round = {LOCAL_STEPS} steps of batch {BATCH}, importance "
         f"tracked, `train_sparse` with fc layers in CSR below {max_csr}; median of "

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.client_app as client_app
 from fedprune import protocol as P
+from fedprune.masks import full_masks
+from fedprune.models import build_model, prunable_names
 from fedprune.settings import Settings
 
 TaskIdentity.task_id = 1
@@ -89,3 +92,13 @@ class Federation:
         if tamper is not None:
             replies = tamper(replies)
         return messages, replies, strategy.aggregate_train(server_round, replies)
+
+
+def small_cnn_start(density: float = 0.5, seed: int = 0):
+    """(weights, random masks at `density`, prunable names) of the small CNN: a strategy's
+    starting point in tests."""
+    model = build_model("small-cnn", seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(m.shape, generator=g) < density for n, m in full_masks(model).items()}
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return params, masks, prunable_names(model)

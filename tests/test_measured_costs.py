@@ -23,7 +23,7 @@ from strategies.prunefl import PruneFL
 from strategies.results import INFERENCE_FILE, inference_summary
 from strategies.server_app import base_profile, build_strategy
 from strategies.sparse_fedavg import content_bytes
-from tests.inprocess import FakeGrid, Federation
+from tests.inprocess import FakeGrid, Federation, small_cnn_start
 
 BASE = dict(
     model="small-cnn",
@@ -49,14 +49,11 @@ def seed_cache(fed: Federation, measurements: dict) -> None:
 
 
 def make_strategy(num_nodes, density=0.5, reconfig_interval=0, measure_costs=True):
-    model = build_model("small-cnn", seed=0)
-    g = torch.Generator().manual_seed(0)
-    masks = {n: torch.rand(m.shape, generator=g) < density for n, m in full_masks(model).items()}
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params, masks, names = small_cnn_start(density)
     return PruneFL(
         params=params,
         masks=masks,
-        profile=named_profile("paper-conv2", prunable_names(model)),
+        profile=named_profile("paper-conv2", names),
         clients_per_round=num_nodes,
         reconfig_interval=reconfig_interval,
         measure_costs=measure_costs,

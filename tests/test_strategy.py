@@ -11,11 +11,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import protocol as P
 from fedprune.costs import named_profile
-from fedprune.masks import full_masks
-from fedprune.models import build_model, prunable_names
 from fedprune.settings import Settings
 from strategies.prunefl import PruneFL
-from tests.inprocess import Federation
+from tests.inprocess import Federation, small_cnn_start
 
 SETTINGS = Settings(
     model="small-cnn",
@@ -28,14 +26,11 @@ SETTINGS = Settings(
 
 
 def make_strategy(reconfig_interval=0, density=0.5, **kw):
-    model = build_model("small-cnn", seed=0)
-    g = torch.Generator().manual_seed(0)
-    masks = {n: torch.rand(m.shape, generator=g) < density for n, m in full_masks(model).items()}
-    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params, masks, names = small_cnn_start(density)
     return PruneFL(
         params=params,
         masks=masks,
-        profile=named_profile("paper-uniform", prunable_names(model)),
+        profile=named_profile("paper-uniform", names),
         clients_per_round=3,
         reconfig_interval=reconfig_interval,
         **kw,
