@@ -1,8 +1,9 @@
 """The ClientApp: decode what the server sent, train only the kept parameters, reply.
 
 The node keeps the mask it was last sent in `context.state`, so the server can send
-kept values alone while the mask has not changed. It also keeps the importance it has
-accumulated since the server last asked for it.
+kept values alone while the mask has not changed. When the server says so (the paper's
+full participation), it also keeps the importance it has accumulated since the server
+last asked for it; otherwise importance is computed only in rounds that upload it.
 """
 
 from __future__ import annotations
@@ -120,6 +121,9 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=settings.weight_decay,
         generator=generator,
     )
+    send = bool(config[P.SEND_IMPORTANCE])
+    keep = bool(config.get(P.ACCUMULATE_IMPORTANCE, False))
+    kw["track_importance"] = send or keep
     if settings.sparse_training:
         # Fully connected layers train in CSR below the density where this device
         # measured CSR to be the faster format.
@@ -129,26 +133,29 @@ def train(msg: Message, context: Context) -> Message:
         )
     else:
         local = train_masked(model, masks, data, **kw)
-    importance, rounds = _accumulate_importance(context, local.importance)
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
-        P.IMPORTANCE_ROUNDS: rounds,
         P.PARTITION_ID: partition_id,
     }
     sent_importance = None
-    if bool(config[P.SEND_IMPORTANCE]):
+    if send or keep:
+        importance, rounds = _accumulate_importance(context, local.importance)
+        metrics[P.IMPORTANCE_ROUNDS] = rounds
+    if send:
         sent_importance = {name: importance[name] for name in masks}
         metrics[P.FIXED_IMPORTANCE] = sum(
             float(g.sum()) for name, g in importance.items() if name not in masks
         )
-        context.state.pop(P.STATE_IMPORTANCE, None)
-    else:
+    if keep:
         context.state[P.STATE_IMPORTANCE] = ArrayRecord(
             {name: Array(g.numpy()) for name, g in importance.items()}
         )
         context.state[P.STATE_IMPORTANCE_META] = ConfigRecord({P.IMPORTANCE_ROUNDS: rounds})
+    else:  # uploaded now, or never to be: hold nothing
+        context.state.pop(P.STATE_IMPORTANCE, None)
+        context.state.pop(P.STATE_IMPORTANCE_META, None)
     state = {name: p.detach() for name, p in model.named_parameters()}
     arrays = encode_update(state, masks, sent_importance)
     reply = RecordDict(
@@ -211,6 +218,17 @@ def profile(msg: Message, context: Context) -> Message:
     measurements[P.PARTITION_ID] = partition_id
     reply = RecordDict({P.PROFILE: ConfigRecord(measurements)})
     return Message(content=reply, reply_to=msg)
+
+
+@app.query(P.IDENTIFY_ACTION)
+def identify(msg: Message, context: Context) -> Message:
+    """The node's stable client id (its partition id, if its node config has one) and the
+    federation's size as it knows it: the server samples by these, not by node ids."""
+    identity = {}
+    for key in (P.PARTITION_ID, P.NUM_PARTITIONS):
+        if key in context.node_config:
+            identity[key] = int(context.node_config[key])
+    return Message(content=RecordDict({P.IDENTITY: ConfigRecord(identity)}), reply_to=msg)
 
 
 @app.evaluate()

@@ -13,6 +13,9 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 MASK_VERSION = "mask-version"  # the version of the mask the message's values are laid out by
 SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated since last asked
+# keep this round's importance on the node for a later SEND_IMPORTANCE round (the paper's
+# full participation: nodes accumulate, and upload only when the server reconfigures)
+ACCUMULATE_IMPORTANCE = "accumulate-importance"
 LEARNING_RATE = "lr"
 
 # MetricRecord keys, client -> server
@@ -37,3 +40,10 @@ PROFILE_ACTION = "profile"
 PROFILE_MESSAGE_TYPE = "query.profile"
 PROFILE = "profile"
 STATE_PROFILE = "fedprune-profile"  # ConfigRecord: the node's raw measurements, cached
+
+# The identity query (message type "query.identify"): the node replies under IDENTITY with
+# PARTITION_ID (its stable client id, when its node config has one) and NUM_PARTITIONS.
+# Flower's node ids change from run to run; sampling by client id makes runs replayable.
+IDENTIFY_ACTION = "identify"
+IDENTITY = "identity"
+NUM_PARTITIONS = "num-partitions"

@@ -19,6 +19,12 @@ from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import MODELS
 
 METHODS = ("prunefl", "fedavg", "snip", "iterative", "feddst", "lottery")
+# How importance reaches the server: "reconfig" (the paper) has every node accumulate it
+# over the rounds and upload it when the server reconfigures, which needs every node in
+# every round; "every-round" has each sampled node upload the importance of its round and
+# the server accumulate it; "auto" picks "reconfig" when all nodes take part, else
+# "every-round".
+IMPORTANCE_UPLOADS = ("auto", "reconfig", "every-round")
 
 
 class SettingsError(ValueError):
@@ -75,6 +81,11 @@ class Settings:
     # --- federated rounds
     num_server_rounds: int = _opt(40, _positive, "a positive integer")
     clients_per_round: int = _opt(10, _positive, "a positive integer")
+    num_clients: int = _opt(
+        0, _non_negative, "a non-negative integer (0: as many as the nodes report)"
+    )
+    fraction_train: float = _opt(0.0, _fraction_closed, "in [0, 1] (0: use clients-per-round)")
+    importance_upload: str = _opt("auto", *_in(IMPORTANCE_UPLOADS))
     fraction_evaluate: float = _opt(0.0, _fraction_closed, "in [0, 1]")
     round_timeout_s: float = _opt(600.0, _positive, "positive seconds")
     min_replies: int = _opt(1, _positive, "a positive number of valid replies")
@@ -130,6 +141,8 @@ class Settings:
     seed: int = _opt(0, _non_negative, "a non-negative integer")
     output_dir: str = _opt("outputs", lambda v: v != "", "a folder path")
     run_name: str = _opt("", lambda v: "/" not in v, "a name without '/' (empty: automatic)")
+    checkpoint: bool = _opt(True)
+    resume: str = _opt("", None, "a run folder with a checkpoint.pt (empty: a new run)")
 
     def __post_init__(self) -> None:
         # Checks that involve more than one key.
@@ -148,11 +161,27 @@ class Settings:
                 f"setting 'target-density' = {self.target_density}: method {self.method!r} "
                 "prunes to a given density; set it in (0, 1] (e.g. PruneFL's final density)"
             )
+        if (
+            self.num_clients
+            and self.fraction_train == 0
+            and (self.clients_per_round > self.num_clients)
+        ):
+            raise SettingsError(
+                f"setting 'clients-per-round' = {self.clients_per_round} is more than "
+                f"'num-clients' = {self.num_clients}; sample at most num-clients nodes"
+            )
         if self.method == "lottery" and not self.mask_path:
             raise SettingsError(
                 "setting 'mask-path' is empty: method 'lottery' trains a mask found by an "
                 "earlier run; give the path of its mask.pt"
             )
+
+    def sample_size(self, num_clients: int) -> int:
+        """Nodes sampled per round out of `num_clients`: `fraction-train` of them (at
+        least 1) if set, else `clients-per-round`."""
+        if self.fraction_train > 0:
+            return max(1, math.ceil(self.fraction_train * num_clients - 1e-9))
+        return self.clients_per_round
 
     def speed_factor(self, partition_id: int) -> float:
         """Multiplier of this partition's compute time (`speed-factors`, cycled)."""

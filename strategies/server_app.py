@@ -191,6 +191,10 @@ def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
         masks=masks,
         profile=profile,
         clients_per_round=settings.clients_per_round,
+        fraction_train=settings.fraction_train,
+        num_clients=settings.num_clients,
+        seed=settings.seed,
+        importance_upload=settings.importance_upload,
         fraction_evaluate=settings.fraction_evaluate,
         min_replies=settings.min_replies,
         regrow_init=settings.regrow_init,
@@ -230,7 +234,7 @@ def main(grid: Grid, context: Context) -> None:
     # The server computes while the clients wait (initial pruning, aggregation, test
     # evaluation): it may use every core.
     torch.set_num_threads(os.cpu_count() or 1)
-    random.seed(settings.seed)  # Flower samples nodes with the `random` module
+    random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
 

@@ -15,9 +15,7 @@ restart from it (the paper) or from 0.
 
 from __future__ import annotations
 
-import random
-import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
@@ -34,33 +32,16 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from fedprune import protocol as P
 from fedprune.codec import CodecError, decode_update, encode_model
 from fedprune.costs import CostProfile
 from fedprune.masks import Masks, density, kept_counts
 from fedprune.profiler import profile_from_measurements
+from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
 
 MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
-
-
-def sample_nodes(grid: Grid, sample_size: int, wait_s: float) -> tuple[list[int], list[int]]:
-    """Sample `sample_size` connected nodes, waiting up to `wait_s` for enough to connect.
-
-    Flower's own helper waits forever; a run configured for more clients than exist
-    should stop with a message that says how to fix it.
-    """
-    deadline = time.monotonic() + wait_s
-    while len(nodes := list(grid.get_node_ids())) < sample_size:
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} nodes connected after {wait_s:.0f} s, but "
-                f"clients-per-round = {sample_size}: start more SuperNodes (in simulation: "
-                f"--federation-config 'num-supernodes={sample_size}') or lower clients-per-round"
-            )
-        time.sleep(0.5)
-    return random.sample(nodes, sample_size), nodes
 
 
 @dataclass
@@ -139,7 +120,16 @@ class SparseFedAvg(FedAvg):
     profile : CostProfile
         Round-time model used by the solver and for the modelled time.
     clients_per_round : int
-        Nodes sampled for training each round (and nodes to wait for before round 1).
+        Nodes sampled for training each round (unless `fraction_train` is set).
+    fraction_train : float (default: 0.0)
+        If > 0, the fraction of the federation's nodes sampled each round instead.
+    num_clients : int (default: 0)
+        The federation's size: nodes to wait for before round 1 and to sample from; 0
+        takes what the nodes report (`NodeSampler`).
+    seed : int (default: 0)
+        Fixes each round's sample, with the round number (`NodeSampler`).
+    importance_upload : "auto" | "reconfig" | "every-round"
+        How importance reaches the server (see fedprune.settings.IMPORTANCE_UPLOADS).
     fraction_evaluate : float (default: 0.0)
         Fraction of nodes asked to evaluate the global model on their local data.
     regrow_init : "last" | "zero"
@@ -169,6 +159,10 @@ class SparseFedAvg(FedAvg):
         min_replies: int = 1,
         measure_costs: bool = False,
         query_timeout_s: float = 600.0,
+        fraction_train: float = 0.0,
+        num_clients: int = 0,
+        seed: int = 0,
+        importance_upload: str = "auto",
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -181,7 +175,23 @@ class SparseFedAvg(FedAvg):
             weighted_by_key=P.NUM_EXAMPLES,
         )
         self.clients_per_round = clients_per_round
-        self.node_wait_s = node_wait_s
+        self.fraction_train = fraction_train
+        self.sampler = NodeSampler(
+            seed=seed,
+            num_clients=num_clients,
+            wait_s=node_wait_s,
+            identify_timeout_s=min(60.0, query_timeout_s),
+        )
+        if importance_upload not in ("auto", "reconfig", "every-round"):
+            raise ValueError(f"importance_upload = {importance_upload!r}")
+        self.importance_upload = importance_upload
+        self.upload_mode: str | None = None  # resolved when the federation's size is known
+        # Importance gathered since the last reconfiguration, summed over the replies (each
+        # node's importance is already weighted by its samples), and over how many rounds.
+        self.importance_sum: dict[str, torch.Tensor] | None = None
+        self.fixed_importance_sum = 0.0
+        self.importance_rounds = 0
+        self.nodes_hold_importance = False  # nodes keep importance not yet uploaded
         self.min_replies = min_replies
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
         self.masks = {k: m.clone() for k, m in masks.items()}
@@ -242,9 +252,99 @@ class SparseFedAvg(FedAvg):
             name = f"measured per node (until profiled: {self.prior_profile.name})"
         log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, name)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kw):
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
+        on_round_end: Callable[[int], None] | None = None,
+    ) -> Result:
+        """Flower's round loop, plus two things a long run needs: start at `first_round`
+        (a resumed run; round 0's evaluation is then skipped, it was recorded before) and
+        call `on_round_end(round)` once a round is fully done (to write a checkpoint)."""
         self.num_rounds = num_rounds  # importance asked for in the last round would go unused
-        return super().start(grid, initial_arrays, num_rounds, *args, **kw)
+        log(
+            INFO,
+            "Starting %s strategy, rounds %d to %d:",
+            type(self).__name__,
+            first_round,
+            num_rounds,
+        )
+        self.summary()
+        train_config = train_config if train_config is not None else ConfigRecord()
+        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+        result, arrays = Result(), initial_arrays
+        if evaluate_fn is not None and first_round == 1 and (res := evaluate_fn(0, arrays)):
+            result.evaluate_metrics_serverapp[0] = res
+        for server_round in range(first_round, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            replies = grid.send_and_receive(
+                messages=self.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            replies = grid.send_and_receive(
+                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            if (eval_metrics := self.aggregate_evaluate(server_round, replies)) is not None:
+                result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[server_round] = res
+            if on_round_end is not None:
+                on_round_end(server_round)
+        return result
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """Everything the strategy needs to go on from the end of the last round (plain
+        tensors, numbers and strings: loadable with torch.load(weights_only=True))."""
+        return {
+            "params": {k: v.clone() for k, v in self.params.items()},
+            "masks": {k: m.clone() for k, m in self.masks.items()},
+            "mask_version": self.mask_version,
+            "importance_sum": (
+                None
+                if self.importance_sum is None
+                else {k: v.clone() for k, v in self.importance_sum.items()}
+            ),
+            "fixed_importance_sum": self.fixed_importance_sum,
+            "importance_rounds": self.importance_rounds,
+            "upload_mode": self.upload_mode or "",
+            "nodes_hold_importance": self.nodes_hold_importance,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt a `state_dict()`; shapes and layers must be this model's."""
+        params, masks = state["params"], state["masks"]
+        if set(params) != set(self.params) or set(masks) != set(self.masks):
+            raise ValueError("the checkpoint's layers are not this model's")
+        for k, v in params.items():
+            if tuple(v.shape) != self.shapes[k]:
+                raise ValueError(
+                    f"{k}: shape {tuple(v.shape)} in the checkpoint, model has {self.shapes[k]}"
+                )
+        self.params = {k: v.clone().float() for k, v in params.items()}
+        self.masks = {k: m.clone().bool() for k, m in masks.items()}
+        self.mask_version = int(state["mask_version"])
+        imp = state["importance_sum"]
+        self.importance_sum = None if imp is None else {k: v.clone() for k, v in imp.items()}
+        self.fixed_importance_sum = float(state["fixed_importance_sum"])
+        self.importance_rounds = int(state["importance_rounds"])
+        self.upload_mode = state["upload_mode"] or None
+        self.nodes_hold_importance = bool(state["nodes_hold_importance"])
+        self.node_mask_version.clear()  # a new run: no node holds a mask yet
 
     # ------------------------------------------------------------------ sending
     def _payload(self, server_round: int, with_mask: bool, config: ConfigRecord) -> RecordDict:
@@ -274,39 +374,90 @@ class SparseFedAvg(FedAvg):
             )
         return messages
 
-    def _config(self, server_round: int, config: ConfigRecord, importance: bool) -> ConfigRecord:
+    def _config(
+        self, server_round: int, config: ConfigRecord, send: bool, accumulate: bool = False
+    ) -> ConfigRecord:
         cfg = ConfigRecord(dict(config))
         cfg[P.SERVER_ROUND] = server_round
         cfg[P.MASK_VERSION] = self.mask_version
-        cfg[P.SEND_IMPORTANCE] = importance
+        cfg[P.SEND_IMPORTANCE] = send
+        cfg[P.ACCUMULATE_IMPORTANCE] = accumulate
         return cfg
+
+    def _next_importance_round(self, server_round: int) -> int | None:
+        """The first round from `server_round` on whose mask update uses importance (the
+        last round's would go unused, so it never counts; before `start` sets the number
+        of rounds, the search looks a long way ahead)."""
+        horizon = self.num_rounds or server_round + 100_000
+        for r in range(server_round, horizon):
+            if self.wants_importance(r):
+                return r
+        return None
+
+    def _importance_plan(self, server_round: int) -> tuple[bool, bool]:
+        """(send, accumulate): what the nodes of this round do with their importance."""
+        upcoming = self._next_importance_round(server_round)
+        if upcoming is None:
+            return False, False
+        if self.upload_mode == "every-round":
+            return True, False
+        return upcoming == server_round, upcoming != server_round
+
+    def _resolve_upload_mode(self, sampled: int, population: int) -> None:
+        full = sampled >= population
+        mode = self.importance_upload
+        if mode == "auto":
+            mode = "reconfig" if full else "every-round"
+        elif mode == "reconfig" and not full:
+            raise RuntimeError(
+                f"importance-upload = 'reconfig' needs every node in every round, but "
+                f"{sampled} of {population} nodes are sampled: nodes that are not sampled "
+                "when the server reconfigures would hold their importance back. Use "
+                "'every-round' (or 'auto')"
+            )
+        if mode != self.upload_mode:
+            log(INFO, "importance upload: %s (%d of %d nodes per round)", mode, sampled, population)
+        self.upload_mode = mode
+
+    def _count(self, server_round: int) -> Callable[[int, int, int], None]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        return lambda node_id, sent, received: stats.count(node_id, sent, received)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes; send each the kept values, plus the mask if it lacks it."""
-        node_ids, all_nodes = sample_nodes(grid, self.clients_per_round, self.node_wait_s)
+        count = self._count(server_round)
+        wait_for = self.clients_per_round if self.fraction_train == 0 else 1
+        population = self.sampler.population(grid, server_round, wait_for, count)
+        size = (
+            fraction_size(self.fraction_train, len(population))
+            if self.fraction_train > 0
+            else self.clients_per_round
+        )
+        node_ids = self.sampler.draw(population, server_round, size, TRAIN)
+        self._resolve_upload_mode(len(node_ids), len(population))
         self._train_nodes = set(node_ids)
         if self.measure_costs:
             self._query_profiles(server_round, node_ids, grid)
             self.profile = self.round_profile(server_round, node_ids)
-        importance = self.wants_importance(server_round) and server_round != self.num_rounds
-        self._asked_importance = importance
+        send, accumulate = self._importance_plan(server_round)
+        self._asked_importance, self.nodes_hold_importance = send, accumulate
         self._sent_version = self.mask_version
         messages = self._messages(
             server_round,
             node_ids,
-            self._config(server_round, config, importance),
+            self._config(server_round, config, send, accumulate),
             MessageType.TRAIN,
         )
         log(
             INFO,
             "configure_train: %d of %d nodes, %d get the mask (version %d)%s",
             len(node_ids),
-            len(all_nodes),
+            len(population),
             self.stats[server_round].masks_sent,
             self.mask_version,
-            ", importance requested" if importance else "",
+            ", importance requested" if send else "",
         )
         return messages
 
@@ -315,9 +466,9 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        all_nodes = list(grid.get_node_ids())
-        sample_size = max(int(len(all_nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
-        node_ids, _ = sample_nodes(grid, sample_size, self.node_wait_s)
+        population = self.sampler.population(grid, server_round, 1, self._count(server_round))
+        sample_size = fraction_size(self.fraction_evaluate, len(population))
+        node_ids = self.sampler.draw(population, server_round, sample_size, EVALUATE)
         self._eval_nodes = set(node_ids)
         self._eval_version = self.mask_version
         return self._messages(
@@ -476,13 +627,18 @@ class SparseFedAvg(FedAvg):
             self.node_mask_version[reply.node_id] = self._sent_version
 
         self._average([(r.num_examples, r.values) for r in accepted])
-        importance, fixed_importance = None, 0.0
         if self._asked_importance:
-            importance = {k: torch.zeros_like(v) for k, v in accepted[0].importance.items()}
-            for r in accepted:
-                for k, g in r.importance.items():
-                    importance[k].add_(g)
-                fixed_importance += r.fixed_importance
+            self._gather_importance(accepted)
+        importance, fixed_importance = None, 0.0
+        if self.wants_importance(server_round) and server_round != self.num_rounds:
+            importance, fixed_importance = self.importance_sum, self.fixed_importance_sum
+            log(
+                INFO,
+                "round %d: importance summed over %d uploads",
+                server_round,
+                self.importance_rounds,
+            )
+            self.importance_sum, self.fixed_importance_sum, self.importance_rounds = None, 0.0, 0
         new_masks = self.update_mask(server_round, importance, fixed_importance)
         if new_masks is not None:
             stats.reconfigured = self._install_masks(server_round, new_masks)
@@ -498,6 +654,18 @@ class SparseFedAvg(FedAvg):
             }
         )
         return self.global_arrays(), metrics
+
+    def _gather_importance(self, accepted: list[TrainReply]) -> None:
+        """Add this round's importance (replies in their fixed order) to the sums."""
+        if self.importance_sum is None:
+            self.importance_sum = {
+                k: torch.zeros_like(v) for k, v in accepted[0].importance.items()
+            }
+        for r in accepted:
+            for k, g in r.importance.items():
+                self.importance_sum[k].add_(g)
+            self.fixed_importance_sum += r.fixed_importance
+        self.importance_rounds += 1
 
     def _accept_train_reply(self, server_round: int, msg: Message) -> TrainReply:
         """Decode one train reply; raise ValueError (or CodecError) saying what is wrong."""

@@ -45,6 +45,7 @@ HANDLERS = {
     "train": client_app.train,
     "evaluate": client_app.evaluate,
     f"query.{P.PROFILE_ACTION}": client_app.profile,
+    f"query.{P.IDENTIFY_ACTION}": client_app.identify,
 }
 
 

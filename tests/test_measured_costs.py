@@ -148,7 +148,7 @@ def test_a_bad_profile_reply_is_dropped_with_a_reason(measurements, caplog):
     def corrupt(messages):
         replies = fed.deliver(messages)
         for reply in replies:
-            if reply.metadata.src_node_id == 101:
+            if reply.metadata.src_node_id == 101 and P.PROFILE in reply.content:
                 reply.content[P.PROFILE]["fixed_s"] = float("nan")
         return replies
 
