@@ -86,14 +86,23 @@ def inference_summary(
 class RunRecorder:
     """Collects one row per round and writes the run's files under `out_dir`."""
 
-    def __init__(self, out_dir: Path, t0: float | None = None) -> None:
+    def __init__(
+        self, out_dir: Path, t0: float | None = None, rows: list[dict[str, Any]] | None = None
+    ) -> None:
+        """`rows`: the rounds of a resumed run so far; they are written again, and wall
+        time goes on from the last of them (the time the run was down is not counted)."""
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.t0 = time.time() if t0 is None else t0
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = [dict(r) for r in rows or []]
+        if self.rows:
+            self.t0 = time.time() - float(self.rows[-1]["wall_time_s"])
         self._csv = (out_dir / "metrics.csv").open("w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         self._writer.writeheader()
+        for row in self.rows:
+            self._writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        self._csv.flush()
 
     def add(self, row: dict[str, Any]) -> None:
         row = {**row, "wall_time_s": round(time.time() - self.t0, 3)}

@@ -6,6 +6,9 @@ main(grid, context)
   3. phase 1: train and prune on the server's share (unless disabled);
   4. phase 2: `PruneFL.start`, evaluating the global model on the test split each round;
   5. write metrics.csv, summary.json, the final model, its mask and a plot.
+
+After round 0 and every round, the server writes `checkpoint.pt` into the run's folder; a
+run started with `resume=<that folder>` goes on from it (see `resume_run`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedprune import protocol as P
+from fedprune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
 from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
@@ -38,6 +42,11 @@ from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
 
+CHECKPOINT = "checkpoint.pt"  # after the last finished round
+# After the last round that a new run can replay exactly: in the paper's accumulate-on-node
+# mode, nodes hold importance between reconfigurations that a restarted run cannot get back.
+RESTART_CHECKPOINT = "checkpoint-restart.pt"
+
 
 def load_settings(context: Context) -> Settings:
     try:
@@ -52,6 +61,74 @@ def run_name(settings: Settings) -> str:
         settings.run_name
         or f"{time.strftime('%Y%m%d-%H%M%S')}-{settings.model}-seed{settings.seed}"
     )
+
+
+def resume_run(settings: Settings) -> tuple[Settings, dict, Path]:
+    """(the run's settings, the checkpoint state to go on from, the run folder) for
+    `resume` = a run folder (or a checkpoint file in it).
+
+    This run's config must be the resumed run's (plus `resume`): the nodes train by it.
+    If the latest checkpoint needs importance
+    that the nodes held (lost with the old run), the run goes on from the restart
+    checkpoint instead and replays the rounds after it, which gives the same result.
+    """
+    path = Path(settings.resume)
+    folder, latest = (path, path / CHECKPOINT) if path.is_dir() else (path.parent, path)
+    try:
+        state = load_checkpoint(latest)
+        if state["strategy"]["nodes_hold_importance"]:
+            restart = load_checkpoint(folder / RESTART_CHECKPOINT)
+            log(
+                WARNING,
+                "[fedprune] resume: after round %d the nodes held importance not yet sent, "
+                "which the old run took with it; going on from round %d, the last round "
+                "after which they held none (rounds %d to %d run again, with the same result)",
+                state["round"],
+                restart["round"],
+                restart["round"] + 1,
+                state["round"],
+            )
+            state = restart
+        saved = Settings.from_run_config(state["settings"])
+    except (CheckpointError, KeyError, TypeError, SettingsError) as exc:
+        message = f"setting 'resume' = {settings.resume!r}: cannot resume: {exc}"
+        log(ERROR, "[fedprune] %s", message)
+        raise SettingsError(message) from exc
+    # The nodes read the run config, not the checkpoint: it must be the run's.
+    given, kept = settings.to_run_config(), saved.to_run_config()
+    changed = [
+        f"{k} = {given[k]!r} (the run had {kept[k]!r})"
+        for k in kept
+        if k != "resume" and given[k] != kept[k]
+    ]
+    if changed:
+        message = (
+            f"setting 'resume' = {settings.resume!r}: the run config differs from the run "
+            f"being resumed in: {'; '.join(changed)}. Resume with the run's own --run-config "
+            "plus resume=..."
+        )
+        log(ERROR, "[fedprune] %s", message)
+        raise SettingsError(message)
+    log(INFO, "[fedprune] resuming %s after round %d", folder, state["round"])
+    return saved, state, folder
+
+
+def rng_state() -> dict:
+    """The server's random generators, in types a weights-only checkpoint can hold."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
 def run_initial_pruning(settings: Settings, model, profile, server_data) -> tuple[Masks, dict]:
@@ -231,6 +308,9 @@ def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
 def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
     settings = load_settings(context)
+    resumed, out_dir = None, None
+    if settings.resume:
+        settings, resumed, out_dir = resume_run(settings)
     # The server computes while the clients wait (initial pruning, aggregation, test
     # evaluation): it may use every core.
     torch.set_num_threads(os.cpu_count() or 1)
@@ -244,7 +324,7 @@ def main(grid: Grid, context: Context) -> None:
     profile = base_profile(settings, prunable_names(model))
     spec = settings.data_spec()
     server_data, test_data = server_share(spec), heldout_split(spec)
-    out_dir = Path(settings.output_dir).resolve() / run_name(settings)
+    out_dir = (out_dir or Path(settings.output_dir) / run_name(settings)).resolve()
     log(
         INFO,
         "[fedprune] %s with %s parameters; server share %d, test split %d; output %s",
@@ -255,11 +335,35 @@ def main(grid: Grid, context: Context) -> None:
         out_dir,
     )
 
-    params, masks, phase1_info = starting_point(settings, model, profile, server_data)
-    strategy = build_strategy(settings, params, masks, profile)
-    recorder = RunRecorder(out_dir, t0=t0)
+    if resumed is None:
+        params, masks, phase1_info = starting_point(settings, model, profile, server_data)
+        strategy = build_strategy(settings, params, masks, profile)
+    else:
+        phase1_info = resumed["initial_pruning"]
+        saved = resumed["strategy"]
+        strategy = build_strategy(settings, saved["params"], saved["masks"], profile)
+        strategy.load_state_dict(saved)
+        set_rng_state(resumed["rng"])
+    recorder = RunRecorder(out_dir, t0=t0, rows=resumed["rows"] if resumed else None)
     eval_model = build_model(settings.model, num_classes, input_shape=input_shape)
-    sim_time = 0.0
+    sim_time = resumed["sim_time"] if resumed else 0.0
+
+    def write_checkpoint(server_round: int) -> None:
+        """Everything needed to go on after `server_round` (see fedprune.checkpoint)."""
+        if not settings.checkpoint:
+            return
+        state = {
+            "round": server_round,
+            "strategy": strategy.state_dict(),
+            "rows": recorder.rows,
+            "sim_time": sim_time,
+            "settings": settings.to_run_config(),
+            "initial_pruning": phase1_info,
+            "rng": rng_state(),
+        }
+        save_checkpoint(out_dir / CHECKPOINT, state)
+        if not strategy.nodes_hold_importance:
+            copy_checkpoint(out_dir / CHECKPOINT, out_dir / RESTART_CHECKPOINT)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal sim_time
@@ -285,6 +389,8 @@ def main(grid: Grid, context: Context) -> None:
                 "reconfigured": int(stats.reconfigured) if stats else 0,
             }
         )
+        if server_round == 0:
+            write_checkpoint(0)
         return MetricRecord({"accuracy": accuracy, "loss": loss, "density": strategy.density()})
 
     strategy.start(
@@ -294,6 +400,8 @@ def main(grid: Grid, context: Context) -> None:
         timeout=settings.round_timeout_s,
         train_config=ConfigRecord({P.LEARNING_RATE: settings.learning_rate}),
         evaluate_fn=evaluate_global,
+        first_round=resumed["round"] + 1 if resumed else 0,
+        on_round_end=write_checkpoint,
     )
     recorder.finish(
         strategy.masked_params(),
@@ -310,6 +418,8 @@ def main(grid: Grid, context: Context) -> None:
                 settings.num_server_rounds, settings.delta_initial, settings.delta_half_life
             ),
             "mask_version": strategy.mask_version,
+            "importance_upload": strategy.upload_mode,
+            "resumed_after_round": resumed["round"] if resumed else None,
             "parameters": count_parameters(model),
         },
     )

@@ -262,12 +262,13 @@ class SparseFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
-        first_round: int = 1,
+        first_round: int = 0,
         on_round_end: Callable[[int], None] | None = None,
     ) -> Result:
         """Flower's round loop, plus two things a long run needs: start at `first_round`
-        (a resumed run; round 0's evaluation is then skipped, it was recorded before) and
-        call `on_round_end(round)` once a round is fully done (to write a checkpoint)."""
+        (0: evaluate the initial model, then train from round 1; a resumed run gives the
+        round after its checkpoint) and call `on_round_end(round)` once a round is fully
+        done (to write a checkpoint)."""
         self.num_rounds = num_rounds  # importance asked for in the last round would go unused
         log(
             INFO,
@@ -280,9 +281,9 @@ class SparseFedAvg(FedAvg):
         train_config = train_config if train_config is not None else ConfigRecord()
         evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
         result, arrays = Result(), initial_arrays
-        if evaluate_fn is not None and first_round == 1 and (res := evaluate_fn(0, arrays)):
+        if evaluate_fn is not None and first_round == 0 and (res := evaluate_fn(0, arrays)):
             result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(first_round, num_rounds + 1):
+        for server_round in range(max(first_round, 1), num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
             replies = grid.send_and_receive(
