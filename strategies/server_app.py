@@ -420,6 +420,7 @@ def main(grid: Grid, context: Context) -> None:
             "mask_version": strategy.mask_version,
             "importance_upload": strategy.upload_mode,
             "resumed_after_round": resumed["round"] if resumed else None,
+            "sampled_clients": {str(r): c for r, c in sorted(strategy.sampled_clients.items())},
             "parameters": count_parameters(model),
         },
     )

@@ -192,6 +192,7 @@ class SparseFedAvg(FedAvg):
         self.fixed_importance_sum = 0.0
         self.importance_rounds = 0
         self.nodes_hold_importance = False  # nodes keep importance not yet uploaded
+        self.sampled_clients: dict[int, list[int]] = {}  # round -> client ids that trained
         self.min_replies = min_replies
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
         self.masks = {k: m.clone() for k, m in masks.items()}
@@ -324,6 +325,7 @@ class SparseFedAvg(FedAvg):
             "importance_rounds": self.importance_rounds,
             "upload_mode": self.upload_mode or "",
             "nodes_hold_importance": self.nodes_hold_importance,
+            "sampled_clients": {r: list(c) for r, c in self.sampled_clients.items()},
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -345,6 +347,7 @@ class SparseFedAvg(FedAvg):
         self.importance_rounds = int(state["importance_rounds"])
         self.upload_mode = state["upload_mode"] or None
         self.nodes_hold_importance = bool(state["nodes_hold_importance"])
+        self.sampled_clients = {int(r): list(c) for r, c in state["sampled_clients"].items()}
         self.node_mask_version.clear()  # a new run: no node holds a mask yet
 
     # ------------------------------------------------------------------ sending
@@ -438,6 +441,7 @@ class SparseFedAvg(FedAvg):
         )
         node_ids = self.sampler.draw(population, server_round, size, TRAIN)
         self._resolve_upload_mode(len(node_ids), len(population))
+        self.sampled_clients[server_round] = [self.sampler.client_ids[n] for n in node_ids]
         self._train_nodes = set(node_ids)
         if self.measure_costs:
             self._query_profiles(server_round, node_ids, grid)

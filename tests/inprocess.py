@@ -55,11 +55,12 @@ class Federation:
 
     settings: Settings
     num_nodes: int
+    first_node_id: int = 100  # Flower's node ids are arbitrary; partition ids are 0..n-1
     contexts: dict[int, Context] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i in range(self.num_nodes):
-            node_id = 100 + i
+            node_id = self.first_node_id + i
             self.contexts[node_id] = Context(
                 run_id=1,
                 node_id=node_id,

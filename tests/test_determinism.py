@@ -1,6 +1,8 @@
-"""Same seed and settings, same metrics: two real simulations with every node sampled."""
+"""Same seed and settings, same metrics: two real simulations that sample 2 of 4 nodes
+per round. Flower gives the nodes new ids in every run; the sample follows the seed."""
 
 import csv
+import json
 
 from experiments.local_run import local_superlink
 from strategies.results import COLUMNS as RESULT_COLUMNS
@@ -10,17 +12,20 @@ COLUMNS = [c for c in RESULT_COLUMNS if c != "wall_time_s"]
 
 
 def test_two_runs_with_the_same_seed_give_the_same_metrics(tmp_path):
-    tables = []
+    tables, sampled = [], []
     with local_superlink(tmp_path / "flwr-home") as link:
         for name in ("a", "b"):
             run_config = (
                 "model='small-cnn' cost-profile='paper-uniform' num-server-rounds=3 "
-                "clients-per-round=3 ip-max-iterations=60 ip-interval=20 reconfig-interval=2 "
+                "clients-per-round=2 ip-max-iterations=60 ip-interval=20 reconfig-interval=2 "
                 f"seed=7 output-dir='{tmp_path}' run-name='{name}'"
             )
-            done = link.run(run_config, num_supernodes=3, timeout_s=300, capture=True)
+            done = link.run(run_config, num_supernodes=4, timeout_s=300, capture=True)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
             rows = list(csv.DictReader((tmp_path / name / "metrics.csv").open()))
             tables.append([[row[c] for c in COLUMNS] for row in rows])
+            summary = json.loads((tmp_path / name / "summary.json").read_text())
+            sampled.append(summary["sampled_clients"])
     assert len(tables[0]) == 4
     assert tables[0] == tables[1]
+    assert sampled[0] == sampled[1] and len(sampled[0]["1"]) == 2

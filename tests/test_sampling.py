@@ -1,0 +1,160 @@
+"""Partial participation: which nodes train is replayable from the seed, importance comes
+from the sampled nodes' replies, and nodes keep no importance they will not upload."""
+
+import logging
+
+import pytest
+import torch
+from flwr.app import ConfigRecord
+
+from fedprune import protocol as P
+from fedprune.codec import decode_update
+from fedprune.costs import named_profile
+from fedprune.settings import Settings, SettingsError
+from strategies.node_sampling import NodeSampler
+from strategies.prunefl import PruneFL
+from tests.inprocess import FakeGrid, Federation, small_cnn_start
+
+SETTINGS = Settings(model="small-cnn", cost_profile="paper-uniform", local_steps=2, batch_size=10)
+CONFIG = ConfigRecord({P.LEARNING_RATE: 0.1})
+
+
+def make_strategy(clients=3, seed=0, **kw):
+    params, masks, names = small_cnn_start(0.5)
+    return PruneFL(
+        params=params,
+        masks=masks,
+        profile=named_profile("paper-uniform", names),
+        clients_per_round=clients,
+        seed=seed,
+        **kw,
+    )
+
+
+def samples(fed, seed, rounds=range(1, 9), clients=3):
+    strategy = make_strategy(clients, seed)
+    out = {}
+    for r in rounds:
+        strategy.configure_train(r, None, CONFIG, fed.grid)
+        out[r] = strategy.sampled_clients[r]
+    return out
+
+
+def test_the_sample_follows_seed_and_round_not_node_ids():
+    a = samples(Federation(SETTINGS, 20, first_node_id=100), seed=1)
+    b = samples(Federation(SETTINGS, 20, first_node_id=987_654), seed=1)
+    c = samples(Federation(SETTINGS, 20, first_node_id=100), seed=2)
+    assert a == b  # other node ids, same clients
+    assert a != c  # another seed, other clients
+    assert len({tuple(v) for v in a.values()}) > 1  # rounds differ
+    assert all(len(v) == 3 == len(set(v)) and v == sorted(v) for v in a.values())
+
+
+def test_a_round_sample_does_not_depend_on_earlier_rounds():
+    """A resumed run draws round 5 without having drawn rounds 1-4."""
+    fed = Federation(SETTINGS, 20)
+    assert samples(fed, 1, rounds=[5])[5] == samples(fed, 1)[5]
+
+
+def test_every_client_gets_its_turn():
+    counts = torch.zeros(20)
+    for clients in samples(Federation(SETTINGS, 20), 0, rounds=range(1, 201)).values():
+        counts[clients] += 1
+    assert counts.min() > 0.5 * counts.mean() and counts.max() < 1.5 * counts.mean()
+
+
+def test_nodes_are_identified_once():
+    fed = Federation(SETTINGS, 6)
+    grid = FakeGrid(list(fed.contexts), fed.deliver)
+    strategy = make_strategy(2)
+    for r in (1, 2, 3):
+        strategy.configure_train(r, None, CONFIG, grid)
+    identify = [m for m in grid.sent if m.metadata.message_type == "query.identify"]
+    assert sorted(m.metadata.dst_node_id for m in identify) == sorted(fed.contexts)
+    assert strategy.sampler.client_ids == {n: n - 100 for n in fed.contexts}
+
+
+def test_the_federation_size_comes_from_the_nodes_and_missing_nodes_fail_clearly():
+    fed = Federation(SETTINGS, 5)
+    grid = FakeGrid(list(fed.contexts)[:3], fed.deliver)  # 2 of 5 never connect
+    strategy = make_strategy(2, node_wait_s=0.5)
+    with pytest.raises(RuntimeError, match="num-supernodes=5"):
+        strategy.configure_train(1, None, CONFIG, grid)
+
+
+def test_fraction_train_samples_a_share_of_the_federation():
+    fed = Federation(SETTINGS, 10)
+    strategy = make_strategy(1, fraction_train=0.3)
+    messages = list(strategy.configure_train(1, None, CONFIG, fed.grid))
+    assert len(messages) == 3
+    assert Settings(fraction_train=0.3).sample_size(10) == 3
+    with pytest.raises(SettingsError, match="clients-per-round"):
+        Settings(num_clients=5, clients_per_round=6)
+
+
+def test_accumulating_on_nodes_with_sampling_is_refused():
+    fed = Federation(SETTINGS, 4)
+    strategy = make_strategy(2, importance_upload="reconfig", reconfig_interval=2)
+    with pytest.raises(RuntimeError, match="every-round"):
+        strategy.configure_train(1, None, CONFIG, fed.grid)
+
+
+def test_with_sampling_importance_is_the_sum_of_the_sampled_replies(caplog):
+    """2 of 6 nodes per round, reconfiguration every 3 rounds: the solver gets the sum of
+    the importance each sampled node uploaded in rounds 1 to 3 (each already weighted by
+    its samples), and no node keeps any."""
+    fed = Federation(SETTINGS, 6)
+    strategy = make_strategy(2, reconfig_interval=3)
+    strategy.num_rounds = 10
+    seen = {}
+    real_update = strategy.update_mask
+
+    def spy(server_round, importance, fixed):
+        if importance is not None:
+            seen[server_round] = {k: v.clone() for k, v in importance.items()}, fixed
+        return real_update(server_round, importance, fixed)
+
+    strategy.update_mask = spy
+    expected, fixed_expected, uploaders = None, 0.0, []
+    for r in (1, 2, 3):
+        messages = list(strategy.configure_train(r, None, CONFIG, fed.grid))
+        assert all(m.content[P.CONFIG][P.SEND_IMPORTANCE] for m in messages)
+        assert not any(m.content[P.CONFIG][P.ACCUMULATE_IMPORTANCE] for m in messages)
+        replies = fed.deliver(messages)
+        for reply in sorted(replies, key=lambda m: m.content[P.METRICS][P.PARTITION_ID]):
+            arrays = {k: reply.content[P.ARRAYS][k].numpy() for k in reply.content[P.ARRAYS]}
+            _, g = decode_update(arrays, strategy.shapes, strategy.masks, expect_importance=True)
+            expected = g if expected is None else {k: expected[k] + g[k] for k in g}
+            fixed_expected += reply.content[P.METRICS][P.FIXED_IMPORTANCE]
+            uploaders.append(reply.content[P.METRICS][P.PARTITION_ID])
+        with caplog.at_level(logging.INFO):
+            strategy.aggregate_train(r, replies)
+    assert strategy.upload_mode == "every-round"
+    assert len(set(uploaders)) > 2  # more nodes than one round's sample contributed
+    importance, fixed = seen[3]
+    for k in expected:
+        torch.testing.assert_close(importance[k], expected[k], rtol=1e-6, atol=0)
+    assert fixed == pytest.approx(fixed_expected)
+    assert "importance summed over 3 uploads" in caplog.text
+    assert strategy.importance_sum is None  # used, then cleared
+    assert not any(P.STATE_IMPORTANCE in c.state for c in fed.contexts.values())
+
+
+def test_nodes_keep_no_importance_when_no_method_uses_it():
+    fed = Federation(SETTINGS, 3)
+    strategy = make_strategy(3, reconfig_interval=0)  # never reconfigures
+    for r in (1, 2):
+        messages = list(strategy.configure_train(r, None, CONFIG, fed.grid))
+        strategy.aggregate_train(r, fed.deliver(messages))
+    assert not any(P.STATE_IMPORTANCE in c.state for c in fed.contexts.values())
+
+
+def test_a_node_without_partition_id_is_sampled_by_node_id_with_a_warning(caplog):
+    fed = Federation(SETTINGS, 2)
+    for ctx in fed.contexts.values():
+        ctx.node_config.pop("partition-id")
+    sampler = NodeSampler(seed=0, num_clients=2)
+    with caplog.at_level(logging.WARNING):
+        population = sampler.population(fed.grid, 1, 2, lambda *a: None)
+    assert population == {100: 100, 101: 101}
+    assert "changes between runs" in caplog.text
