@@ -158,3 +158,23 @@ def test_a_node_without_partition_id_is_sampled_by_node_id_with_a_warning(caplog
         population = sampler.population(fed.grid, 1, 2, lambda *a: None)
     assert population == {100: 100, 101: 101}
     assert "changes between runs" in caplog.text
+
+
+def test_server_keeps_a_small_record_per_node_that_took_part():
+    fed = Federation(SETTINGS, 60)
+    strategy = make_strategy(3, reconfig_interval=2)
+    strategy.num_rounds = 10
+    trained = set()
+    for r in range(1, 6):
+        messages = list(strategy.configure_train(r, None, CONFIG, fed.grid))
+        trained |= {m.metadata.dst_node_id for m in messages}
+        strategy.aggregate_train(r, fed.deliver(messages))
+    assert len(trained) < 60
+    assert set(strategy.node_mask_version) <= trained  # one int per node that trained
+    assert all(isinstance(v, int) for v in strategy.node_mask_version.values())
+    assert len(strategy.sampler.client_ids) == 60  # one int per node that answered
+    assert strategy.importance_sum is None or set(strategy.importance_sum) <= set(
+        strategy.params
+    )  # sums over layers, not per node
+    per_round = [len(s.per_node_bytes) for s in strategy.stats.values()]
+    assert max(per_round) <= 60 and all(n <= 60 for n in per_round)
