@@ -104,11 +104,14 @@ class LocalSuperLink:
         timeout_s: float | None = None,
         capture: bool = False,
         stdout=None,
+        federation_config: str = "",
     ) -> subprocess.CompletedProcess:
         """`flwr run <project> --stream` against this SuperLink; returns when the run ends.
 
         With `capture` the output comes back in the result; with `stdout` (a file) it goes
         there, stderr included; otherwise it goes to this process's output.
+        `federation_config` adds further `--federation-config` keys, e.g.
+        "init-args-logging-level='INFO'".
         """
         cmd = [
             sys.executable,
@@ -118,7 +121,8 @@ class LocalSuperLink:
             str(project_dir),
             "--stream",
             "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+            + (f" {federation_config}" if federation_config else ""),
         ]
         if run_config:
             cmd += ["--run-config", run_config]
@@ -140,9 +144,15 @@ class LocalSuperLink:
 
 @contextlib.contextmanager
 def local_superlink(
-    flwr_home: Path | None = None, startup_timeout_s: float = 60.0
+    flwr_home: Path | None = None,
+    startup_timeout_s: float = 60.0,
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[LocalSuperLink]:
-    """Start a simulation SuperLink in a private FLWR_HOME; stop it and its children on exit."""
+    """Start a simulation SuperLink in a private FLWR_HOME; stop it and its children on exit.
+
+    `extra_env` goes into the SuperLink's environment (and so into the simulation it
+    starts), e.g. {"RAY_ADDRESS": "HOST:PORT"} to run on an existing Ray cluster.
+    """
     with contextlib.ExitStack() as stack:
         if flwr_home is None:
             flwr_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-")))
@@ -154,6 +164,7 @@ def local_superlink(
             "FLWR_HOME": str(flwr_home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+            **(extra_env or {}),
         }
         log_file = flwr_home / "superlink.log"
         cmd = [
