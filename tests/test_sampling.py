@@ -178,3 +178,11 @@ def test_server_keeps_a_small_record_per_node_that_took_part():
     )  # sums over layers, not per node
     per_round = [len(s.per_node_bytes) for s in strategy.stats.values()]
     assert max(per_round) <= 60 and all(n <= 60 for n in per_round)
+
+
+def test_a_split_that_cannot_give_every_client_data_stops_the_run_clearly():
+    from strategies.server_app import check_partitions
+
+    check_partitions(Settings(), 1000)  # the 3,500 training digits: 3 or 4 per client
+    with pytest.raises(SettingsError, match="cannot split the mnist data among 1000 clients"):
+        check_partitions(Settings(partitioner="dirichlet"), 1000)
