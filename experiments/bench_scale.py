@@ -1,6 +1,6 @@
 """Scale: many virtual clients with few sampled, and what sparse messages save in Flower.
 
-    python -m experiments.bench_scale [--rounds 20] [--density-rounds 8]
+    python -m experiments.bench_scale [--rounds 20] [--density-rounds 8] [--repeats 2]
                                       [--out experiments/results/bench_scale.md]
 
 Every arm is a real `flwr run` on Flower's Simulation Engine (a private SuperLink this
@@ -22,6 +22,8 @@ script starts and stops by pid), one after the other on this machine:
    shows as the messages shrink.
 
 Wall times per round come from each run's metrics.csv (wall_time_s at each round's end).
+With `--repeats N` each group's arms run N times, interleaved (A B C A B C), so load from
+other processes hits them alike; the table gives each arm's median over its runs.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--density-rounds", type=int, default=8)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--only", choices=("clients", "densities"), default=None)
+    parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
     info = {**machine(), "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
     base = f"num-server-rounds={args.rounds} clients-per-round=10"
@@ -149,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         for group, group_arms in arms.items():
             if args.only and group != args.only:
                 continue
-            results[group] = []
-            for name, nodes, config in group_arms:
-                print(f"[bench_scale] {name} ...", flush=True)
-                row = run_arm(name, nodes, config, Path(tmp))
-                print(f"[bench_scale] {json.dumps(row)}", flush=True)
-                results[group].append(row)
+            runs: dict[str, list[dict]] = {name: [] for name, _, _ in group_arms}
+            for k in range(args.repeats):
+                for name, nodes, config in group_arms:
+                    print(f"[bench_scale] {name} (run {k + 1}) ...", flush=True)
+                    row = run_arm(f"{name}-run{k + 1}", nodes, config, Path(tmp))
+                    row["arm"] = name
+                    print(f"[bench_scale] {json.dumps(row)}", flush=True)
+                    runs[name].append(row)
+            results[group] = [median_row(rows) for rows in runs.values()]
+            results[f"{group}_runs"] = [row for rows in runs.values() for row in rows]
     info["load_average_1m_after"] = os.getloadavg()[0]
     text = report(results, info, args)
     print(text)
@@ -164,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def median_row(rows: list[dict]) -> dict:
+    """One arm over its runs: the median of every number, the rest from the first run."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, float):
+            out[key] = statistics.median(r[key] for r in rows)
+    out["runs"] = len(rows)
+    return out
+
+
 def report(results: dict, info: dict, args) -> str:
     lines = [
         "# bench_scale",
         "",
         f"`python -m experiments.bench_scale --rounds {args.rounds} "
-        f"--density-rounds {args.density_rounds}`, {info['date']}, {info['processor']}, "
+        f"--density-rounds {args.density_rounds} --repeats {args.repeats}`, {info['date']}, "
+        f"{info['processor']}, "
         f"{info['cpu_count']} CPUs, torch {info['torch']}; load average "
         f"{info['load_average_1m_before']:.2f} before, {info['load_average_1m_after']:.2f} after.",
         "",
