@@ -19,7 +19,7 @@ from fedprune.data import INPUT_SHAPE, NUM_CLASSES, client_partition, load_folde
 from fedprune.masks import Masks
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profiler import csr_max_densities, profile_device
-from fedprune.settings import Settings
+from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import train_sparse
 from fedprune.training import evaluate as evaluate_model
 from fedprune.training import train_masked
@@ -110,6 +110,10 @@ def train(msg: Message, context: Context) -> Message:
     data = _local_data(settings, context)
     server_round = int(config[P.SERVER_ROUND])
     partition_id = int(context.node_config.get("partition-id", 0))  # seeds batches only
+    if partition_id in parse_ids(settings.simulate_failures):
+        # Fault injection: this device "crashes" in training; Flower turns the exception
+        # into an error reply, which the server must drop without stopping the run.
+        raise RuntimeError(f"simulated failure of partition {partition_id} (simulate-failures)")
     generator = torch.Generator().manual_seed(
         settings.seed * 1_000_003 + server_round * 7919 + partition_id
     )

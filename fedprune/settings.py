@@ -74,6 +74,24 @@ def _factors_ok(text: str) -> bool:
     return True
 
 
+def parse_ids(text: str) -> set[int]:
+    """Comma-separated non-negative integers ("0, 3") as a set; "" gives an empty set."""
+    if not text.strip():
+        return set()
+    ids = {int(part) for part in text.split(",")}
+    if any(i < 0 for i in ids):
+        raise ValueError(f"negative id in {text!r}")
+    return ids
+
+
+def _ids_ok(text: str) -> bool:
+    try:
+        parse_ids(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of a run. Field `foo_bar` is run-config key `foo-bar`."""
@@ -127,6 +145,9 @@ class Settings:
         "",
         _factors_ok,
         "comma-separated positive bytes per second (empty: all bandwidth-bytes-per-s)",
+    )
+    simulate_failures: str = _opt(
+        "", _ids_ok, "comma-separated partition ids whose training raises (empty: none)"
     )
     # --- the method (prunefl, or a baseline of the paper's comparison)
     method: str = _opt("prunefl", *_in(METHODS))

@@ -40,3 +40,19 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     for name, mask in masks.items():
         assert torch.all(model[name][~mask] == 0)
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_a_client_that_raises_does_not_stop_the_run(tmp_path):
+    run_config = (
+        "model='small-cnn' cost-profile='paper-uniform' num-server-rounds=2 "
+        "clients-per-round=3 ip-max-iterations=40 ip-interval=20 simulate-failures='1' "
+        f"output-dir='{tmp_path}' run-name='faulty'"
+    )
+    with local_superlink(tmp_path / "flwr-home") as link:
+        done = link.run(run_config, num_supernodes=3, timeout_s=300, capture=True)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    rows = list(csv.DictReader((tmp_path / "faulty" / "metrics.csv").open()))
+    assert [(int(r["replies"]), int(r["dropped"])) for r in rows[1:]] == [(2, 1), (2, 1)]
+    assert "simulated failure of partition 1" in log
+    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]) - 0.05
