@@ -7,14 +7,23 @@
 link), `fixed_s` everything that does not scale with the mask. PruneFL's solver uses
 t_l = compute_l + comm_s_per_param as the cost of keeping one parameter of layer l.
 
-A profile is plain data, so a measured one (per device, later) drops in where the paper's
-constants are used today.
+That linear model holds while every layer trains in one format. A measured profile also
+knows, per layer, the format the device trains it in at each density (`LayerCost`): a
+fully connected layer trains in CSR up to a measured crossover density and masked dense
+above it, and the two cost differently (CSR: a small fixed cost plus a time per kept
+parameter; masked dense: about the same at every density). `compute_time_s`, the modelled
+time, follows those pieces; the solver keeps the linear model of the sparse regime,
+which is where a pruned model lives (`compute_l` is the slope of the format a layer trains
+in at low density, `fixed_s` the round at zero kept parameters in those formats).
+
+A profile is plain data, so a measured one drops in where the paper's constants are used.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 # The paper's Raspberry Pi measurements for Conv-2 on FEMNIST, K = 5 (prunefl.md).
 PAPER_CONV2_COMPUTE_S_PER_PARAM = (0.0, 7.1e-6, 1.93e-7, 1.78e-7)  # conv1, conv2, fc1, fc2
@@ -31,13 +40,88 @@ BYTES_PER_VALUE_ROUND_TRIP = 8  # one float32 down plus one float32 up
 
 
 @dataclass(frozen=True)
+class LayerCost:
+    """What one prunable layer costs a round of local training, by the format it trains in.
+
+    The layer trains in CSR while its density (kept / numel) is at most `csr_max_density`
+    (as `fedprune.sparse.train_sparse` decides with the profiler's crossovers), in masked
+    dense above it; `csr_max_density` 0 means never in CSR (convolutions, layers where
+    CSR never wins). Each format costs `*_fixed_s + *_s_per_param * kept` seconds per
+    round (K steps): for masked dense the slope is about 0, the whole dense layer is
+    computed whatever the mask.
+    """
+
+    numel: int
+    dense_s_per_param: float
+    dense_fixed_s: float
+    csr_max_density: float = 0.0
+    csr_s_per_param: float = 0.0
+    csr_fixed_s: float = 0.0
+
+    def format_at(self, kept: int) -> str:
+        """ "csr" or "dense": the format the layer trains in with `kept` parameters."""
+        in_csr = self.csr_max_density > 0 and kept <= self.csr_max_density * self.numel
+        return "csr" if in_csr else "dense"
+
+    def seconds(self, kept: int) -> float:
+        """Seconds this layer adds to a round with `kept` parameters, in its format then."""
+        if self.format_at(kept) == "csr":
+            return self.csr_fixed_s + self.csr_s_per_param * kept
+        return self.dense_fixed_s + self.dense_s_per_param * kept
+
+    def scaled(self, factor: float) -> LayerCost:
+        """The same layer on a device `factor` times slower (the crossover unchanged)."""
+        return replace(
+            self,
+            dense_s_per_param=self.dense_s_per_param * factor,
+            dense_fixed_s=self.dense_fixed_s * factor,
+            csr_s_per_param=self.csr_s_per_param * factor,
+            csr_fixed_s=self.csr_fixed_s * factor,
+        )
+
+    def values(self) -> tuple[float, ...]:
+        return (
+            self.dense_s_per_param,
+            self.dense_fixed_s,
+            self.csr_max_density,
+            self.csr_s_per_param,
+            self.csr_fixed_s,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "numel": self.numel,
+            "dense_s_per_param": self.dense_s_per_param,
+            "dense_fixed_s": self.dense_fixed_s,
+            "csr_max_density": self.csr_max_density,
+            "csr_s_per_param": self.csr_s_per_param,
+            "csr_fixed_s": self.csr_fixed_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> LayerCost:
+        return cls(
+            numel=int(d["numel"]),
+            dense_s_per_param=float(d["dense_s_per_param"]),
+            dense_fixed_s=float(d["dense_fixed_s"]),
+            csr_max_density=float(d.get("csr_max_density", 0.0)),
+            csr_s_per_param=float(d.get("csr_s_per_param", 0.0)),
+            csr_fixed_s=float(d.get("csr_fixed_s", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
 class CostProfile:
     """Per-layer cost of a kept parameter on the (slowest) device, in seconds.
 
     compute_s_per_param: prunable weight name -> seconds per kept parameter for one round
         of local training (K steps).
     comm_s_per_param: seconds to move one float32 value down and one up.
-    fixed_s: seconds per round that do not depend on the mask.
+    fixed_s: seconds per round that do not depend on the mask (with `layer_costs`: the
+        round at zero kept parameters, each layer in its low-density format).
+    layer_costs: prunable weight name -> its per-format cost (`LayerCost`), for the layers
+        a device profile measured; `compute_time_s` then follows the format the layer
+        trains in at its density. Empty (the paper's profiles): linear in kept parameters.
     """
 
     name: str
@@ -45,6 +129,7 @@ class CostProfile:
     comm_s_per_param: float
     fixed_s: float
     source: str = field(default="", compare=False)
+    layer_costs: Mapping[str, LayerCost] = field(default_factory=dict)
 
     def time_per_param(self) -> dict[str, float]:
         """t_l of the solver: compute plus communication per kept parameter, seconds."""
@@ -55,8 +140,49 @@ class CostProfile:
         return self.fixed_s + never_pruned_params * self.comm_s_per_param
 
     def compute_time_s(self, kept: Mapping[str, int]) -> float:
-        """Fixed cost plus K local steps of compute for the kept parameters, seconds."""
-        return self.fixed_s + sum(kept[k] * t for k, t in self.compute_s_per_param.items())
+        """Fixed cost plus K local steps of compute for the kept parameters, seconds.
+
+        A layer with a `LayerCost` adds what it costs in the format it trains in at that
+        density beyond its cost at zero kept (which `fixed_s` holds); one without adds
+        its linear `compute_s_per_param` share. In the low-density format the two agree.
+        """
+        total = self.fixed_s
+        for name, slope in self.compute_s_per_param.items():
+            layer = self.layer_costs.get(name)
+            if layer is None:
+                total += kept[name] * slope
+            else:
+                total += layer.seconds(kept[name]) - layer.seconds(0)
+        return total
+
+    def layer_formats(self, kept: Mapping[str, int]) -> dict[str, str]:
+        """Per layer with a `LayerCost`, the format it trains in with `kept` parameters."""
+        return {name: layer.format_at(kept[name]) for name, layer in self.layer_costs.items()}
+
+    def scaled(self, factor: float) -> CostProfile:
+        """The profile of a device `factor` times slower at compute (same link)."""
+        return replace(
+            self,
+            compute_s_per_param={k: v * factor for k, v in self.compute_s_per_param.items()},
+            fixed_s=self.fixed_s * factor,
+            layer_costs={k: v.scaled(factor) for k, v in self.layer_costs.items()},
+        )
+
+    def check(self) -> None:
+        """ValueError unless every cost is finite and >= 0 and the link is > 0, and the
+        layer costs (if any) are for the profile's layers."""
+        costs = [*self.compute_s_per_param.values(), self.fixed_s]
+        for layer in self.layer_costs.values():
+            costs += layer.values()
+        if not all(math.isfinite(v) and v >= 0 for v in costs):
+            raise ValueError("compute and fixed costs must be finite and >= 0")
+        if not (math.isfinite(self.comm_s_per_param) and self.comm_s_per_param > 0):
+            raise ValueError(f"comm_s_per_param = {self.comm_s_per_param!r} is not > 0")
+        if not set(self.layer_costs) <= set(self.compute_s_per_param):
+            raise ValueError(
+                f"layer costs for {sorted(set(self.layer_costs) - set(self.compute_s_per_param))}"
+                " which the profile does not have"
+            )
 
     def comm_time_s(self, bytes_moved: int) -> float:
         """Seconds to move `bytes_moved` bytes (down plus up) over the modelled link."""
@@ -73,6 +199,7 @@ class CostProfile:
             "comm_s_per_param": self.comm_s_per_param,
             "fixed_s": self.fixed_s,
             "source": self.source,
+            "layer_costs": {k: v.to_dict() for k, v in self.layer_costs.items()},
         }
 
     @classmethod
@@ -83,7 +210,51 @@ class CostProfile:
             comm_s_per_param=float(d["comm_s_per_param"]),
             fixed_s=float(d["fixed_s"]),
             source=str(d.get("source", "")),
+            layer_costs={
+                str(k): LayerCost.from_dict(v) for k, v in d.get("layer_costs", {}).items()
+            },
         )
+
+
+def slowest(profiles: Iterable[CostProfile], name: str = "measured") -> CostProfile:
+    """The element-wise slowest of some device profiles: per layer the largest compute
+    time per kept parameter, the largest fixed cost and the slowest link. A synchronous
+    round waits for its slowest node.
+
+    Layer costs are kept for the layers every profile has them for: each cost the largest,
+    and the CSR crossover the lowest (above it at least one node trains the layer masked
+    dense, whose cost is then at least what the nodes still in CSR pay, just below their
+    own crossover). For nodes that differ only by a speed factor (the simulation's
+    heterogeneity) this is exactly the slowest node's profile; for different devices an
+    upper bound on each layer's cost.
+    """
+    profiles = list(profiles)
+    if not profiles:
+        raise ValueError("no profiles to take the slowest of")
+    layer_costs = {}
+    for k in profiles[0].layer_costs:
+        costs = [p.layer_costs.get(k) for p in profiles]
+        if any(c is None for c in costs):
+            continue
+        layer_costs[k] = LayerCost(
+            numel=costs[0].numel,
+            dense_s_per_param=max(c.dense_s_per_param for c in costs),
+            dense_fixed_s=max(c.dense_fixed_s for c in costs),
+            csr_max_density=min(c.csr_max_density for c in costs),
+            csr_s_per_param=max(c.csr_s_per_param for c in costs),
+            csr_fixed_s=max(c.csr_fixed_s for c in costs),
+        )
+    return CostProfile(
+        name=name,
+        compute_s_per_param={
+            k: max(p.compute_s_per_param[k] for p in profiles)
+            for k in profiles[0].compute_s_per_param
+        },
+        comm_s_per_param=max(p.comm_s_per_param for p in profiles),
+        fixed_s=max(p.fixed_s for p in profiles),
+        source=f"element-wise slowest of {len(profiles)} measured node profiles",
+        layer_costs=layer_costs,
+    )
 
 
 def paper_conv2(prunable: Sequence[str]) -> CostProfile:

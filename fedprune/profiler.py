@@ -11,14 +11,19 @@ squares (slope and intercept kept non-negative) through the fastest of a few rou
 density. It reports which format was fastest at each density and, per Linear layer, the
 density below which CSR is the faster one (interpolated between measured densities).
 
-The cost profile (`fedprune.costs.CostProfile`) takes, per layer, the format that is fastest
-at the lowest measured density (where a pruned model lives): its slope is the layer's
-compute time per kept parameter. The fixed cost comes from whole-model rounds of
-`train_sparse` at one density: their time minus the slopes' share, which covers pooling,
-activations, the loss and the per-layer intercepts; a second density checks the
-prediction.
-A masked dense layer costs the same at every density, so its slope is about 0: on a CPU,
-pruning a convolution saves communication, not compute.
+The cost profile (`fedprune.costs.CostProfile`) is piecewise per layer (`LayerCost`): the
+layer trains in CSR up to its crossover density and masked dense above it, exactly as
+`train_sparse` decides from `csr_max_densities`, and each format costs its fitted line
+(masked dense: a constant, the mean of its cells, since it runs the same kernels whatever
+the mask). The solver's linear slope of a layer is the one of its format at low density.
+
+Whole-model rounds of `train_sparse` at a few densities (sparse to dense, interleaved) set
+the rest: `fit_level` fits measured = fixed + scale * (what the layer costs say the mask
+adds). The fixed cost covers what belongs to no layer (pooling, activations, the loss, the
+optimiser and importance over all parameters, per-step overheads); the scale brings the
+lone-layer timings to the level of whole rounds (a lone layer need not cost what it costs
+inside the model, and the machine's load moves between the two measurements). A last
+density, not fitted, checks the prediction.
 
 Everything measured travels as one flat dict of str, int, float, bool and lists of them
 (a Flower ConfigRecord can carry it); `profile_from_measurements` rebuilds the profile.
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP, CostProfile
+from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP, CostProfile, LayerCost
 from fedprune.data import Examples
 from fedprune.models import MNIST_SHAPE, prunable_names
 from fedprune.sparse import restore_dense, sparse_layers, to_sparse, train_sparse
@@ -49,8 +54,17 @@ DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05, 0.01)
 # than dense on a CPU, and timing it there would only spend the profiler's budget.
 CSR_MAX_MEASURED_DENSITY = 0.5
 FORMATS = ("dense", "csr")
-MODEL_ROUND_REPEATS = 5
-PROFILER_VERSION = 1
+# Whole-model rounds per calibration density: they set the profile's level, and on a
+# machine with other work the fastest of a few is what the device itself takes only if
+# some of them ran undisturbed; at least MIN_MODEL_ROUNDS even past the time budget (one
+# round may be many times slower).
+MODEL_ROUND_REPEATS = 8
+MIN_MODEL_ROUNDS = 3
+# Whole-model rounds that set the fixed cost and the level: the sparse regime PruneFL
+# keeps fc layers in, densities where fc1 is still in CSR, and dense (fc layers masked
+# dense), so that what the mask adds spans its whole range.
+DEFAULT_CALIBRATION_DENSITIES = (0.02, 0.05, 0.1, 1.0)
+PROFILER_VERSION = 2
 
 
 def fit_line(
@@ -84,6 +98,31 @@ def fit_line(
     if intercept < 0:  # ... or on intercept = 0
         return max(float(k @ t / (k @ k)), 0.0), 0.0
     return float(slope), float(intercept)
+
+
+def fit_level(
+    variable: Sequence[float], measured: Sequence[float], bounds: tuple[float, float] = (0.5, 2.0)
+) -> tuple[float, float]:
+    """(scale, fixed) of measured = fixed + scale * variable: whole-model rounds against
+    what the lone-layer costs say the mask adds.
+
+    The scale corrects the level of the layer timings to that of whole rounds (a layer
+    timed alone need not cost in a model exactly what it costs alone, and the machine's
+    load moves between the two measurements); it is kept within `bounds`, and 1.0 where
+    the rounds do not tell it (fewer than two distinct variables). Least squares in
+    relative terms (each round weighted by 1 / measured^2): the prediction is judged by its
+    relative error, and a dense round, twice as long as a sparse one, would otherwise pull
+    the line its way. The fixed cost is at least 0.
+    """
+    v = np.asarray(variable, dtype=float)
+    t = np.asarray(measured, dtype=float)
+    w = 1.0 / np.maximum(t, 1e-12) ** 2
+    scale = 1.0
+    if len(v) >= 2 and np.ptp(v) > 0:
+        vm, tm = (w @ v) / w.sum(), (w @ t) / w.sum()
+        scale = float((w * (v - vm)) @ (t - tm) / ((w * (v - vm)) @ (v - vm)))
+        scale = min(max(scale, bounds[0]), bounds[1])
+    return scale, max(float(w @ (t - scale * v) / w.sum()), 0.0)
 
 
 def _layer_inputs(model: nn.Module, batch: torch.Tensor) -> dict[str, tuple[tuple, bool]]:
@@ -207,7 +246,8 @@ def profile_device(
     repeats: int = 3,
     input_shape: tuple[int, int, int] = MNIST_SHAPE,
     track_importance: bool = True,
-    calibration_density: float = 0.1,
+    calibration_densities: Sequence[float] = DEFAULT_CALIBRATION_DENSITIES,
+    fit_scale: bool = True,
     check_density: float | None = 0.03,
     time_budget_s: float | None = 25.0,
     statistic: str = "min",
@@ -223,8 +263,11 @@ def profile_device(
         `statistic`).
     input_shape: (channels, height, width) of one example.
     track_importance: time rounds that accumulate importance, as clients do today.
-    calibration_density: the fixed cost is what whole-model rounds at this density
-        (uniform random masks, each Linear in its faster format) take beyond the slopes.
+    calibration_densities: the fixed cost is what whole-model rounds at these densities
+        (uniform random masks, each Linear in the format its crossover gives) take beyond
+        the layer costs (`fit_level`).
+    fit_scale: also fit the level of the layer costs to those rounds (`fit_level`);
+        False keeps the lone-layer timings as they are and fits the fixed cost only.
     check_density: also time whole-model rounds at this density and report the profile's
         prediction next to the measurement; None skips it.
     statistic: "min" or "median" of the repeats. Other work on a device only ever adds
@@ -328,7 +371,14 @@ def profile_device(
             ds = sorted(seconds[f], reverse=True)
             kept = [kept_at[d] for d in ds]
             secs = [seconds[f][d] for d in ds]
-            slope, intercept = fit_line(kept, secs)
+            if f == "dense":
+                # Masked dense runs the same kernels on the same shapes whatever the mask:
+                # its cost is one constant, and a slope fitted through its cells is noise
+                # (one that passes the t-test now and then, and would make a dense layer
+                # look cheaper at a lower density).
+                slope, intercept = 0.0, statistics.fmean(secs)
+            else:
+                slope, intercept = fit_line(kept, secs)
             fits[f] = (slope, intercept)
             out[f"{weight_name}/{f}/densities"] = ds
             out[f"{weight_name}/{f}/kept"] = kept
@@ -347,46 +397,83 @@ def profile_device(
         compute[weight_name] = fits[chosen][0]
         out[f"{weight_name}/compute_s_per_param"] = compute[weight_name]
     out["timed_repeats_min"] = fewest_repeats
+    out["layer_seconds"] = time.perf_counter() - start
     out["time_budget_s"] = -1.0 if time_budget_s is None else float(time_budget_s)
 
-    # The fixed cost, from whole-model rounds (`train_sparse`, each Linear in its faster
-    # format): what the slopes leave unexplained at `calibration_density`. Timing layers
-    # one by one cannot give it: pooling, activations, the loss and per-step overheads
-    # belong to no layer, and each lone layer carries overheads of its own.
+    # The fixed cost, from whole-model rounds (`train_sparse`, each Linear in the format the
+    # crossovers give): what the layer costs leave unexplained. Timing layers one by one
+    # cannot give it: pooling, activations, the loss, the optimiser and importance over
+    # all parameters and per-step overheads belong to no layer, and each lone layer
+    # carries overheads of its own. Several densities, interleaved, from the sparse regime
+    # to dense: one density's residual carries all of one moment's timing noise, and the
+    # dense round checks the masked dense side of each crossover.
     model_copy = copy.deepcopy(model)
     labels = torch.randint(0, 2, (batch_size,), generator=g)
     csr = csr_max_densities(out)
-
-    def model_round(density: float) -> tuple[float, dict[str, int]]:
-        masks = {n: _random_mask(m.shape, density, g) for n, m in _prunable(model_copy).items()}
-        _time_model_round(model_copy, masks, batch, labels, 1, track_importance, lr, csr)
-        times = []
-        # One number carries the whole fixed cost: a few more rounds than per layer,
-        # while the budget lasts.
-        for r in range(max(repeats, MODEL_ROUND_REPEATS)):
-            late = time_budget_s is not None and time.perf_counter() - start > 0.9 * time_budget_s
-            if r >= 1 and late:
-                break
-            times.append(
-                _time_model_round(
-                    model_copy, masks, batch, labels, local_steps, track_importance, lr, csr
-                )
-            )
-        return summarise(times), {n: int(torch.count_nonzero(m)) for n, m in masks.items()}
-
-    measured, kept = model_round(calibration_density)
-    variable = sum(compute[n] * k for n, k in kept.items())
-    out["calibration/density"] = float(calibration_density)
-    out["calibration/measured_s"] = measured
-    out["fixed_s"] = max(measured - variable, 0.0)
+    out["fixed_s"] = 0.0
     out["comm_s_per_param"] = BYTES_PER_VALUE_ROUND_TRIP / float(bandwidth_bytes_per_s)
+    shape_only = profile_from_measurements(out)  # layer costs, fixed cost still 0
+
+    def model_rounds(densities: Sequence[float], rounds: int, until: float) -> list[dict]:
+        cases = []
+        for d in densities:
+            masks = {n: _random_mask(m.shape, d, g) for n, m in _prunable(model_copy).items()}
+            kept = {n: int(torch.count_nonzero(m)) for n, m in masks.items()}
+            cases.append({"density": float(d), "masks": masks, "kept": kept, "times": []})
+        for case in cases:  # warm-up: one step
+            _time_model_round(
+                model_copy, case["masks"], batch, labels, 1, track_importance, lr, csr
+            )
+        for r in range(rounds):
+            late = time_budget_s is not None and time.perf_counter() - start > until
+            if r >= MIN_MODEL_ROUNDS and late:
+                break
+            for case in cases:
+                case["times"].append(
+                    _time_model_round(
+                        model_copy,
+                        case["masks"],
+                        batch,
+                        labels,
+                        local_steps,
+                        track_importance,
+                        lr,
+                        csr,
+                    )
+                )
+        for case in cases:
+            case["measured"] = summarise(case["times"])
+            case["variable"] = shape_only.compute_time_s(case["kept"])
+        return cases
+
+    budget = 0.0 if time_budget_s is None else time_budget_s
+    rounds = max(repeats, MODEL_ROUND_REPEATS)
+    cases = model_rounds(calibration_densities, rounds, 0.85 * budget)
+    measured = [c["measured"] for c in cases]
+    variable = [c["variable"] for c in cases]
+    if fit_scale:
+        scale, fixed = fit_level(variable, measured)
+    else:
+        scale = 1.0
+        fixed = max(statistics.fmean(m - v for m, v in zip(measured, variable, strict=True)), 0.0)
+    out["fixed_s"] = fixed
+    out["calibration/scale"] = scale
+    for name in out["layers"]:
+        out[f"{name}/compute_s_per_param"] *= scale
+    out["calibration/densities"] = [c["density"] for c in cases]
+    out["calibration/measured_s"] = measured
+    out["calibration/variable_s"] = variable
+    out["calibration/residual_s"] = [
+        m - fixed - scale * v for m, v in zip(measured, variable, strict=True)
+    ]
+    out["calibration/rounds"] = min(len(c["times"]) for c in cases)
     profile = profile_from_measurements(out)
-    over = time_budget_s is not None and time.perf_counter() - start > 0.8 * time_budget_s
+    over = time_budget_s is not None and time.perf_counter() - start > 0.85 * time_budget_s
     if check_density is not None and not over:
-        measured, kept = model_round(check_density)
+        (case,) = model_rounds([check_density], rounds, 0.95 * budget)
         out["check/density"] = float(check_density)
-        out["check/measured_s"] = measured
-        out["check/predicted_s"] = profile.compute_time_s(kept)
+        out["check/measured_s"] = case["measured"]
+        out["check/predicted_s"] = profile.compute_time_s(case["kept"])
     out["seconds"] = time.perf_counter() - start
     return profile, out
 
@@ -451,9 +538,38 @@ def csr_max_densities(measurements: Mapping) -> dict[str, float]:
     }
 
 
+def layer_costs_from_measurements(measurements: Mapping) -> dict[str, LayerCost]:
+    """Per prunable layer, its cost in each format it can train in and its crossover, from
+    the fitted lines of a measurement dict; {} for a dict without them (profiler version
+    1). Times are multiplied by the dict's `speed_factor` (default 1), which a simulated
+    node sets to be that many times slower than the device measured (the client's
+    `scaled_measurements` scales `compute_s_per_param` and `fixed_s` itself and leaves
+    the measured lines as measured)."""
+    # The whole-model level (`fit_level`) applies to every layer's fitted lines, as it
+    # does to `compute_s_per_param`.
+    factor = float(measurements.get("speed_factor", 1.0)) * float(
+        measurements.get("calibration/scale", 1.0)
+    )
+    costs = {}
+    for name in measurements["layers"]:
+        formats = measurements.get(f"{name}/formats", [])
+        if "dense" not in formats or f"{name}/numel" not in measurements:
+            return {}
+        csr = "csr" in formats
+        costs[name] = LayerCost(
+            numel=int(measurements[f"{name}/numel"]),
+            dense_s_per_param=float(measurements[f"{name}/dense/slope_s_per_param"]),
+            dense_fixed_s=float(measurements[f"{name}/dense/intercept_s"]),
+            csr_max_density=float(measurements[f"{name}/csr_max_density"]) if csr else 0.0,
+            csr_s_per_param=float(measurements[f"{name}/csr/slope_s_per_param"]) if csr else 0.0,
+            csr_fixed_s=float(measurements[f"{name}/csr/intercept_s"]) if csr else 0.0,
+        ).scaled(factor)
+    return costs
+
+
 def profile_from_measurements(measurements: Mapping) -> CostProfile:
     """The `CostProfile` described by a `profile_device` measurement dict (for example
-    after it travelled in a Flower ConfigRecord)."""
+    after it travelled in a Flower ConfigRecord), with its per-format layer costs."""
     return CostProfile(
         name=str(measurements["name"]),
         compute_s_per_param={
@@ -467,6 +583,7 @@ def profile_from_measurements(measurements: Mapping) -> CostProfile:
             f"{measurements['threads']} threads, K={measurements['local_steps']}, "
             f"B={measurements['batch_size']}, {measurements['date']}"
         ),
+        layer_costs=layer_costs_from_measurements(measurements),
     )
 
 
@@ -496,11 +613,18 @@ def format_report(measurements: Mapping) -> str:
                         f"{f} {measurements[f'{name}/{f}/seconds'][ds.index(d)] * 1e3:7.2f} ms"
                     )
             lines.append(f"    density {d:5.2f}: " + ", ".join(cells) + f"  -> {fastest}")
+    calibration = ", ".join(
+        f"{d} {t * 1e3:.1f} ms"
+        for d, t in zip(
+            measurements["calibration/densities"],
+            measurements["calibration/measured_s"],
+            strict=True,
+        )
+    )
     lines.append(
-        f"  fixed {measurements['fixed_s'] * 1e3:.1f} ms (whole model at density "
-        f"{measurements['calibration/density']}: "
-        f"{measurements['calibration/measured_s'] * 1e3:.1f} ms per round), "
-        f"comm {measurements['comm_s_per_param']:.3g} s/param"
+        f"  fixed {measurements['fixed_s'] * 1e3:.1f} ms, layer costs x "
+        f"{measurements.get('calibration/scale', 1.0):.2f} (whole model per round at density "
+        f"{calibration}), comm {measurements['comm_s_per_param']:.3g} s/param"
     )
     if "check/measured_s" in measurements:
         lines.append(

@@ -15,6 +15,7 @@ restart from it (the paper) or from 0.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -36,7 +37,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 
 from fedprune import protocol as P
 from fedprune.codec import CodecError, decode_update, encode_model
-from fedprune.costs import CostProfile
+from fedprune.costs import CostProfile, slowest
 from fedprune.masks import Masks, density, kept_counts
 from fedprune.profiler import profile_from_measurements
 from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
@@ -81,22 +82,9 @@ class TrainReply:
 
 
 def slowest_profile(profiles: Iterable[CostProfile]) -> CostProfile:
-    """The element-wise slowest of some device profiles: per layer the largest compute
-    time per kept parameter, the largest fixed cost and the slowest link. A synchronous
-    round waits for its slowest node."""
-    profiles = list(profiles)
-    if not profiles:
-        raise ValueError("no profiles to take the slowest of")
-    return CostProfile(
-        name="measured",
-        compute_s_per_param={
-            k: max(p.compute_s_per_param[k] for p in profiles)
-            for k in profiles[0].compute_s_per_param
-        },
-        comm_s_per_param=max(p.comm_s_per_param for p in profiles),
-        fixed_s=max(p.fixed_s for p in profiles),
-        source=f"element-wise slowest of {len(profiles)} measured node profiles",
-    )
+    """The element-wise slowest of some device profiles (`fedprune.costs.slowest`): a
+    synchronous round waits for its slowest node."""
+    return slowest(profiles)
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -547,18 +535,8 @@ class SparseFedAvg(FedAvg):
                 f"profile layers {sorted(profile.compute_s_per_param)} are not the model's "
                 f"prunable layers {sorted(self.masks)}"
             )
-        costs = [*profile.compute_s_per_param.values(), profile.fixed_s]
-        if not all(np.isfinite(v) and v >= 0 for v in costs):
-            raise ValueError("compute and fixed costs must be finite and >= 0")
-        if not (np.isfinite(profile.comm_s_per_param) and profile.comm_s_per_param > 0):
-            raise ValueError(f"comm_s_per_param = {profile.comm_s_per_param!r} is not > 0")
-        return CostProfile(
-            name=f"measured-node-{node_id}",
-            compute_s_per_param=profile.compute_s_per_param,
-            comm_s_per_param=profile.comm_s_per_param,
-            fixed_s=profile.fixed_s,
-            source=profile.source,
-        )
+        profile.check()  # finite, non-negative costs and a positive link
+        return dataclasses.replace(profile, name=f"measured-node-{node_id}")
 
     def round_profile(self, server_round: int, node_ids: Iterable[int]) -> CostProfile:
         """The element-wise slowest profile of the sampled nodes that have one; the prior

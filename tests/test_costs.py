@@ -1,9 +1,14 @@
+import json
+from dataclasses import replace
+
 import pytest
 
 from fedprune.costs import (
     PAPER_COMM_S_PER_PARAM,
     CostProfile,
+    LayerCost,
     named_profile,
+    slowest,
 )
 from fedprune.models import build_model, prunable_names
 
@@ -38,3 +43,100 @@ def test_profiles_check_the_model_shape():
     assert uniform.comm_s_per_param == PAPER_COMM_S_PER_PARAM
     with pytest.raises(ValueError, match="unknown cost profile"):
         named_profile("nope", [])
+
+
+def piecewise_profile() -> CostProfile:
+    """fc: CSR (2 ms + 1e-6 s per kept) up to density 0.25 of 1,000 weights, masked dense
+    (10 ms) above; conv: masked dense only (3 ms)."""
+    return CostProfile(
+        "measured",
+        {"conv.weight": 0.0, "fc.weight": 1e-6},
+        comm_s_per_param=8e-6,
+        fixed_s=0.020,
+        layer_costs={
+            "conv.weight": LayerCost(numel=100, dense_s_per_param=0.0, dense_fixed_s=0.003),
+            "fc.weight": LayerCost(
+                numel=1000,
+                dense_s_per_param=0.0,
+                dense_fixed_s=0.010,
+                csr_max_density=0.25,
+                csr_s_per_param=1e-6,
+                csr_fixed_s=0.002,
+            ),
+        },
+    )
+
+
+def test_layer_cost_picks_the_format_the_device_trains_in_by_density():
+    fc = piecewise_profile().layer_costs["fc.weight"]
+    assert [fc.format_at(k) for k in (0, 10, 250, 251, 1000)] == [
+        "csr",
+        "csr",
+        "csr",  # at the crossover itself, as train_sparse: CSR while density <= it
+        "dense",
+        "dense",
+    ]
+    assert fc.seconds(100) == pytest.approx(0.002 + 100e-6)
+    assert fc.seconds(600) == fc.seconds(1000) == pytest.approx(0.010)
+    conv = piecewise_profile().layer_costs["conv.weight"]
+    assert conv.format_at(0) == conv.format_at(100) == "dense"  # no crossover: never CSR
+
+
+def test_piecewise_compute_time_is_linear_below_the_crossover_and_flat_above():
+    p = piecewise_profile()
+    linear = CostProfile("t", p.compute_s_per_param, p.comm_s_per_param, p.fixed_s)
+    sparse = {"conv.weight": 70, "fc.weight": 200}
+    # In the low-density format the piecewise and the solver's linear model agree ...
+    assert p.compute_time_s(sparse) == pytest.approx(linear.compute_time_s(sparse))
+    assert p.compute_time_s(sparse) == pytest.approx(0.020 + 200e-6)
+    assert p.layer_formats(sparse) == {"conv.weight": "dense", "fc.weight": "csr"}
+    # ... above the crossover fc trains masked dense: its dense cost replaces the CSR one
+    # that fixed_s holds, and does not grow with kept parameters.
+    for kept in (300, 1000):
+        dense = {"conv.weight": 100, "fc.weight": kept}
+        assert p.compute_time_s(dense) == pytest.approx(0.020 - 0.002 + 0.010)
+    assert linear.compute_time_s({"conv.weight": 100, "fc.weight": 1000}) == pytest.approx(0.021)
+    # The solver's interface is the linear one.
+    assert p.time_per_param() == pytest.approx({"conv.weight": 8e-6, "fc.weight": 1e-6 + 8e-6})
+    assert p.fixed_time_s(5) == pytest.approx(0.020 + 5 * 8e-6)
+
+
+def test_layer_costs_survive_to_dict_and_json():
+    p = piecewise_profile()
+    assert CostProfile.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    old = {k: v for k, v in p.to_dict().items() if k != "layer_costs"}
+    assert CostProfile.from_dict(old).layer_costs == {}  # a summary.json from before
+
+
+def test_slowest_of_speed_scaled_profiles_is_the_slowest_one():
+    p = piecewise_profile()
+    slow = p.scaled(3.0)
+    assert slow.layer_costs["fc.weight"].csr_fixed_s == pytest.approx(0.006)
+    assert slow.layer_costs["fc.weight"].csr_max_density == 0.25
+    both = slowest([p, slow])
+    assert both.layer_costs == slow.layer_costs
+    assert both.fixed_s == slow.fixed_s and both.compute_s_per_param == slow.compute_s_per_param
+    for kept in (0, 100, 250, 600):
+        k = {"conv.weight": 50, "fc.weight": kept}
+        assert both.compute_time_s(k) == pytest.approx(3 * p.compute_time_s(k))
+    # Different crossovers: the lowest one, an upper bound on the slowest node's cost.
+    other = replace(
+        p,
+        layer_costs={
+            **p.layer_costs,
+            "fc.weight": replace(p.layer_costs["fc.weight"], csr_max_density=0.1),
+        },
+    )
+    assert slowest([p, other]).layer_costs["fc.weight"].csr_max_density == 0.1
+    # A profile without layer costs makes the slowest one linear.
+    assert slowest([p, CostProfile("t", p.compute_s_per_param, 1e-6, 0.0)]).layer_costs == {}
+
+
+def test_check_rejects_bad_layer_costs():
+    p = piecewise_profile()
+    p.check()
+    bad = replace(p.layer_costs["fc.weight"], csr_fixed_s=float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        replace(p, layer_costs={**p.layer_costs, "fc.weight": bad}).check()
+    with pytest.raises(ValueError, match="does not have"):
+        replace(p, layer_costs={**p.layer_costs, "x.weight": p.layer_costs["fc.weight"]}).check()

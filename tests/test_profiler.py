@@ -2,11 +2,13 @@ import math
 
 import pytest
 import torch
+from flwr.app import ConfigRecord  # the record a profile travels in
 
 from fedprune.models import build_model, prunable_names
 from fedprune.profiler import (
     crossover_density,
     csr_max_densities,
+    fit_level,
     fit_line,
     format_report,
     profile_device,
@@ -59,10 +61,9 @@ def test_measurements_are_flat_plain_values_that_rebuild_the_profile(profiled):
         else:
             assert isinstance(value, scalars), key
     assert profile_from_measurements(measurements) == profile
-    from flwr.app import ConfigRecord  # the record it travels in
-
     record = ConfigRecord(measurements)
     assert profile_from_measurements(dict(record)) == profile
+    assert profile_from_measurements(dict(record)).layer_costs == profile.layer_costs
     assert "fc1.weight" in format_report(measurements)
 
 
@@ -71,7 +72,54 @@ def test_profiling_leaves_the_model_alone_and_reports_its_time(profiled):
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
     assert 0 < measurements["seconds"] < 30
-    assert measurements["calibration/measured_s"] > 0 and measurements["check/predicted_s"] > 0
+    calibration = measurements["calibration/measured_s"]
+    assert len(calibration) == len(measurements["calibration/densities"]) == 4
+    assert all(t > 0 for t in calibration) and measurements["check/predicted_s"] > 0
+
+
+def test_profile_knows_each_layers_format_and_cost_by_density(profiled):
+    model, _, profile, measurements = profiled
+    crossovers = csr_max_densities(measurements)
+    assert set(profile.layer_costs) == set(prunable_names(model))
+    for name, layer in profile.layer_costs.items():
+        assert layer.numel == measurements[f"{name}/numel"]
+        assert all(math.isfinite(v) and v >= 0 for v in layer.values()), name
+        # The format train_sparse will use: CSR up to the measured crossover, else dense.
+        assert layer.csr_max_density == crossovers.get(name, 0.0)
+        for density in measurements["densities"]:
+            kept = int(density * layer.numel)
+            in_csr = layer.csr_max_density > 0 and density <= layer.csr_max_density
+            assert layer.format_at(kept) == ("csr" if in_csr else "dense")
+        # The solver's slope is the one of the format at low density.
+        low = layer.csr_s_per_param if layer.format_at(0) == "csr" else layer.dense_s_per_param
+        assert profile.compute_s_per_param[name] == pytest.approx(low)
+    # fixed_s is the round at zero kept: the calibration rounds, less what the layers add.
+    for density, measured, residual in zip(
+        measurements["calibration/densities"],
+        measurements["calibration/measured_s"],
+        measurements["calibration/residual_s"],
+        strict=True,
+    ):
+        assert math.isfinite(residual) and residual < measured, density
+    profile.check()
+
+
+def test_layer_costs_travel_in_the_flat_dict_and_follow_the_speed_factor(profiled):
+    _, _, profile, measurements = profiled
+    from clients.client_app import scaled_measurements  # what a simulated node replies
+
+    record = dict(ConfigRecord(scaled_measurements(measurements, 2.5, 4e6)))
+    slow = profile_from_measurements(record)
+    expected = profile.scaled(2.5)
+    assert slow.fixed_s == pytest.approx(expected.fixed_s)
+    assert slow.compute_s_per_param == pytest.approx(expected.compute_s_per_param)
+    for name, layer in expected.layer_costs.items():
+        assert slow.layer_costs[name].values() == pytest.approx(layer.values()), name
+    kept = {name: layer.numel // 50 for name, layer in profile.layer_costs.items()}
+    assert slow.compute_time_s(kept) == pytest.approx(2.5 * profile.compute_time_s(kept))
+    # A dict from profiler version 1 (no per-format lines) gives a linear profile.
+    old = {k: v for k, v in measurements.items() if not k.endswith("/formats")}
+    assert profile_from_measurements(old).layer_costs == {}
 
 
 def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
@@ -83,6 +131,17 @@ def test_fit_line_recovers_a_line_and_keeps_both_terms_non_negative():
     assert fit_line([5], [0.2]) == (0.0, 0.2)
     # A slope within the noise (well under two standard errors) is no slope.
     assert fit_line([0, 10, 20, 30], [1.0, 1.5, 0.9, 1.4]) == (0.0, pytest.approx(1.2))
+
+
+def test_fit_level_recovers_scale_and_fixed_cost_and_keeps_them_sane():
+    variable = [0.01, 0.02, 0.05, 0.1]
+    measured = [0.06 + 1.2 * v for v in variable]
+    scale, fixed = fit_level(variable, measured)
+    assert scale == pytest.approx(1.2) and fixed == pytest.approx(0.06)
+    # Bounded: rounds that say the layer costs are 10x off move them at most 2x.
+    assert fit_level(variable, [0.06 + 10 * v for v in variable])[0] == 2.0
+    # One distinct variable tells no scale: 1.0, and the fixed cost is the residual.
+    assert fit_level([0.02, 0.02], [0.08, 0.08]) == (1.0, pytest.approx(0.06))
 
 
 def test_profile_device_rejects_bad_arguments():
