@@ -66,12 +66,17 @@ def parse_factors(text: str) -> list[float]:
     return values
 
 
-def _factors_ok(text: str) -> bool:
-    try:
-        parse_factors(text)
-    except ValueError:
-        return False
-    return True
+def _parses(parse: Callable[[str], Any]) -> Callable[[str], bool]:
+    """A check that `parse` accepts the text."""
+
+    def ok(text: str) -> bool:
+        try:
+            parse(text)
+        except ValueError:
+            return False
+        return True
+
+    return ok
 
 
 def parse_ids(text: str) -> set[int]:
@@ -82,14 +87,6 @@ def parse_ids(text: str) -> set[int]:
     if any(i < 0 for i in ids):
         raise ValueError(f"negative id in {text!r}")
     return ids
-
-
-def _ids_ok(text: str) -> bool:
-    try:
-        parse_ids(text)
-    except ValueError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -140,14 +137,16 @@ class Settings:
     bandwidth_bytes_per_s: float = _opt(1438848.9, _positive, "positive bytes per second")
     sparse_training: bool = _opt(False)
     profile_repeats: int = _opt(2, _positive, "a positive number of timed rounds")
-    speed_factors: str = _opt("", _factors_ok, "comma-separated positive numbers (empty: all 1)")
+    speed_factors: str = _opt(
+        "", _parses(parse_factors), "comma-separated positive numbers (empty: all 1)"
+    )
     bandwidths: str = _opt(
         "",
-        _factors_ok,
+        _parses(parse_factors),
         "comma-separated positive bytes per second (empty: all bandwidth-bytes-per-s)",
     )
     simulate_failures: str = _opt(
-        "", _ids_ok, "comma-separated partition ids whose training raises (empty: none)"
+        "", _parses(parse_ids), "comma-separated partition ids whose training raises (empty: none)"
     )
     # --- the method (prunefl, or a baseline of the paper's comparison)
     method: str = _opt("prunefl", *_in(METHODS))

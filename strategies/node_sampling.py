@@ -118,11 +118,7 @@ class NodeSampler:
         )
 
     def _client_id(self, msg: Message, node_id: int) -> int:
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        record = msg.content.get(P.IDENTITY)
-        if not isinstance(record, ConfigRecord):
-            raise ValueError(f"no ConfigRecord under {P.IDENTITY!r}")
+        record = reply_config(msg, P.IDENTITY)
         size = record.get(P.NUM_PARTITIONS)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -188,6 +184,17 @@ class NodeSampler:
             picks = rng.choice(len(clients), size=sample_size, replace=False)
             chosen = [clients[i] for i in sorted(picks)]
         return [by_client[c] for c in chosen]
+
+
+def reply_config(msg: Message, key: str) -> ConfigRecord:
+    """The ConfigRecord under `key` of a query reply; ValueError if the node sent an error
+    or no such record."""
+    if msg.has_error():
+        raise ValueError(f"client error: {msg.error.reason}")
+    record = msg.content.get(key)
+    if not isinstance(record, ConfigRecord):
+        raise ValueError(f"no ConfigRecord under {key!r}")
+    return record
 
 
 def fraction_size(fraction: float, population: int, minimum: int = 1) -> int:

@@ -40,7 +40,13 @@ from fedprune.codec import CodecError, decode_update, encode_model
 from fedprune.costs import CostProfile, slowest
 from fedprune.masks import Masks, density, kept_counts
 from fedprune.profiler import profile_from_measurements
-from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
+from strategies.node_sampling import (
+    EVALUATE,
+    TRAIN,
+    NodeSampler,
+    fraction_size,
+    reply_config,
+)
 
 MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
 
@@ -524,12 +530,7 @@ class SparseFedAvg(FedAvg):
 
     def _check_profile_reply(self, msg: Message, node_id: int) -> CostProfile:
         """The node's CostProfile from a well-formed profile reply; ValueError otherwise."""
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        record = msg.content.get(P.PROFILE)
-        if not isinstance(record, ConfigRecord):
-            raise ValueError(f"no ConfigRecord under {P.PROFILE!r}")
-        profile = profile_from_measurements(record)
+        profile = profile_from_measurements(reply_config(msg, P.PROFILE))
         if set(profile.compute_s_per_param) != set(self.masks):
             raise ValueError(
                 f"profile layers {sorted(profile.compute_s_per_param)} are not the model's "
