@@ -12,10 +12,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.partitions import client_partition
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_mask, decode_model, encode_mask, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, client_partition, load_folder
+from fedprune.data import INPUT_SHAPE, NUM_CLASSES, load_folder
 from fedprune.masks import Masks
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profiler import csr_max_densities, profile_device
@@ -226,12 +227,20 @@ def profile(msg: Message, context: Context) -> Message:
 
 @app.query(P.IDENTIFY_ACTION)
 def identify(msg: Message, context: Context) -> Message:
-    """The node's stable client id (its partition id, if its node config has one) and the
-    federation's size as it knows it: the server samples by these, not by node ids."""
+    """The node's stable client id (its partition id, if its node config has one), the
+    federation's size as it knows it, and how many examples it holds, or why it cannot
+    load them: the server samples by these, not by node ids, and only nodes with data."""
     identity = {}
     for key in (P.PARTITION_ID, P.NUM_PARTITIONS):
         if key in context.node_config:
             identity[key] = int(context.node_config[key])
+    try:
+        identity[P.NUM_EXAMPLES] = len(
+            _local_data(Settings.from_run_config(context.run_config), context)
+        )
+    # A split that cannot be made, a bad data folder, neither a data-path nor a partition-id.
+    except (ValueError, OSError, KeyError) as exc:
+        identity[P.DATA_ERROR] = str(exc)
     return Message(content=RecordDict({P.IDENTITY: ConfigRecord(identity)}), reply_to=msg)
 
 

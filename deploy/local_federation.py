@@ -331,7 +331,7 @@ def local_federation(
 
     Node i gets `--node-config "partition-id=i num-partitions=N"`; with `data_dir` also
     `data-path="data_dir/partition-<i>"` (folders written by `python -m
-    fedprune.prepare_data`), so it reads that folder instead of its partition of the
+    clients.prepare_data`), so it reads that folder instead of its partition of the
     embedded data. `node_configs` (one string per node) replaces all of that.
     """
     if node_configs is not None and len(node_configs) != num_supernodes:
@@ -384,7 +384,7 @@ def local_federation(
                     if not (folder / "data.npz").is_file():
                         raise FileNotFoundError(
                             f"{folder}/data.npz missing: write it with `python -m "
-                            f"fedprune.prepare_data --out {data_dir} "
+                            f"clients.prepare_data --out {data_dir} "
                             f"--num-partitions {num_supernodes}`"
                         )
                     config += f' data-path="{folder}"'
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        help="node i reads DATA_DIR/partition-<i> (python -m fedprune.prepare_data)",
+        help="node i reads DATA_DIR/partition-<i> (python -m clients.prepare_data)",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
     parser.add_argument("--run-name", default="", help="default: deploy-<date>-<time>")

@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from clients.partitions import client_partition
 from experiments.bench_sparse import machine
 from fedprune.costs import CostProfile
-from fedprune.data import DataSpec, client_partition
+from fedprune.data import DataSpec
 from fedprune.masks import apply_masks, full_masks
 from fedprune.models import conv2
 from fedprune.policies import random_masks

@@ -5,9 +5,10 @@ class), so a run needs no download. It is split once, from the seed, into:
 
 - a held-out test split, used only for the server's evaluation of the global model;
 - the server's own share of the training data, used for initial pruning (phase 1);
-- the rest, partitioned over clients by a flwr-datasets partitioner (IID, Dirichlet or
-  shards). flwr-datasets is Flower's framework-independent data library; it does not
-  import the Flower framework.
+- the rest, the client pool (`client_pool`), which a partitioner splits over clients.
+  The partitioners are flwr-datasets', built on the Flower side
+  (`clients.partitions`); this module gives them the pool's table and turns the indices
+  they pick back into examples (`client_examples`), so it needs no Flower package.
 
 FEMNIST and CIFAR-10 (the paper's tasks) come from the Hugging Face hub or a local copy
 and are split the same way, with FEMNIST's clients made of whole writers: see
@@ -128,80 +129,29 @@ def server_share(spec: DataSpec) -> Examples:
     return _take(spec, _split_indices(spec)[1])
 
 
-def make_partitioner(spec: DataSpec, num_partitions: int, num_writers: int = 0):
-    """The flwr-datasets partitioner of `spec.partitioner` for `num_partitions` clients.
+def client_pool(spec: DataSpec) -> tuple[dict[str, np.ndarray], int]:
+    """The client pool as a table for a partitioner, and its number of writers (0 if the
+    data set has none): column `index` (the rows to hand to `client_examples`), `label`,
+    and `writer_id` where the data has writers (femnist)."""
+    if not _is_mnist(spec):
+        from fedprune import hub_data
 
-    It partitions a table with columns `label` (and `writer_id` for "writers", with
-    `num_writers` distinct writers).
-    """
-    from flwr_datasets.partitioner import (
-        DirichletPartitioner,
-        GroupedNaturalIdPartitioner,
-        IidPartitioner,
-        ShardPartitioner,
-    )
-
-    if spec.partitioner == "writers":
-        if num_writers < num_partitions:
-            raise ValueError(
-                f"partitioner 'writers' needs a data set with at least {num_partitions} "
-                f"client writers; {spec.dataset} has {num_writers}"
-            )
-        # Groups of n // P writers; "allow-bigger" spreads the remainder, one writer more
-        # to some groups. That makes exactly P groups unless P is large next to n.
-        group_size = num_writers // num_partitions
-        if num_writers // group_size != num_partitions:
-            raise ValueError(
-                f"{num_writers} writers cannot be grouped into exactly {num_partitions} "
-                "clients of whole writers; use fewer clients (or one per writer)"
-            )
-        return GroupedNaturalIdPartitioner(
-            partition_by="writer_id", group_size=group_size, mode="allow-bigger"
-        )
-    if spec.partitioner == "iid":
-        return IidPartitioner(num_partitions=num_partitions)
-    if spec.partitioner == "dirichlet":
-        return DirichletPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            alpha=spec.dirichlet_alpha,
-            min_partition_size=1,
-            seed=spec.seed,
-        )
-    if spec.partitioner == "shards":
-        return ShardPartitioner(
-            num_partitions=num_partitions,
-            partition_by="label",
-            num_shards_per_partition=spec.shards_per_client,
-            seed=spec.seed,
-        )
-    raise ValueError(f"unknown partitioner {spec.partitioner!r}; choose one of {PARTITIONERS}")
-
-
-@functools.lru_cache(maxsize=4)
-def _partitioner(spec: DataSpec, num_partitions: int):
-    from datasets import Dataset
-
+        return hub_data.client_pool(spec)
     if spec.partitioner == "writers":
         raise ValueError("partitioner 'writers' needs a data set with writers (femnist)")
     pool = _split_indices(spec)[2]
     labels = load_images(spec.dataset).y[torch.from_numpy(pool)].numpy()
-    partitioner = make_partitioner(spec, num_partitions)
-    # The partitioner only needs labels; the images stay in our tensors.
-    partitioner.dataset = Dataset.from_dict({"label": labels, "index": pool})
-    return partitioner
+    return {"label": labels, "index": pool}, 0
 
 
-def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> Examples:
-    """The examples of one client, from its partition id among `num_partitions`."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+def client_examples(spec: DataSpec, indices: np.ndarray) -> Examples:
+    """The examples at `indices` of the client pool's `index` column."""
+    indices = np.asarray(indices, dtype=np.int64)
     if not _is_mnist(spec):
         from fedprune import hub_data
 
-        return hub_data.client_partition(spec, partition_id, num_partitions)
-    part = _partitioner(spec, num_partitions).load_partition(partition_id)
-    return _take(spec, np.asarray(part["index"], dtype=np.int64))
+        return hub_data.client_examples(spec, indices)
+    return _take(spec, indices)
 
 
 # ---------------------------------------------------------------- local data folders
@@ -209,7 +159,7 @@ def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> 
 # `--node-config 'data-path="/path/to/folder"'`. The folder holds `data.npz` with `x`, N
 # images of the run's data set (any layout with INPUT_SHAPE's number of values each:
 # uint8 pixels 0..255 are divided by 255, floats are taken as they are), and `y`, N
-# integer labels; `python -m fedprune.prepare_data` writes such folders. It is loaded
+# integer labels; `python -m clients.prepare_data` writes such folders. It is loaded
 # with allow_pickle=False: a data file cannot run code.
 DATA_FILE = "data.npz"
 

@@ -27,8 +27,9 @@ agree without talking):
   (GroupedNaturalIdPartitioner on `writer_id`: each client holds whole writers, n // P or
   one more of them), `iid`, `dirichlet` (by label) or `shards`.
 
-The partitioners see a light table of row numbers, labels and writers, as for MNIST,
-not the image data: a partitioner assigned a subset of a `datasets.Dataset` (what
+The partitioners (built on the Flower side, `clients.partitions`) see a light table of
+row numbers, labels and writers from `client_pool`, as for MNIST, not the image data: a
+partitioner assigned a subset of a `datasets.Dataset` (what
 `FederatedDataset` would hand it after our re-split) copies the whole subset, images
 included, when it asks for the unique writers or labels. The chosen rows are then
 decoded once per process and kept as uint8.
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, DataSpec, Examples, make_partitioner
+from fedprune.data import INPUT_SHAPE, NUM_CLASSES, DataSpec, Examples
 
 HUB_IDS = {"femnist": "flwrlabs/femnist", "cifar10": "uoft-cs/cifar10"}
 WRITER_DATASETS = ("femnist",)
@@ -270,10 +271,8 @@ def _split(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _partitioner(spec: DataSpec, num_partitions: int):
-    from datasets import Dataset
-
+def client_pool(spec: DataSpec) -> tuple[dict[str, np.ndarray], int]:
+    """`fedprune.data.client_pool` for a hub data set."""
     src = _source(spec.dataset, spec.source)
     pool = _split(spec)[2]
     table = {"index": pool, "label": src.labels["train"][pool]}
@@ -283,11 +282,7 @@ def _partitioner(spec: DataSpec, num_partitions: int):
         num_writers = len(np.unique(table["writer_id"]))
     elif spec.partitioner == "writers":
         raise ValueError(f"partitioner 'writers' needs a data set with writers, not {spec.dataset}")
-    partitioner = make_partitioner(spec, num_partitions, num_writers)
-    # Arrow format: the partitioners read whole columns, which then come as arrays rather
-    # than row by row (FEMNIST's 700k rows: seconds instead of a minute; same partitions).
-    partitioner.dataset = Dataset.from_dict(table).with_format("arrow")
-    return partitioner
+    return table, num_writers
 
 
 # ----------------------------------------------------------------- rows to tensors
@@ -345,11 +340,11 @@ def _server(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 # A worker of the simulation engine may serve several clients; keeping their rows as
-# uint8 costs a quarter of float32 (FEMNIST over 10 clients: about 60 MB each).
+# uint8 costs a quarter of float32 (FEMNIST over 10 clients: about 60 MB each). Keyed by
+# the rows' bytes, as arrays are not hashable.
 @functools.lru_cache(maxsize=16)
-def _client(spec: DataSpec, partition_id: int, num_partitions: int):
-    part = _partitioner(spec, num_partitions).load_partition(partition_id)
-    return _decode(spec, "train", np.asarray(part["index"], dtype=np.int64))
+def _client(spec: DataSpec, rows: bytes):
+    return _decode(spec, "train", np.frombuffer(rows, dtype=np.int64))
 
 
 def heldout_split(spec: DataSpec) -> Examples:
@@ -362,8 +357,7 @@ def server_share(spec: DataSpec) -> Examples:
     return _examples(spec.dataset, *_server(spec))
 
 
-def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> Examples:
-    """The examples of one client, from its partition id among `num_partitions`."""
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    return _examples(spec.dataset, *_client(spec, partition_id, num_partitions))
+def client_examples(spec: DataSpec, indices: np.ndarray) -> Examples:
+    """`fedprune.data.client_examples` for a hub data set: rows of its train split."""
+    rows = np.ascontiguousarray(indices, dtype=np.int64).tobytes()
+    return _examples(spec.dataset, *_client(spec, rows))

@@ -42,8 +42,10 @@ PROFILE = "profile"
 STATE_PROFILE = "fedprune-profile"  # ConfigRecord: the node's raw measurements, cached
 
 # The identity query (message type "query.identify"): the node replies under IDENTITY with
-# PARTITION_ID (its stable client id, when its node config has one) and NUM_PARTITIONS.
+# PARTITION_ID (its stable client id, when its node config has one), NUM_PARTITIONS, and
+# NUM_EXAMPLES it holds or DATA_ERROR (why it cannot load its data).
 # Flower's node ids change from run to run; sampling by client id makes runs replayable.
 IDENTIFY_ACTION = "identify"
 IDENTITY = "identity"
 NUM_PARTITIONS = "num-partitions"
+DATA_ERROR = "data-error"

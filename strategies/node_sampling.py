@@ -32,6 +32,10 @@ TRAIN, EVALUATE = 0, 1  # purposes: independent random streams for the two sampl
 CountFn = Callable[[int, int, int], None]  # (node id, bytes sent, bytes received)
 
 
+class NoDataError(ValueError):
+    """A node answered its identity query but cannot train: no data, or none it can load."""
+
+
 class NodeSampler:
     """Knows the federation's nodes by stable client id and samples them per round.
 
@@ -66,6 +70,7 @@ class NodeSampler:
         self.reported_size = 0  # largest num-partitions a node reported
         self._warned_unstable = False
         self._asked_in: dict[int, int] = {}  # node id -> round it was last asked (unanswered)
+        self.without_data: set[int] = set()  # nodes that answered but cannot load data
 
     # ------------------------------------------------------------------ identities
     def identify(self, grid: Grid, node_ids: list[int], server_round: int, count: CountFn) -> None:
@@ -74,23 +79,16 @@ class NodeSampler:
         unknown = [
             n
             for n in node_ids
-            if n not in self.client_ids and self._asked_in.get(n) != server_round
+            if n not in self.client_ids
+            and n not in self.without_data
+            and self._asked_in.get(n) != server_round
         ]
         if not unknown:
             return
-        messages = []
-        for node_id in unknown:
-            content = RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})})
-            count(node_id, sum(r.count_bytes() for r in content.values()), 0)
-            messages.append(
-                Message(
-                    content=content,
-                    message_type=f"{MessageType.QUERY}.{P.IDENTIFY_ACTION}",
-                    dst_node_id=node_id,
-                )
-            )
+        messages = query_messages(P.IDENTIFY_ACTION, unknown, server_round, count)
         asked = set(unknown)
         self._asked_in.update(dict.fromkeys(unknown, server_round))
+        without_data = {}
         for msg in grid.send_and_receive(messages, timeout=self.identify_timeout_s):
             node_id = msg.metadata.src_node_id
             if node_id not in asked:
@@ -100,6 +98,10 @@ class NodeSampler:
             try:
                 self.client_ids[node_id] = self._client_id(msg, node_id)
                 self._asked_in.pop(node_id, None)
+            except NoDataError as exc:  # answered, but cannot train: never sampled
+                without_data[node_id] = str(exc)
+                self.without_data.add(node_id)
+                log(WARNING, "round %d: node %d is left out: %s", server_round, node_id, exc)
             except (ValueError, TypeError, KeyError) as exc:
                 log(
                     WARNING,
@@ -108,6 +110,13 @@ class NodeSampler:
                     node_id,
                     exc,
                 )
+        if without_data and not asked & set(self.client_ids):
+            node_id, reason = next(iter(without_data.items()))
+            raise RuntimeError(
+                f"none of the {len(without_data)} nodes that answered can train, e.g. node "
+                f"{node_id}: {reason}. Check the data settings (partitioner, "
+                "dirichlet-alpha, the number of clients) or the nodes' data-path"
+            )
         log(
             INFO,
             "round %d: identified %d of %d new nodes (%d known)",
@@ -119,6 +128,10 @@ class NodeSampler:
 
     def _client_id(self, msg: Message, node_id: int) -> int:
         record = reply_config(msg, P.IDENTITY)
+        if P.DATA_ERROR in record:
+            raise NoDataError(f"it cannot load its data: {record[P.DATA_ERROR]}")
+        if record.get(P.NUM_EXAMPLES) == 0:
+            raise NoDataError("it holds no training examples")
         size = record.get(P.NUM_PARTITIONS)
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
@@ -184,6 +197,24 @@ class NodeSampler:
             picks = rng.choice(len(clients), size=sample_size, replace=False)
             chosen = [clients[i] for i in sorted(picks)]
         return [by_client[c] for c in chosen]
+
+
+def query_messages(
+    action: str, node_ids: list[int], server_round: int, count: CountFn
+) -> list[Message]:
+    """One "query.<action>" message per node (content: the round), counted as sent."""
+    messages = []
+    for node_id in node_ids:
+        content = RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})})
+        count(node_id, sum(r.count_bytes() for r in content.values()), 0)
+        messages.append(
+            Message(
+                content=content,
+                message_type=f"{MessageType.QUERY}.{action}",
+                dst_node_id=node_id,
+            )
+        )
+    return messages
 
 
 def reply_config(msg: Message, key: str) -> ConfigRecord:

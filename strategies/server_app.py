@@ -28,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedprune import protocol as P
 from fedprune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
 from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, client_partition, heldout_split, server_share
+from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
 from fedprune.initial_pruning import initial_prune
 from fedprune.masks import Masks, check_masks, from_prune_state, full_masks, model_density
 from fedprune.models import build_model, count_parameters, prunable_names
@@ -259,27 +259,6 @@ def final_inference(settings: Settings, strategy: SparseFedAvg, out_dir: Path) -
     return block
 
 
-def check_partitions(settings: Settings, num_clients: int) -> None:
-    """Stop the run with a clear message if the data cannot be split `num_clients` ways
-    with every client holding at least one example (e.g. Dirichlet with many clients),
-    rather than have every node fail in every round."""
-    spec = settings.data_spec()
-    try:
-        sizes = [len(client_partition(spec, i, num_clients)) for i in range(num_clients)]
-        reason = f"{sizes.count(0)} clients would get no examples" if 0 in sizes else ""
-    except ValueError as exc:
-        reason = str(exc).rstrip(".")
-    if reason:
-        message = (
-            f"setting 'partitioner' = {settings.partitioner!r} cannot split the {settings.dataset} "
-            f"data among {num_clients} clients: {reason}. Use partitioner='iid', fewer "
-            "clients, or (dirichlet) a larger dirichlet-alpha"
-        )
-        log(ERROR, "[fedprune] %s", message)
-        raise SettingsError(message)
-    log(INFO, "[fedprune] data split among %d clients (%s)", num_clients, settings.partitioner)
-
-
 def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
     """The strategy of `settings.method`, with the settings it uses."""
     common = dict(
@@ -293,7 +272,6 @@ def build_strategy(settings: Settings, params, masks, profile) -> SparseFedAvg:
         num_clients=settings.num_clients,
         seed=settings.seed,
         importance_upload=settings.importance_upload,
-        check_population=lambda n: check_partitions(settings, n),
         fraction_evaluate=settings.fraction_evaluate,
         min_replies=settings.min_replies,
         regrow_init=settings.regrow_init,

@@ -45,6 +45,7 @@ from strategies.node_sampling import (
     TRAIN,
     NodeSampler,
     fraction_size,
+    query_messages,
     reply_config,
 )
 
@@ -124,10 +125,6 @@ class SparseFedAvg(FedAvg):
         Fixes each round's sample, with the round number (`NodeSampler`).
     importance_upload : "auto" | "reconfig" | "every-round"
         How importance reaches the server (see fedprune.settings.IMPORTANCE_UPLOADS).
-    check_population : callable, optional
-        Called with the federation's size when it is first known (and when it changes),
-        before any node trains; it may raise to stop the run with a clear message (e.g.
-        a partitioner that cannot split the data that many ways).
     fraction_evaluate : float (default: 0.0)
         Fraction of nodes asked to evaluate the global model on their local data.
     regrow_init : "last" | "zero"
@@ -161,7 +158,6 @@ class SparseFedAvg(FedAvg):
         num_clients: int = 0,
         seed: int = 0,
         importance_upload: str = "auto",
-        check_population: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -184,8 +180,6 @@ class SparseFedAvg(FedAvg):
         if importance_upload not in ("auto", "reconfig", "every-round"):
             raise ValueError(f"importance_upload = {importance_upload!r}")
         self.importance_upload = importance_upload
-        self.check_population = check_population
-        self._checked_size = 0
         self.upload_mode: str | None = None  # resolved when the federation's size is known
         # Importance gathered since the last reconfiguration, summed over the replies (each
         # node's importance is already weighted by its samples), and over how many rounds.
@@ -435,9 +429,6 @@ class SparseFedAvg(FedAvg):
         count = self._count(server_round)
         wait_for = self.clients_per_round if self.fraction_train == 0 else 1
         population = self.sampler.population(grid, server_round, wait_for, count)
-        if self.check_population is not None and len(population) != self._checked_size:
-            self.check_population(len(population))
-            self._checked_size = len(population)
         size = (
             fraction_size(self.fraction_train, len(population))
             if self.fraction_train > 0
@@ -491,18 +482,11 @@ class SparseFedAvg(FedAvg):
         if not missing:
             return
         stats = self.stats.setdefault(server_round, RoundStats())
-        messages = []
+        messages = query_messages(
+            P.PROFILE_ACTION, missing, server_round, self._count(server_round)
+        )
         for node_id in missing:
-            content = RecordDict({P.CONFIG: ConfigRecord({P.SERVER_ROUND: server_round})})
-            stats.count(node_id, sent=content_bytes(content))
             self.profile_queries[node_id] = self.profile_queries.get(node_id, 0) + 1
-            messages.append(
-                Message(
-                    content=content,
-                    message_type=f"{MessageType.QUERY}.{P.PROFILE_ACTION}",
-                    dst_node_id=node_id,
-                )
-            )
         asked = set(missing)
         for msg in grid.send_and_receive(messages, timeout=self.query_timeout_s):
             node_id = msg.metadata.src_node_id

@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from clients.partitions import _partitioner, client_partition
 from fedprune.data import (
     DataSpec,
-    _partitioner,
     _split_indices,
-    client_partition,
     heldout_split,
     server_share,
 )

@@ -24,6 +24,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from clients.partitions import client_partition
+from clients.prepare_data import prepare
 from deploy.credentials import LOOPBACK_HOSTS, generate_node_key, generate_tls
 from deploy.local_federation import (
     PROJECT_DIR,
@@ -33,8 +35,7 @@ from deploy.local_federation import (
     write_deploy_summary,
 )
 from experiments.local_run import _alive, descendants
-from fedprune.data import DataSpec, client_partition, load_folder
-from fedprune.prepare_data import prepare
+from fedprune.data import DataSpec, load_folder
 
 SMALL = "model='small-cnn' cost-profile='paper-uniform' ip-max-iterations=100 reconfigure=false"
 
@@ -53,7 +54,7 @@ def test_prepared_folders_hold_exactly_the_embedded_partitions(tmp_path):
 
 
 def test_prepare_data_command_writes_folders(tmp_path):
-    cmd = [sys.executable, "-m", "fedprune.prepare_data", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "clients.prepare_data", "--out", str(tmp_path)]
     done = subprocess.run(
         [*cmd, "--num-partitions", "2"],
         capture_output=True,

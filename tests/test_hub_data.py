@@ -19,13 +19,13 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
+from clients.partitions import _partitioner, client_partition
 from fedprune import hub_data
 from fedprune.costs import named_profile
 from fedprune.data import (
     INPUT_SHAPE,
     NUM_CLASSES,
     DataSpec,
-    client_partition,
     heldout_split,
     server_share,
 )
@@ -130,7 +130,7 @@ def test_femnist_clients_are_groups_of_whole_writers(femnist):
     folder, pixels, labels, writers = femnist
     spec = DataSpec(dataset="femnist", source=str(folder), partitioner="writers", test_fraction=0.2)
     test, server, pool = hub_data._split(spec)
-    partitioner = hub_data._partitioner(spec, 4)
+    partitioner = _partitioner(spec, 4)
     parts = [np.asarray(partitioner.load_partition(i)["index"]) for i in range(4)]
     everything = np.concatenate(parts)
     assert len(everything) == len(np.unique(everything)) == len(pool)
@@ -153,11 +153,11 @@ def test_writers_that_cannot_make_exact_client_groups_are_an_error(femnist):
     folder = femnist[0]
     spec = DataSpec(dataset="femnist", source=str(folder), partitioner="writers")
     n = len(set(femnist[3][hub_data._split(spec)[2]]))  # 22 client writers
-    assert hub_data._partitioner(spec, n).num_partitions == n  # one writer each
+    assert _partitioner(spec, n).num_partitions == n  # one writer each
     with pytest.raises(ValueError, match="cannot be grouped"):
-        hub_data._partitioner(spec, 10)
+        _partitioner(spec, 10)
     with pytest.raises(ValueError, match="at least"):
-        hub_data._partitioner(spec, n + 1)
+        _partitioner(spec, n + 1)
 
 
 def test_femnist_can_also_be_split_iid_over_its_client_writers(femnist):
@@ -174,7 +174,7 @@ def test_cifar_partitions_are_disjoint_from_each_other_and_the_server(cifar, par
     )
     test, server, pool = hub_data._split(spec)
     assert len(test) == 0 and len(server) == 12 and len(pool) == 108  # own test split
-    partitioner_ = hub_data._partitioner(spec, 4)
+    partitioner_ = _partitioner(spec, 4)
     parts = [np.asarray(partitioner_.load_partition(i)["index"]) for i in range(4)]
     everything = np.concatenate(parts)
     assert len(everything) == len(np.unique(everything)) == len(pool)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
+from clients.partitions import client_partition
 from fedprune import protocol as P
 from fedprune.codec import decode_update
 from fedprune.costs import named_profile
+from fedprune.data import save_folder
 from fedprune.settings import Settings, SettingsError
 from strategies.node_sampling import NodeSampler
 from strategies.prunefl import PruneFL
@@ -149,10 +151,12 @@ def test_nodes_keep_no_importance_when_no_method_uses_it():
     assert not any(P.STATE_IMPORTANCE in c.state for c in fed.contexts.values())
 
 
-def test_a_node_without_partition_id_is_sampled_by_node_id_with_a_warning(caplog):
+def test_a_node_without_partition_id_is_sampled_by_node_id_with_a_warning(tmp_path, caplog):
     fed = Federation(SETTINGS, 2)
-    for ctx in fed.contexts.values():
+    folder = save_folder(tmp_path / "data", client_partition(SETTINGS.data_spec(), 0, 2))
+    for ctx in fed.contexts.values():  # a device with its own data folder and no partition id
         ctx.node_config.pop("partition-id")
+        ctx.node_config["data-path"] = str(folder)
     sampler = NodeSampler(seed=0, num_clients=2)
     with caplog.at_level(logging.WARNING):
         population = sampler.population(fed.grid, 1, 2, lambda *a: None)
@@ -181,8 +185,21 @@ def test_server_keeps_a_small_record_per_node_that_took_part():
 
 
 def test_a_split_that_cannot_give_every_client_data_stops_the_run_clearly():
-    from strategies.server_app import check_partitions
+    """Dirichlet over 1,000 clients of the 3,500 training digits: every node says so when
+    it is identified, and the run stops before anyone trains."""
+    fed = Federation(Settings(**{**SETTINGS.__dict__, "partitioner": "dirichlet"}), 2)
+    for ctx in fed.contexts.values():
+        ctx.node_config["num-partitions"] = 1000
+    strategy = make_strategy(2)
+    with pytest.raises(RuntimeError, match="none of the 2 nodes that answered can train"):
+        strategy.configure_train(1, None, CONFIG, fed.grid)
 
-    check_partitions(Settings(), 1000)  # the 3,500 training digits: 3 or 4 per client
-    with pytest.raises(SettingsError, match="cannot split the mnist data among 1000 clients"):
-        check_partitions(Settings(partitioner="dirichlet"), 1000)
+
+def test_a_node_that_cannot_load_its_data_is_left_out(tmp_path, caplog):
+    fed = Federation(SETTINGS, 4)
+    fed.contexts[101].node_config["data-path"] = str(tmp_path / "missing")
+    strategy = make_strategy(3, num_clients=3)
+    with caplog.at_level(logging.WARNING):
+        messages = list(strategy.configure_train(1, None, CONFIG, fed.grid))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 102, 103]
+    assert "node 101 is left out: it cannot load its data" in caplog.text

@@ -1,6 +1,6 @@
 """Write each client's data to its own folder, for devices that cannot download data.
 
-    python -m fedprune.prepare_data --out data --num-partitions 3
+    python -m clients.prepare_data --out data --num-partitions 3
 
 writes `data/partition-0/`, `data/partition-1/`, ... each with `data.npz` (`x`: N 28x28
 uint8 images, `y`: N labels) and `meta.json` (how the partition was made). Copy
@@ -23,7 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedprune.data import DATASETS, PARTITIONERS, DataSpec, client_partition, save_folder
+from clients.partitions import client_partition
+from fedprune.data import DATASETS, PARTITIONERS, DataSpec, save_folder
 
 
 def prepare(out: Path, num_partitions: int, spec: DataSpec | None = None) -> list[Path]:
