@@ -34,22 +34,18 @@ import torch
 
 from experiments.local_run import local_superlink
 from fedprune.masks import from_prune_state
+from strategies.methods import REGISTERED
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Each arm is a method plus the settings that define it. "@density" and "@mask" are filled
-# from the PruneFL run of the same seed.
+# Each arm is a method plus the settings that define it, as each registered method
+# declares them (`comparison_arms`). "@density" and "@mask" are filled from the PruneFL run
+# of the same seed.
 ARMS: dict[str, dict[str, Any]] = {
-    "prunefl": {"method": "prunefl"},
-    "fedavg": {"method": "fedavg"},
-    "prunefl-ip-only": {"method": "prunefl", "reconfigure": False},
-    "prunefl-reconfig-only": {"method": "prunefl", "initial-pruning": False},
-    "snip": {"method": "snip", "target-density": "@density"},
-    "iterative": {"method": "iterative", "target-density": "@density"},
-    "feddst": {"method": "feddst", "target-density": "@density"},
-    "lottery-original": {"method": "lottery", "mask-path": "@mask", "lottery-init": "original"},
-    "lottery-random": {"method": "lottery", "mask-path": "@mask", "lottery-init": "random"},
+    arm: {"method": cls.name, **extra}
+    for cls in REGISTERED
+    for arm, extra in cls.comparison_arms().items()
 }
 
 COLUMNS = [

@@ -52,6 +52,7 @@ __all__ = [
     "CodecError",
     "decode_mask",
     "decode_model",
+    "decode_reply",
     "decode_update",
     "encode_mask",
     "encode_model",
@@ -523,6 +524,67 @@ def decode_update(
                 raise CodecError(f"{key!r}: negative importance")
             importance[name] = g
     return params, importance
+
+
+def decode_reply(
+    arrays: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    kept: Mapping[str, int],
+    prunable: Sequence[str],
+    expect_importance: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Server side: decode a client's reply without densifying its values.
+
+    ``kept`` holds, per prunable parameter, the number of kept values the mask the server
+    delivered has. Returns ``(values, importance)``: per parameter a 1-D float32 tensor,
+    the kept values in wire order for a prunable one and the whole flattened tensor for
+    any other; and the dense importance per prunable parameter when ``expect_importance``
+    (else None). The same checks as :func:`decode_update`, so a reply that one rejects
+    the other rejects too, with the same key in the message.
+    """
+    spec = _check_shapes(shapes)
+    prun_set = set(prunable)
+    groups = _group(arrays)
+    for prefix in MASK_PREFIXES:
+        for name in groups[prefix]:
+            raise CodecError(
+                f"unexpected key '{prefix}/{name}': a client update never carries masks"
+            )
+    for name in groups[_VALUES]:
+        if name not in spec:
+            raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
+    for name in groups[_IMPORTANCE]:
+        key = f"{_IMPORTANCE}/{name}"
+        if not expect_importance:
+            raise CodecError(f"unexpected key {key!r}: importance was not expected this round")
+        if name not in prun_set:
+            raise CodecError(f"unexpected key {key!r}: importance for a non-prunable parameter")
+    values: dict[str, torch.Tensor] = {}
+    for name, (_dims, n) in spec.items():
+        key = f"{_VALUES}/{name}"
+        if name not in groups[_VALUES]:
+            raise CodecError(f"missing key {key!r}")
+        data = _check_array(key, groups[_VALUES][name], np.dtype(np.float32))
+        expected = int(kept[name]) if name in prun_set else n
+        if data.shape[0] != expected:
+            what = "the mask's kept count" if name in prun_set else "the parameter's size"
+            raise CodecError(f"{key!r}: expected {expected} values ({what}), got {data.shape[0]}")
+        _finite_values(key, data)
+        values[name] = torch.from_numpy(np.require(data, requirements=["C", "W", "A"]))
+    if not expect_importance:
+        return values, None
+    importance: dict[str, torch.Tensor] = {}
+    for name, (dims, n) in spec.items():
+        if name not in prun_set:
+            continue
+        key = f"{_IMPORTANCE}/{name}"
+        if name not in groups[_IMPORTANCE]:
+            raise CodecError(f"missing key {key!r}: importance was expected")
+        g = _decode_bfloat16(key, groups[_IMPORTANCE][name], dims, n)
+        if n and bool((g < 0).any()):
+            raise CodecError(f"{key!r}: negative importance")
+        importance[name] = g
+    return values, importance
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:

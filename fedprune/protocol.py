@@ -21,9 +21,10 @@ LEARNING_RATE = "lr"
 # MetricRecord keys, client -> server
 NUM_EXAMPLES = "num-examples"  # Flower's aggregation weight key
 TRAIN_LOSS = "train-loss"
-PARTITION_ID = "partition-id"  # lets the server sum replies in a fixed order
 FIXED_IMPORTANCE = "importance-fixed"  # importance summed over never-pruned parameters
 IMPORTANCE_ROUNDS = "importance-rounds"  # local rounds the importance was accumulated over
+COMPUTE_S = "compute-s"  # seconds the node computed for this round (measured on the device)
+IMPORTANCE_TRACKED = "importance-tracked"  # 1 if the node computed importance this round
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 
@@ -32,6 +33,9 @@ STATE_MASK = "fedprune-mask"  # ArrayRecord: the mask the node holds, packed
 STATE_META = "fedprune-meta"  # ConfigRecord: its version
 STATE_IMPORTANCE = "fedprune-importance"  # ArrayRecord: importance accumulated so far
 STATE_IMPORTANCE_META = "fedprune-importance-meta"  # ConfigRecord: over how many rounds
+
+# Node config and query replies: the node's stable client id
+PARTITION_ID = "partition-id"
 
 # The device-profile query (message type "query.profile"): the server sends an empty
 # ConfigRecord under CONFIG; the node replies with its measurements (`fedprune.profiler`,

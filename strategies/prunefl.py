@@ -1,20 +1,24 @@
-"""PruneFL: every few rounds, re-solve which parameters to keep from the clients' summed
-importance and the round-time model (fedprune.reconfigure)."""
+"""PruneFL: the server prunes the model on its own data (phase 1), then every few rounds
+re-solves which parameters to keep from the clients' summed importance and the round-time
+model (`fedprune.reconfigure`)."""
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 
 import torch
 from flwr.common.logger import log
 
-from fedprune.masks import Masks
+from fedprune.initial_pruning import initial_prune
+from fedprune.masks import Masks, full_masks, model_density
 from fedprune.reconfigure import reconfigure, stability_delta
-from strategies.sparse_fedavg import SparseFedAvg
+from fedprune.settings import Settings
+from strategies.sparse_fedavg import SparseFedAvg, Start
 
 
 class PruneFL(SparseFedAvg):
-    """PruneFL's phase 2 (the server's initial pruning runs before, in the ServerApp).
+    """PruneFL's phase 2, after its initial pruning (`starting_point`).
 
     Parameters (besides SparseFedAvg's)
     ----------
@@ -26,6 +30,11 @@ class PruneFL(SparseFedAvg):
         Upper bound on the kept fraction of prunable weights.
     """
 
+    name = "prunefl"
+    reads = ("initial-pruning", "ip-interval", "ip-max-iterations", "ip-stop-window",
+             "ip-stop-tolerance", "reconfigure", "reconfig-interval", "delta-initial",
+             "delta-half-life", "max-density")  # fmt: skip
+
     def __init__(
         self,
         *,
@@ -35,29 +44,53 @@ class PruneFL(SparseFedAvg):
         max_density: float = 1.0,
         **kw,
     ) -> None:
-        super().__init__(**kw)
         self.reconfig_interval = reconfig_interval
-        self.delta_initial = delta_initial
-        self.delta_half_life = delta_half_life
+        self.delta_initial, self.delta_half_life = delta_initial, delta_half_life
         self.max_density = max_density
+        super().__init__(**kw)
+
+    @classmethod
+    def options(cls, settings: Settings) -> dict:
+        return {
+            "reconfig_interval": settings.reconfig_interval if settings.reconfigure else 0,
+            "delta_initial": settings.delta_initial,
+            "delta_half_life": settings.delta_half_life,
+            "max_density": settings.max_density,
+        }
+
+    @classmethod
+    def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
+        """Phase 1: train and prune on the server's own data (unless turned off)."""
+        if not (settings.initial_pruning and settings.ip_max_iterations):
+            return full_masks(start.model), {"enabled": False}
+        return initial_pruning(settings, start)
+
+    @classmethod
+    def comparison_arms(cls) -> dict[str, dict]:
+        return {
+            "prunefl": {},
+            "prunefl-ip-only": {"reconfigure": False},
+            "prunefl-reconfig-only": {"initial-pruning": False},
+        }
 
     def wants_importance(self, server_round: int) -> bool:
         return self.reconfig_interval > 0 and server_round % self.reconfig_interval == 0
 
     def update_mask(
-        self, server_round: int, importance: dict[str, torch.Tensor] | None, fixed_importance: float
+        self, server_round: int, importance: dict[str, torch.Tensor] | None, fixed: float
     ) -> Masks | None:
         if importance is None:
             return None
         delta = stability_delta(server_round, self.delta_initial, self.delta_half_life)
+        model = self.model
         # With measured costs, self.profile is this round's slowest sampled node.
         result = reconfigure(
-            {k: self.params[k] * self.masks[k] for k in self.masks},
-            self.masks,
+            {k: model.params[k] * model.masks[k] for k in model.masks},
+            model.masks,
             importance,
             self.profile.time_per_param(),
-            self.profile.fixed_time_s(self.never_pruned),
-            fixed_importance=fixed_importance,
+            self.profile.fixed_time_s(model.never_pruned),
+            fixed_importance=fixed,
             delta=delta,
             max_density=self.max_density,
             allow_regrowth=True,
@@ -73,3 +106,55 @@ class PruneFL(SparseFedAvg):
             result.round_time_s,
         )
         return result.masks
+
+
+def initial_pruning(settings: Settings, start: Start) -> tuple[Masks, dict]:
+    """PruneFL's phase 1 on the server's own data; trains and prunes `start.model` in
+    place and returns its masks and a summary of the phase."""
+
+    def progress(iteration: int, kept: int, total: int, acc: float) -> None:
+        log(
+            INFO,
+            "[fedprune] initial pruning: iteration %4d | train acc %.3f | "
+            "kept %s of %s prunable weights (%.4f)",
+            iteration,
+            acc,
+            f"{kept:,}",
+            f"{total:,}",
+            kept / total,
+        )
+
+    t0 = time.time()
+    phase1 = initial_prune(
+        start.model,
+        start.server_data,
+        start.profile,
+        num_classes=start.num_classes,
+        lr=settings.learning_rate,
+        batch_size=settings.batch_size,
+        local_steps=settings.local_steps,
+        interval=settings.ip_interval,
+        max_iterations=settings.ip_max_iterations,
+        window=settings.ip_stop_window,
+        tolerance=settings.ip_stop_tolerance,
+        delta=settings.delta_initial,
+        max_density=settings.max_density,
+        seed=settings.seed,
+        on_reconfigure=progress,
+    )
+    info = {
+        "enabled": True,
+        "iterations": phase1.iterations,
+        "stopped_by": phase1.stopped_by,
+        "density": model_density(start.model, phase1.masks),
+        "wall_time_s": round(time.time() - t0, 3),
+        "history": phase1.history,
+    }
+    log(
+        INFO,
+        "[fedprune] initial pruning stopped (%s) after %d iterations at density %.4f",
+        phase1.stopped_by,
+        phase1.iterations,
+        info["density"],
+    )
+    return phase1.masks, info

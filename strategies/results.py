@@ -35,12 +35,19 @@ COLUMNS = [
     "sim_time_s",
     "wall_time_s",
     "round_sim_time_s",
+    "device_round_s",
+    "device_time_s",
+    "importance_tracked",
     "mask_version",
     "masks_sent",
     "replies",
     "dropped",
     "reconfigured",
 ]
+
+# Read off a clock, so no two runs share them; every other column is a function of the
+# seed and settings (tests/test_determinism.py).
+MEASURED_COLUMNS = ("wall_time_s", "device_round_s", "device_time_s")
 
 
 def inference_summary(
@@ -104,6 +111,34 @@ class RunRecorder:
             self._writer.writerow({k: row.get(k, "") for k in COLUMNS})
         self._csv.flush()
 
+    def add_round(self, server_round: int, accuracy: float, loss: float, strategy) -> None:
+        """Record a round from the test-split evaluation and the strategy's round stats
+        (round 0, before any training, has none)."""
+        stats = strategy.stats.get(server_round)
+        last = self.rows[-1] if self.rows else {}
+        round_time = stats.sim_time_s if stats else 0.0
+        device_s = stats.device_round_s if stats else 0.0
+        self.add(
+            {
+                "round": server_round,
+                "accuracy": accuracy,
+                "loss": loss,
+                "density": strategy.density(),
+                "bytes_down": stats.bytes_down if stats else 0,
+                "bytes_up": stats.bytes_up if stats else 0,
+                "sim_time_s": round(float(last.get("sim_time_s", 0.0)) + round_time, 3),
+                "round_sim_time_s": round(round_time, 3),
+                "device_round_s": round(device_s, 4),
+                "device_time_s": round(float(last.get("device_time_s", 0.0)) + device_s, 4),
+                "importance_tracked": int(stats.importance_tracked) if stats else 0,
+                "mask_version": strategy.mask_version,
+                "masks_sent": stats.masks_sent if stats else 0,
+                "replies": stats.replies if stats else 0,
+                "dropped": stats.dropped if stats else 0,
+                "reconfigured": int(stats.reconfigured) if stats else 0,
+            }
+        )
+
     def add(self, row: dict[str, Any]) -> None:
         row = {**row, "wall_time_s": round(time.time() - self.t0, 3)}
         self.rows.append(row)
@@ -112,7 +147,7 @@ class RunRecorder:
         log(
             INFO,
             "[fedprune] round %3d | acc %.4f | loss %.4f | density %.4f | down %s | up %s | "
-            "modelled round %.1f s | wall %.1f s",
+            "modelled round %.1f s | device %.2f s%s | wall %.1f s",
             row["round"],
             row["accuracy"],
             row["loss"],
@@ -120,6 +155,8 @@ class RunRecorder:
             human_bytes(row["bytes_down"]),
             human_bytes(row["bytes_up"]),
             row["round_sim_time_s"],
+            float(row.get("device_round_s", 0.0)),
+            " (importance)" if row.get("importance_tracked") else "",
             row["wall_time_s"],
         )
 
@@ -143,6 +180,7 @@ class RunRecorder:
             "total_bytes_down": sum(r["bytes_down"] for r in self.rows),
             "total_bytes_up": sum(r["bytes_up"] for r in self.rows),
             "total_sim_time_s": last["sim_time_s"],
+            "total_device_time_s": last.get("device_time_s", 0.0),
             "total_wall_time_s": last["wall_time_s"],
             "dropped_replies": sum(r["dropped"] for r in self.rows),
             "machine": machine(),

@@ -1,106 +1,75 @@
-"""FedAvg over a sparse model: the machinery every pruning method here shares.
+"""FedAvg over a sparse model: what every pruning method here shares.
 
-What changes against Flower's FedAvg, and nothing else:
-- `configure_train` / `configure_evaluate`: each node gets the kept values only if it
-  already holds the current mask version, else values plus the packed mask;
-- `aggregate_train`: replies are validated one by one (a bad reply is dropped with a
-  logged reason, never aggregated) and kept values are averaged weighted by samples.
+What changes against Flower's FedAvg:
+- `configure_train` / `configure_evaluate` send each sampled node the kept values, plus
+  the mask (or its change) if the node does not hold the current version;
+- `aggregate_train` checks each reply and sums its kept values into a running mean, in
+  client-id order; a bad reply is dropped with a logged reason, never aggregated.
+
+The parts are plain objects in `fedprune/` (no Flower): the global model and its versions
+(`GlobalModel`), what each node holds (`NodeLedger`), reply checks (`replies`), the running
+mean (`KeptMean`), when importance is computed and its sum (`ImportanceCollector`) and the
+nodes' device profiles (`NodeProfiles`); node sampling is `strategies.node_sampling`. This
+class only wires them into Flower's hooks.
 
 A pruning method is a subclass that says when it needs the clients' importance
-(`wants_importance`) and how the mask changes (`update_mask`); its policy itself is a
-pure function in `fedprune/`. The strategy keeps a dense copy of the global weights:
-pruned positions keep the last value they had, so a parameter that grows back can
-restart from it (the paper) or from 0.
+(`wants_importance`) and how the mask changes (`update_mask`); its policy itself is a pure
+function in `fedprune/`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import ClassVar
 
-import numpy as np
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
 from fedprune import protocol as P
-from fedprune.codec import CodecError, decode_update, encode_model
-from fedprune.costs import CostProfile, slowest
-from fedprune.masks import Masks, density, kept_counts
-from fedprune.profiler import profile_from_measurements
-from strategies.node_sampling import (
-    EVALUATE,
-    TRAIN,
-    NodeSampler,
-    fraction_size,
-    query_messages,
-    reply_config,
+from fedprune.aggregate import KeptMean, WeightedScalar
+from fedprune.costs import CostProfile
+from fedprune.data import Examples
+from fedprune.global_model import GlobalModel
+from fedprune.importance import ImportanceCollector, RoundPlan
+from fedprune.masks import Masks, full_masks
+from fedprune.node_profiles import NodeProfiles
+from fedprune.node_state import NONE, NodeLedger
+from fedprune.replies import (
+    Expected,
+    ReplyError,
+    TrainUpdate,
+    check_evaluate_reply,
+    check_train_reply,
 )
+from fedprune.settings import Settings
+from strategies.accounting import RoundStats, content_bytes
+from strategies.messages import ModelPayloads, query_profiles, reply_parts
+from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
 
-MAX_NUM_EXAMPLES = 10**9  # a reply claiming more samples than this is not believed
-
-
-@dataclass
-class RoundStats:
-    """What one round cost, from the records really sent and received."""
-
-    bytes_down: int = 0
-    bytes_up: int = 0
-    sim_time_s: float = 0.0  # modelled time of this round (slowest node)
-    replies: int = 0
-    dropped: int = 0
-    masks_sent: int = 0
-    reconfigured: bool = False
-    per_node_bytes: dict[int, int] = field(default_factory=dict)
-
-    def count(self, node_id: int, sent: int = 0, received: int = 0) -> None:
-        self.bytes_down += sent
-        self.bytes_up += received
-        self.per_node_bytes[node_id] = self.per_node_bytes.get(node_id, 0) + sent + received
-
-    def count_reply(self, msg: Message) -> None:
-        if msg.has_content():
-            self.count(msg.metadata.src_node_id, received=content_bytes(msg.content))
+SKIPPED = (
+    "round %d: %d valid replies, fewer than min-replies = %d; the round is skipped and the "
+    "global model is unchanged"
+)
+NEW_MASK = "round %d: new mask: +%d -%d parameters, density %.4f, mask version %d"
 
 
 @dataclass
-class TrainReply:
-    """A train reply that passed validation, decoded."""
+class Start:
+    """What a method's starting point is built from: the freshly built (seeded) model,
+    which the method may train or re-initialise in place, the prior cost profile, the
+    server's own data, and the data's shape."""
 
-    node_id: int
-    num_examples: int
-    values: dict[str, torch.Tensor]
-    importance: dict[str, torch.Tensor] | None
-    fixed_importance: float
-    loss: float
-    order: tuple[int, int]  # (partition id, node id): a fixed summation order
-
-
-def slowest_profile(profiles: Iterable[CostProfile]) -> CostProfile:
-    """The element-wise slowest of some device profiles (`fedprune.costs.slowest`): a
-    synchronous round waits for its slowest node."""
-    return slowest(profiles)
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Bytes of all records in a message's content, as Flower serialises them."""
-    return sum(record.count_bytes() for record in content.values())
-
-
-def to_array_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    model: torch.nn.Module
+    profile: CostProfile
+    server_data: Examples
+    num_classes: int
+    input_shape: tuple[int, int, int]
 
 
 class SparseFedAvg(FedAvg):
@@ -108,35 +77,34 @@ class SparseFedAvg(FedAvg):
 
     Parameters
     ----------
-    params : dict[str, torch.Tensor]
-        Initial global weights (dense; pruned positions are ignored).
-    masks : dict[str, torch.Tensor]
-        Initial bool masks of the prunable weights (e.g. from initial pruning).
+    params, masks : dict[str, torch.Tensor]
+        Initial global weights (dense) and bool masks of the prunable weights.
     profile : CostProfile
-        Round-time model used by the solver and for the modelled time.
+        Round-time model for the modelled time (and PruneFL's solver).
     clients_per_round : int
-        Nodes sampled for training each round (unless `fraction_train` is set).
+        Nodes sampled for training each round; 0 = every node (unless `fraction_train`).
     fraction_train : float (default: 0.0)
         If > 0, the fraction of the federation's nodes sampled each round instead.
     num_clients : int (default: 0)
-        The federation's size: nodes to wait for before round 1 and to sample from; 0
-        takes what the nodes report (`NodeSampler`).
+        The federation's size (0: what the nodes report; see `NodeSampler`).
     seed : int (default: 0)
-        Fixes each round's sample, with the round number (`NodeSampler`).
+        Fixes each round's sample, with the round number.
     importance_upload : "auto" | "reconfig" | "every-round"
-        How importance reaches the server (see fedprune.settings.IMPORTANCE_UPLOADS).
+        How importance reaches the server ("auto": "reconfig" when every node takes part).
+    importance_window : int (default: 0)
+        Nodes compute importance only in the last this-many rounds before the method's
+        mask update needs it; 0 = every round since the previous update.
     fraction_evaluate : float (default: 0.0)
         Fraction of nodes asked to evaluate the global model on their local data.
     regrow_init : "last" | "zero"
         Value a regrown parameter starts from.
     node_wait_s : float (default: 120)
-        How long to wait for enough nodes to connect before giving up with an error.
+        How long to wait for enough nodes to connect.
     min_replies : int (default: 1)
         A round with fewer valid train replies is skipped (logged, model unchanged).
     measure_costs : bool (default: False)
-        Ask each sampled node for its device profile (a "query.profile" message, once per
-        node) and model each round with the slowest sampled node's costs; `profile` is
-        then only the fallback while no node has answered.
+        Ask each sampled node once for its device profile and model each round with the
+        slowest sampled node's; `profile` is the prior until one has answered.
     query_timeout_s : float (default: 600)
         How long to wait for profile replies.
     """
@@ -148,106 +116,107 @@ class SparseFedAvg(FedAvg):
         masks: Masks,
         profile: CostProfile,
         clients_per_round: int,
+        fraction_train: float = 0.0,
+        num_clients: int = 0,
+        seed: int = 0,
+        importance_upload: str = "auto",
+        importance_window: int = 0,
         fraction_evaluate: float = 0.0,
         regrow_init: str = "last",
         node_wait_s: float = 120.0,
         min_replies: int = 1,
         measure_costs: bool = False,
         query_timeout_s: float = 600.0,
-        fraction_train: float = 0.0,
-        num_clients: int = 0,
-        seed: int = 0,
-        importance_upload: str = "auto",
     ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=fraction_evaluate,
-            min_train_nodes=clients_per_round,
+            min_train_nodes=max(clients_per_round, 1),
             min_evaluate_nodes=1 if fraction_evaluate > 0 else 0,
-            min_available_nodes=clients_per_round,
+            min_available_nodes=max(clients_per_round, 1),
             arrayrecord_key=P.ARRAYS,
             configrecord_key=P.CONFIG,
             weighted_by_key=P.NUM_EXAMPLES,
         )
-        self.clients_per_round = clients_per_round
-        self.fraction_train = fraction_train
-        self.sampler = NodeSampler(
-            seed=seed,
-            num_clients=num_clients,
-            wait_s=node_wait_s,
-            identify_timeout_s=min(60.0, query_timeout_s),
-        )
         if importance_upload not in ("auto", "reconfig", "every-round"):
             raise ValueError(f"importance_upload = {importance_upload!r}")
-        self.importance_upload = importance_upload
-        self.upload_mode: str | None = None  # resolved when the federation's size is known
-        # Importance gathered since the last reconfiguration, summed over the replies (each
-        # node's importance is already weighted by its samples), and over how many rounds.
-        self.importance_sum: dict[str, torch.Tensor] | None = None
-        self.fixed_importance_sum = 0.0
-        self.importance_rounds = 0
-        self.nodes_hold_importance = False  # nodes keep importance not yet uploaded
-        self.sampled_clients: dict[int, list[int]] = {}  # round -> client ids that trained
-        self.min_replies = min_replies
-        self.params = {k: v.detach().clone().float() for k, v in params.items()}
-        self.masks = {k: m.clone() for k, m in masks.items()}
-        self.shapes = {k: tuple(v.shape) for k, v in self.params.items()}
-        self.profile = profile
-        self.prior_profile = profile
-        self.measure_costs = measure_costs
+        self.clients_per_round, self.fraction_train = clients_per_round, fraction_train
+        self.importance_upload, self.min_replies = importance_upload, min_replies
+        self.model = GlobalModel(params, masks, regrow_init)
+        self.nodes = NodeLedger()
+        self.sampler = NodeSampler(
+            seed=seed, num_clients=num_clients, wait_s=node_wait_s, identify_timeout_s=60.0
+        )
+        self.importance = ImportanceCollector(self.wants_importance, 0, importance_window)
+        self.profiles = NodeProfiles(profile, list(masks))
+        self.profile, self.measure_costs = profile, measure_costs
         self.query_timeout_s = query_timeout_s
-        self.node_profiles: dict[int, CostProfile] = {}
-        self.profile_queries: dict[int, int] = {}  # node id -> profile queries sent
-        self.regrow_init = regrow_init
-        self.num_rounds = 0
-        self.mask_version = 0
-        self.node_mask_version: dict[int, int] = {}
-        self.stats: dict[int, RoundStats] = {}
-        self._payloads: dict[bool, RecordDict] = {}
-        self._payload_key: tuple[int, int, str] | None = None
-        self._asked_importance = False
-        self._train_nodes: set[int] = set()
-        self._eval_nodes: set[int] = set()
+        self.stats: defaultdict[int, RoundStats] = defaultdict(RoundStats)
+        self.sampled_clients: dict[int, list[int]] = {}  # round -> client ids that trained
+        self.payloads = ModelPayloads(self.model)
+        # What the round in progress sent: the importance plan, and per message kind the
+        # nodes asked and the mask version they were sent.
+        self._plan, self._sent = RoundPlan(), {"train": (set(), 0), "evaluate": (set(), 0)}
 
-    # ------------------------------------------------------------------ state views
+    # ------------------------------------------------------------------ views
     @property
-    def never_pruned(self) -> int:
-        return sum(v.numel() for k, v in self.params.items() if k not in self.masks)
+    def masks(self) -> Masks:
+        return self.model.masks
+
+    @property
+    def mask_version(self) -> int:
+        return self.model.mask_version
 
     def masked_params(self) -> dict[str, torch.Tensor]:
-        """The global model as the nodes see it: exact zeros at pruned positions."""
-        return {
-            k: v * self.masks[k] if k in self.masks else v.clone() for k, v in self.params.items()
-        }
-
-    def global_arrays(self) -> ArrayRecord:
-        return ArrayRecord(self.masked_params())
+        return self.model.masked_params()
 
     def density(self) -> float:
-        """Kept fraction of the whole model, biases included."""
-        return density(self.masks, always_kept=self.never_pruned)
+        return self.model.density()
+
+    def global_arrays(self) -> ArrayRecord:
+        return ArrayRecord(self.model.masked_params())
 
     # ------------------------------------------------------------------ the method's hooks
+    name: ClassVar[str] = ""  # the `method` setting that picks this strategy
+    reads: ClassVar[tuple[str, ...]] = ()  # settings only this method reads
+
+    @classmethod
+    def comparison_arms(cls) -> dict[str, dict]:
+        """The arms `experiments.compare` runs for this method: arm name -> settings
+        beyond `method` ("@density" / "@mask": PruneFL's final density / mask, same seed)."""
+        return {cls.name: {}}
+
+    @classmethod
+    def check_settings(cls, settings: Settings) -> None:
+        """Raise SettingsError (naming the key and the fix) for settings this method
+        cannot run with; called before any work."""
+
+    @classmethod
+    def options(cls, settings: Settings) -> dict:
+        """This method's own constructor arguments, from the settings."""
+        return {}
+
+    @classmethod
+    def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
+        """(masks of round 1, a summary of how they were found); the weights are
+        `start.model`'s afterwards. The default: the dense model."""
+        return full_masks(start.model), {"enabled": False}
+
     def wants_importance(self, server_round: int) -> bool:
-        """Whether this round's replies must carry the clients' importance."""
+        """Whether the mask update at the end of this round uses the clients' importance."""
         return False
 
     def update_mask(
-        self,
-        server_round: int,
-        importance: dict[str, torch.Tensor] | None,
-        fixed_importance: float,
+        self, server_round: int, importance: dict[str, torch.Tensor] | None, fixed: float
     ) -> Masks | None:
         """The mask after this round (None: unchanged). Called after averaging."""
         return None
 
     def summary(self) -> None:
         super().summary()
-        name = self.profile.name
-        if self.measure_costs:
-            name = f"measured per node (until profiled: {self.prior_profile.name})"
-        log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, name)
+        log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, self.profile.name)
 
+    # ------------------------------------------------------------------ the round loop
     def start(
         self,
         grid: Grid,
@@ -258,206 +227,65 @@ class SparseFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         *,
-        first_round: int = 0,
-        on_round_end: Callable[[int], None] | None = None,
+        first_round: int = 1,
     ) -> Result:
-        """Flower's round loop, plus two things a long run needs: start at `first_round`
-        (0: evaluate the initial model, then train from round 1; a resumed run gives the
-        round after its checkpoint) and call `on_round_end(round)` once a round is fully
-        done (to write a checkpoint)."""
-        self.num_rounds = num_rounds  # importance asked for in the last round would go unused
-        log(
-            INFO,
-            "Starting %s strategy, rounds %d to %d:",
-            type(self).__name__,
-            first_round,
-            num_rounds,
-        )
-        self.summary()
-        train_config = train_config if train_config is not None else ConfigRecord()
-        evaluate_config = evaluate_config if evaluate_config is not None else ConfigRecord()
+        """Flower's round loop (`Strategy.start`), which always begins at round 1 with an
+        evaluation of round 0: a resumed run must begin after its checkpoint's round, so
+        this copy takes `first_round` (1: a new run, as Flower's)."""
+        self.importance.num_rounds = num_rounds
+        if first_round == 1:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
         result, arrays = Result(), initial_arrays
-        if evaluate_fn is not None and first_round == 0 and (res := evaluate_fn(0, arrays)):
-            result.evaluate_metrics_serverapp[0] = res
-        for server_round in range(max(first_round, 1), num_rounds + 1):
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+        train_config, evaluate_config = (
+            train_config or ConfigRecord(),
+            evaluate_config or ConfigRecord(),
+        )
+        for r in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", r, num_rounds)
             replies = grid.send_and_receive(
-                messages=self.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout,
+                self.configure_train(r, arrays, train_config, grid), timeout=timeout
             )
-            new_arrays, train_metrics = self.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                result.arrays = arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
+            arrays = result.arrays = self.aggregate_train(r, replies)[0] or arrays
             replies = grid.send_and_receive(
-                messages=self.configure_evaluate(server_round, arrays, evaluate_config, grid),
-                timeout=timeout,
+                self.configure_evaluate(r, arrays, evaluate_config, grid), timeout=timeout
             )
-            if (eval_metrics := self.aggregate_evaluate(server_round, replies)) is not None:
-                result.evaluate_metrics_clientapp[server_round] = eval_metrics
-            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
-                result.evaluate_metrics_serverapp[server_round] = res
-            if on_round_end is not None:
-                on_round_end(server_round)
+            self.aggregate_evaluate(r, replies)
+            if evaluate_fn is not None:
+                evaluate_fn(r, arrays)
         return result
 
-    # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> dict:
-        """Everything the strategy needs to go on from the end of the last round (plain
-        tensors, numbers and strings: loadable with torch.load(weights_only=True))."""
-        return {
-            "params": {k: v.clone() for k, v in self.params.items()},
-            "masks": {k: m.clone() for k, m in self.masks.items()},
-            "mask_version": self.mask_version,
-            "importance_sum": (
-                None
-                if self.importance_sum is None
-                else {k: v.clone() for k, v in self.importance_sum.items()}
-            ),
-            "fixed_importance_sum": self.fixed_importance_sum,
-            "importance_rounds": self.importance_rounds,
-            "upload_mode": self.upload_mode or "",
-            "nodes_hold_importance": self.nodes_hold_importance,
-            "sampled_clients": {r: list(c) for r, c in self.sampled_clients.items()},
-        }
-
-    def load_state_dict(self, state: Mapping) -> None:
-        """Adopt a `state_dict()`; shapes and layers must be this model's."""
-        params, masks = state["params"], state["masks"]
-        if set(params) != set(self.params) or set(masks) != set(self.masks):
-            raise ValueError("the checkpoint's layers are not this model's")
-        for k, v in params.items():
-            if tuple(v.shape) != self.shapes[k]:
-                raise ValueError(
-                    f"{k}: shape {tuple(v.shape)} in the checkpoint, model has {self.shapes[k]}"
-                )
-        self.params = {k: v.clone().float() for k, v in params.items()}
-        self.masks = {k: m.clone().bool() for k, m in masks.items()}
-        self.mask_version = int(state["mask_version"])
-        imp = state["importance_sum"]
-        self.importance_sum = None if imp is None else {k: v.clone() for k, v in imp.items()}
-        self.fixed_importance_sum = float(state["fixed_importance_sum"])
-        self.importance_rounds = int(state["importance_rounds"])
-        self.upload_mode = state["upload_mode"] or None
-        self.nodes_hold_importance = bool(state["nodes_hold_importance"])
-        self.sampled_clients = {int(r): list(c) for r, c in state["sampled_clients"].items()}
-        self.node_mask_version.clear()  # a new run: no node holds a mask yet
-
     # ------------------------------------------------------------------ sending
-    def _payload(self, server_round: int, with_mask: bool, config: ConfigRecord) -> RecordDict:
-        """The message content for this round, built once per (mask version, kind)."""
-        key = (server_round, self.mask_version, str(dict(config)))
-        if key != self._payload_key:
-            self._payloads, self._payload_key = {}, key
-        if with_mask not in self._payloads:
-            arrays = encode_model(self.params, self.masks, include_masks=with_mask)
-            self._payloads[with_mask] = RecordDict(
-                {P.ARRAYS: to_array_record(arrays), P.CONFIG: config}
-            )
-        return self._payloads[with_mask]
-
-    def _messages(
-        self, server_round: int, node_ids: list[int], config: ConfigRecord, message_type: str
-    ) -> list[Message]:
-        stats = self.stats.setdefault(server_round, RoundStats())
-        messages = []
-        for node_id in node_ids:
-            with_mask = self.node_mask_version.get(node_id) != self.mask_version
-            content = self._payload(server_round, with_mask, config)
-            stats.count(node_id, sent=content_bytes(content))
-            stats.masks_sent += int(with_mask)
-            messages.append(
-                Message(content=content, message_type=message_type, dst_node_id=node_id)
-            )
-        return messages
-
-    def _config(
-        self, server_round: int, config: ConfigRecord, send: bool, accumulate: bool = False
-    ) -> ConfigRecord:
-        cfg = ConfigRecord(dict(config))
-        cfg[P.SERVER_ROUND] = server_round
-        cfg[P.MASK_VERSION] = self.mask_version
-        cfg[P.SEND_IMPORTANCE] = send
-        cfg[P.ACCUMULATE_IMPORTANCE] = accumulate
-        return cfg
-
-    def _next_importance_round(self, server_round: int) -> int | None:
-        """The first round from `server_round` on whose mask update uses importance (the
-        last round's would go unused, so it never counts; before `start` sets the number
-        of rounds, the search looks a long way ahead)."""
-        horizon = self.num_rounds or server_round + 100_000
-        for r in range(server_round, horizon):
-            if self.wants_importance(r):
-                return r
-        return None
-
-    def _importance_plan(self, server_round: int) -> tuple[bool, bool]:
-        """(send, accumulate): what the nodes of this round do with their importance."""
-        upcoming = self._next_importance_round(server_round)
-        if upcoming is None:
-            return False, False
-        if self.upload_mode == "every-round":
-            return True, False
-        return upcoming == server_round, upcoming != server_round
-
-    def _resolve_upload_mode(self, sampled: int, population: int) -> None:
-        full = sampled >= population
-        mode = self.importance_upload
-        if mode == "auto":
-            mode = "reconfig" if full else "every-round"
-        elif mode == "reconfig" and not full:
-            raise RuntimeError(
-                f"importance-upload = 'reconfig' needs every node in every round, but "
-                f"{sampled} of {population} nodes are sampled: nodes that are not sampled "
-                "when the server reconfigures would hold their importance back. Use "
-                "'every-round' (or 'auto')"
-            )
-        if mode != self.upload_mode:
-            log(INFO, "importance upload: %s (%d of %d nodes per round)", mode, sampled, population)
-        self.upload_mode = mode
-
-    def _count(self, server_round: int) -> Callable[[int, int, int], None]:
-        stats = self.stats.setdefault(server_round, RoundStats())
-        return lambda node_id, sent, received: stats.count(node_id, sent, received)
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes; send each the kept values, plus the mask if it lacks it."""
-        count = self._count(server_round)
-        wait_for = self.clients_per_round if self.fraction_train == 0 else 1
-        population = self.sampler.population(grid, server_round, wait_for, count)
-        size = (
-            fraction_size(self.fraction_train, len(population))
-            if self.fraction_train > 0
-            else self.clients_per_round
-        )
-        node_ids = self.sampler.draw(population, server_round, size, TRAIN)
-        self._resolve_upload_mode(len(node_ids), len(population))
+        node_ids, population = self._sample(server_round, grid, TRAIN)
         self.sampled_clients[server_round] = [self.sampler.client_ids[n] for n in node_ids]
-        self._train_nodes = set(node_ids)
+        if self.importance.resolve_mode(self.importance_upload, len(node_ids), population):
+            log(INFO, "importance upload: %s", self.importance.mode)
         if self.measure_costs:
-            self._query_profiles(server_round, node_ids, grid)
-            self.profile = self.round_profile(server_round, node_ids)
-        send, accumulate = self._importance_plan(server_round)
-        self._asked_importance, self.nodes_hold_importance = send, accumulate
-        self._sent_version = self.mask_version
-        messages = self._messages(
-            server_round,
-            node_ids,
-            self._config(server_round, config, send, accumulate),
-            MessageType.TRAIN,
-        )
+            self.profile = self._round_profile(server_round, node_ids, grid)
+        self._plan = plan = self.importance.plan(server_round)
+        self.stats[server_round].importance_tracked = plan.track
+        flags = {P.SEND_IMPORTANCE: plan.send, P.ACCUMULATE_IMPORTANCE: plan.keep}
+        messages = self._messages(server_round, node_ids, config, MessageType.TRAIN, flags)
         log(
             INFO,
             "configure_train: %d of %d nodes, %d get the mask (version %d)%s",
             len(node_ids),
-            len(population),
+            population,
             self.stats[server_round].masks_sent,
             self.mask_version,
-            ", importance requested" if send else "",
+            ", importance tracked" if plan.track else "",
         )
         return messages
 
@@ -466,273 +294,173 @@ class SparseFedAvg(FedAvg):
     ) -> Iterable[Message]:
         if self.fraction_evaluate == 0.0:
             return []
-        population = self.sampler.population(grid, server_round, 1, self._count(server_round))
-        sample_size = fraction_size(self.fraction_evaluate, len(population))
-        node_ids = self.sampler.draw(population, server_round, sample_size, EVALUATE)
-        self._eval_nodes = set(node_ids)
-        self._eval_version = self.mask_version
-        return self._messages(
-            server_round, node_ids, self._config(server_round, config, False), MessageType.EVALUATE
-        )
+        node_ids, _ = self._sample(server_round, grid, EVALUATE)
+        return self._messages(server_round, node_ids, config, MessageType.EVALUATE, {})
 
-    # ------------------------------------------------------------------ device profiles
-    def _query_profiles(self, server_round: int, node_ids: list[int], grid: Grid) -> None:
-        """Ask the sampled nodes without a profile yet for theirs; keep the valid ones."""
-        missing = [n for n in node_ids if n not in self.node_profiles]
-        if not missing:
-            return
-        stats = self.stats.setdefault(server_round, RoundStats())
-        messages = query_messages(
-            P.PROFILE_ACTION, missing, server_round, self._count(server_round)
-        )
-        for node_id in missing:
-            self.profile_queries[node_id] = self.profile_queries.get(node_id, 0) + 1
-        asked = set(missing)
-        for msg in grid.send_and_receive(messages, timeout=self.query_timeout_s):
-            node_id = msg.metadata.src_node_id
-            stats.count_reply(msg)
-            try:
-                if node_id not in asked:
-                    raise ValueError("a profile this round did not ask this node for")
-                self.node_profiles[node_id] = self._check_profile_reply(msg, node_id)
-            except (ValueError, TypeError, KeyError) as exc:
-                log(
-                    WARNING,
-                    "round %d: dropped profile reply from node %d: %s",
-                    server_round,
-                    node_id,
-                    exc,
-                )
-        log(
-            INFO,
-            "round %d: profiled %d of %d nodes asked; %d nodes profiled so far",
-            server_round,
-            len(asked & set(self.node_profiles)),
-            len(asked),
-            len(self.node_profiles),
-        )
+    def _sample(self, server_round: int, grid: Grid, purpose: int) -> tuple[list[int], int]:
+        """(sampled node ids, population size) for training or evaluation."""
+        if purpose == TRAIN:
+            fraction, wait_for = self.fraction_train, self.clients_per_round
+        else:
+            fraction, wait_for = self.fraction_evaluate, 1
+        wait_for = 1 if fraction > 0 else wait_for
+        count = self.stats[server_round].count
+        population = self.sampler.population(grid, server_round, wait_for, count)
+        size = fraction_size(fraction, len(population)) if fraction > 0 else wait_for
+        size = size or len(population)  # clients_per_round = 0: every node
+        return self.sampler.draw(population, server_round, size, purpose), len(population)
 
-    def _check_profile_reply(self, msg: Message, node_id: int) -> CostProfile:
-        """The node's CostProfile from a well-formed profile reply; ValueError otherwise."""
-        profile = profile_from_measurements(reply_config(msg, P.PROFILE))
-        if set(profile.compute_s_per_param) != set(self.masks):
-            raise ValueError(
-                f"profile layers {sorted(profile.compute_s_per_param)} are not the model's "
-                f"prunable layers {sorted(self.masks)}"
+    def _messages(self, server_round, node_ids, config, message_type, flags) -> list[Message]:
+        stats, version = self.stats[server_round], self.mask_version
+        cfg = ConfigRecord(
+            {**dict(config), **flags, P.SERVER_ROUND: server_round, P.MASK_VERSION: version}
+        )
+        messages = []
+        for node_id in node_ids:
+            with_mask = self.nodes.mask_to_send(node_id, version) != NONE
+            content = RecordDict({P.ARRAYS: self.payloads.arrays(with_mask), P.CONFIG: cfg})
+            stats.count(node_id, sent=content_bytes(content))
+            stats.masks_sent += int(with_mask)
+            messages.append(
+                Message(content=content, message_type=message_type, dst_node_id=node_id)
             )
-        profile.check()  # finite, non-negative costs and a positive link
-        return dataclasses.replace(profile, name=f"measured-node-{node_id}")
+        kind = "train" if message_type == MessageType.TRAIN else "evaluate"
+        self._sent[kind] = (set(node_ids), version)
+        return messages
 
-    def round_profile(self, server_round: int, node_ids: Iterable[int]) -> CostProfile:
-        """The element-wise slowest profile of the sampled nodes that have one; the prior
-        profile if none has."""
-        profiles = [self.node_profiles[n] for n in node_ids if n in self.node_profiles]
-        if not profiles:
-            log(
-                WARNING,
-                "round %d: no sampled node has a device profile; using %s",
-                server_round,
-                self.prior_profile.name,
-            )
-            return self.prior_profile
-        return slowest_profile(profiles)
+    def _round_profile(self, server_round: int, node_ids: list[int], grid: Grid) -> CostProfile:
+        """The slowest sampled node's measured profile (asking new nodes for theirs), or the
+        prior while none has one."""
+        stats = self.stats[server_round]
+        query_profiles(grid, self.profiles, node_ids, server_round, stats, self.query_timeout_s)
+        profile = self.profiles.for_round(node_ids)
+        if profile is None:
+            log(WARNING, "round %d: no sampled node has a device profile; using %s",
+                server_round, self.profiles.prior.name)  # fmt: skip
+        return profile or self.profiles.prior
 
     # ------------------------------------------------------------------ receiving
-    def _forget_silent_nodes(self, sampled: set[int], answered: set[int]) -> None:
-        """A sampled node without a valid reply may have lost (or never stored) its mask:
-        it gets the mask in full next time. This covers nodes that timed out, and errors
-        the SuperLink writes for a node that died, which name the SuperLink as sender."""
-        for node_id in sampled - answered:
-            self.node_mask_version.pop(node_id, None)
-
-    def _reject(self, server_round: int, node_id: int, reason: str) -> None:
+    def _drop(self, server_round: int, node_id: int, reason: str) -> None:
         log(WARNING, "round %d: dropped reply from node %d: %s", server_round, node_id, reason)
         self.stats[server_round].dropped += 1
-        # The node may hold a mask we no longer know about: send it in full next time.
-        self.node_mask_version.pop(node_id, None)
+        self.nodes.forget([node_id])  # it may hold a mask we no longer know about
 
-    def _check_reply(self, server_round: int, msg: Message, expected_version: int):
-        """Return (metrics, arrays) of a well-formed reply; raise ValueError otherwise."""
-        if msg.has_error():
-            raise ValueError(f"client error: {msg.error.reason}")
-        content = msg.content
-        metrics = content.get(P.METRICS)
-        if not isinstance(metrics, MetricRecord):
-            raise ValueError(f"no MetricRecord under {P.METRICS!r}")
-        n = metrics.get(P.NUM_EXAMPLES)
-        if isinstance(n, float) and n.is_integer():
-            n = int(n)
-        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_NUM_EXAMPLES:
-            raise ValueError(
-                f"{P.NUM_EXAMPLES} = {n!r} is not an integer in [1, {MAX_NUM_EXAMPLES}]"
-            )
-        version = metrics.get(P.MASK_VERSION)
-        if version != expected_version:
-            raise ValueError(f"mask version {version!r}, expected {expected_version}")
-        return metrics, n
+    def _in_order(self, replies: Iterable[Message]) -> list[Message]:
+        def key(msg: Message) -> tuple[int, int]:
+            node_id = msg.metadata.src_node_id
+            return (self.sampler.client_ids.get(node_id, node_id), node_id)
+
+        return sorted(replies, key=key)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, average kept values by samples, maybe change the mask."""
-        stats = self.stats.setdefault(server_round, RoundStats())
-        accepted = []
-        for msg in replies:
-            stats.count_reply(msg)
-            try:
-                accepted.append(self._accept_train_reply(server_round, msg))
-            except (ValueError, CodecError, TypeError, KeyError) as exc:
-                self._reject(server_round, msg.metadata.src_node_id, str(exc))
-        # Replies arrive in any order; summing them in a fixed one keeps runs reproducible.
-        accepted.sort(key=lambda reply: reply.order)
-        self._forget_silent_nodes(self._train_nodes, {r.node_id for r in accepted})
-        stats.replies = len(accepted)
-        if stats.per_node_bytes:
-            stats.sim_time_s = self.profile.round_time_s(
-                kept_counts(self.masks), max(stats.per_node_bytes.values())
-            )
-        if len(accepted) < max(self.min_replies, 1):
-            log(
-                WARNING,
-                "round %d: %d valid replies, fewer than min-replies = %d; the round "
-                "is skipped and the global model is unchanged",
-                server_round,
-                len(accepted),
-                self.min_replies,
-            )
+        """Check each reply, average kept values by samples, maybe change the mask."""
+        stats, mean, loss = self.stats[server_round], KeptMean(), WeightedScalar()
+        for update in self._valid_updates(server_round, replies):
+            mean.add(update.num_examples, update.values)
+            loss.add(update.num_examples, update.loss)
+        kept = self.model.kept_counts()
+        stats.sim_time_s = self.profile.round_time_s(kept, stats.busiest_node_bytes())
+        aggregated = stats.replies >= max(self.min_replies, 1)
+        if aggregated:
+            self.model.set_kept(mean.mean())
+        else:
+            log(WARNING, SKIPPED, server_round, stats.replies, self.min_replies)
+        self._update_mask(server_round, *self.importance.end_round(self._plan, aggregated))
+        if not aggregated:
             return None, None
-        for reply in accepted:
-            self.node_mask_version[reply.node_id] = self._sent_version
+        metrics = {P.TRAIN_LOSS: loss.mean(), "replies": stats.replies, "dropped": stats.dropped}
+        metrics.update({"density": self.density(), P.MASK_VERSION: self.mask_version})
+        return self.global_arrays(), MetricRecord(metrics)
 
-        self._average([(r.num_examples, r.values) for r in accepted])
-        if self._asked_importance:
-            self._gather_importance(accepted)
-        importance, fixed_importance = None, 0.0
-        if self.wants_importance(server_round) and server_round != self.num_rounds:
-            importance, fixed_importance = self.importance_sum, self.fixed_importance_sum
-            log(
-                INFO,
-                "round %d: importance summed over %d uploads",
-                server_round,
-                self.importance_rounds,
-            )
-            self.importance_sum, self.fixed_importance_sum, self.importance_rounds = None, 0.0, 0
-        new_masks = self.update_mask(server_round, importance, fixed_importance)
-        if new_masks is not None:
-            stats.reconfigured = self._install_masks(server_round, new_masks)
-        total = sum(r.num_examples for r in accepted)
-        loss = sum(r.num_examples * r.loss for r in accepted) / total
-        metrics = MetricRecord(
-            {
-                P.TRAIN_LOSS: loss,
-                "replies": len(accepted),
-                "dropped": stats.dropped,
-                "density": self.density(),
-                P.MASK_VERSION: self.mask_version,
-            }
-        )
-        return self.global_arrays(), metrics
+    def _valid_updates(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> Iterator[TrainUpdate]:
+        """The valid train replies' updates, in client order, one at a time (their
+        importance summed on the way); afterwards the node records follow who answered."""
+        stats, (sent_to, version) = self.stats[server_round], self._sent["train"]
+        covers = self._plan.covers if self._plan.send else 0
+        expected = Expected(version, self.model.shapes, self.model.kept_counts(), covers)
+        answered = set()
+        for msg in self._in_order(replies):
+            stats.count_reply(msg)
+            node_id = msg.metadata.src_node_id
+            try:
+                update = check_train_reply(*self._parts(msg, sent_to, train=True), expected)
+            except ReplyError as exc:
+                self._drop(server_round, node_id, str(exc))
+                continue
+            if update.importance_note:
+                log(WARNING, "round %d: node %d: %s", server_round, node_id, update.importance_note)
+            if update.importance is not None:
+                self.importance.add(update.importance, update.fixed_importance)
+            stats.device_round_s = max(stats.device_round_s, update.compute_s)
+            answered.add(node_id)
+            yield update
+        self._answered(sent_to, answered, version)
+        stats.replies = len(answered)
 
-    def _gather_importance(self, accepted: list[TrainReply]) -> None:
-        """Add this round's importance (replies in their fixed order) to the sums."""
-        if self.importance_sum is None:
-            self.importance_sum = {
-                k: torch.zeros_like(v) for k, v in accepted[0].importance.items()
-            }
-        for r in accepted:
-            for k, g in r.importance.items():
-                self.importance_sum[k].add_(g)
-            self.fixed_importance_sum += r.fixed_importance
-        self.importance_rounds += 1
+    def _parts(self, msg: Message, sent_to: set[int], train: bool) -> tuple[dict, dict]:
+        if msg.metadata.src_node_id not in sent_to:
+            raise ReplyError("a reply from a node this round did not ask")
+        arrays, metrics = reply_parts(msg)
+        if train and arrays is None:
+            raise ReplyError(f"no ArrayRecord under {P.ARRAYS!r}")
+        return arrays, metrics
 
-    def _accept_train_reply(self, server_round: int, msg: Message) -> TrainReply:
-        """Decode one train reply; raise ValueError (or CodecError) saying what is wrong."""
-        metrics, n = self._check_reply(server_round, msg, self._sent_version)
-        record = msg.content.get(P.ARRAYS)
-        if not isinstance(record, ArrayRecord):
-            raise ValueError(f"no ArrayRecord under {P.ARRAYS!r}")
-        arrays = {k: record[k].numpy() for k in record}
-        values, importance = decode_update(
-            arrays, self.shapes, self.masks, expect_importance=self._asked_importance
-        )
-        fixed = 0.0
-        if self._asked_importance:
-            fixed = metrics.get(P.FIXED_IMPORTANCE, 0.0)
-            if not isinstance(fixed, int | float) or not np.isfinite(fixed) or fixed < 0:
-                raise ValueError(f"{P.FIXED_IMPORTANCE} = {fixed!r} is not finite and >= 0")
-        loss = metrics.get(P.TRAIN_LOSS, 0.0)
-        node_id = msg.metadata.src_node_id
-        partition = metrics.get(P.PARTITION_ID, node_id)
-        return TrainReply(
-            node_id=node_id,
-            num_examples=n,
-            values=values,
-            importance=importance,
-            fixed_importance=float(fixed),
-            loss=float(loss) if isinstance(loss, int | float) else 0.0,
-            order=(partition if isinstance(partition, int) else node_id, node_id),
-        )
+    def _answered(self, sent_to: set[int], answered: set[int], version: int) -> None:
+        """Nodes that answered validly hold mask `version`; silent ones may have lost theirs."""
+        self.nodes.forget(sent_to - answered)
+        for node_id in answered:
+            self.nodes.confirm(node_id, version)
 
-    def _average(self, accepted: list[tuple[int, dict[str, torch.Tensor]]]) -> None:
-        """FedAvg over the kept positions; pruned positions keep their last value."""
-        total = float(sum(n for n, _ in accepted))
-        for name in self.params:
-            avg = sum(values[name] * (n / total) for n, values in accepted)
-            if name in self.masks:
-                self.params[name] = torch.where(self.masks[name], avg, self.params[name])
-            else:
-                self.params[name] = avg
-
-    def _install_masks(self, server_round: int, masks: Masks) -> bool:
-        """Adopt `masks`; return True if they differ (a new mask version)."""
-        grown = sum(int((new & ~self.masks[k]).sum()) for k, new in masks.items())
-        removed = sum(int((self.masks[k] & ~new).sum()) for k, new in masks.items())
-        if grown == 0 and removed == 0:
-            log(INFO, "round %d: the mask is unchanged", server_round)
-            return False
-        if self.regrow_init == "zero":
-            for k, new in masks.items():
-                self.params[k] = torch.where(new & ~self.masks[k], 0.0, self.params[k])
-        self.masks = {k: m.clone() for k, m in masks.items()}
-        self.mask_version += 1
-        log(
-            INFO,
-            "round %d: new mask: +%d -%d parameters, density %.4f, mask version %d",
-            server_round,
-            grown,
-            removed,
-            self.density(),
-            self.mask_version,
-        )
-        return True
+    def _update_mask(self, server_round: int, importance, fixed: float) -> None:
+        if importance is not None:
+            uploads, rounds = self.importance.used
+            log(INFO, "round %d: importance summed over %d uploads from %d rounds",
+                server_round, uploads, rounds)  # fmt: skip
+        new_masks = self.update_mask(server_round, importance, fixed)
+        if new_masks is None:
+            return
+        grown, removed = self.model.install_masks(new_masks)
+        self.stats[server_round].reconfigured = bool(grown or removed)
+        density, version = self.density(), self.mask_version
+        log(INFO, NEW_MASK, server_round, grown, removed, density, version)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of the nodes' local evaluation; bad replies are dropped."""
-        stats = self.stats.setdefault(server_round, RoundStats())
-        rows, answered = [], set()
-        for msg in replies:
-            node_id = msg.metadata.src_node_id
+        stats, (sent_to, version) = self.stats[server_round], self._sent["evaluate"]
+        accuracy, loss, answered = WeightedScalar(), WeightedScalar(), set()
+        for msg in self._in_order(replies):
             stats.count_reply(msg)
             try:
-                metrics, n = self._check_reply(server_round, msg, self._eval_version)
-                acc, loss = float(metrics[P.EVAL_ACCURACY]), float(metrics[P.EVAL_LOSS])
-                if not (np.isfinite(acc) and np.isfinite(loss)):
-                    raise ValueError("non-finite evaluation metrics")
-            except (ValueError, TypeError, KeyError) as exc:
-                self._reject(server_round, node_id, f"evaluate: {exc}")
+                n, acc, lo = check_evaluate_reply(self._parts(msg, sent_to, False)[1], version)
+            except ReplyError as exc:
+                self._drop(server_round, msg.metadata.src_node_id, f"evaluate: {exc}")
                 continue
-            self.node_mask_version[node_id] = self._eval_version
-            answered.add(node_id)
-            rows.append((n, acc, loss))
-        self._forget_silent_nodes(self._eval_nodes, answered)
-        if not rows:
+            answered.add(msg.metadata.src_node_id)
+            accuracy.add(n, acc)
+            loss.add(n, lo)
+        self._answered(sent_to, answered, version)
+        if not answered:
             return None
-        total = sum(n for n, _, _ in rows)
-        return MetricRecord(
-            {
-                P.EVAL_ACCURACY: sum(n * a for n, a, _ in rows) / total,
-                P.EVAL_LOSS: sum(n * lo for n, _, lo in rows) / total,
-            }
-        )
+        return MetricRecord({P.EVAL_ACCURACY: accuracy.mean(), P.EVAL_LOSS: loss.mean()})
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """Everything needed to go on after the last round (tensors, numbers, strings)."""
+        return {
+            **self.model.state_dict(),
+            "importance": self.importance.state_dict(),
+            "sampled_clients": {r: list(c) for r, c in self.sampled_clients.items()},
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Adopt a `state_dict()`; the layers and shapes must be this model's."""
+        self.model.load_state_dict(state)
+        self.importance.load_state_dict(state["importance"])
+        self.sampled_clients = {int(r): list(c) for r, c in state["sampled_clients"].items()}
+        self.nodes.forget_all()  # a new run: no node holds a mask yet

@@ -8,10 +8,13 @@ import torch
 
 from fedprune import policies
 from fedprune.costs import named_profile
+from fedprune.data import server_share
 from fedprune.masks import density, full_masks
 from fedprune.models import build_model, prunable_names
 from fedprune.settings import Settings, SettingsError
-from strategies.baselines import FedDST, FixedMask, IterativeMagnitude, Snip, initial_random_masks
+from strategies.baselines import FedAvgDense, FedDST, IterativeMagnitude, Snip
+from strategies.methods import method_of
+from strategies.sparse_fedavg import Start
 from tests.inprocess import Federation
 
 SETTINGS = Settings(
@@ -45,7 +48,7 @@ def run(strategy, rounds):
 
 
 def test_fedavg_stays_dense():
-    strategy = FixedMask(**common())
+    strategy = FedAvgDense(**common())
     assert run(strategy, 3) == [1.0, 1.0, 1.0]
     assert strategy.mask_version == 0
 
@@ -66,7 +69,9 @@ def test_iterative_shrinks_monotonically_to_its_target():
 
 def test_feddst_changes_its_mask_but_holds_its_density():
     c = common()
-    masks = initial_random_masks(c["params"], list(c["masks"]), 0.3, seed=0)
+    model = build_model("small-cnn", seed=0)
+    start = Start(model, c["profile"], server_share(SETTINGS.data_spec()), 10, (1, 28, 28))
+    masks, _ = FedDST.starting_point(Settings(target_density=0.3), start)
     strategy = FedDST(interval=2, **dict(c, masks=masks))
     start = {k: m.clone() for k, m in masks.items()}
     densities = run(strategy, 4)
@@ -102,10 +107,14 @@ def test_policies_on_plain_tensors():
 
 
 def test_methods_that_prune_to_a_density_need_one():
-    with pytest.raises(SettingsError, match="'target-density'"):
-        Settings(method="snip")
+    for method in ("snip", "iterative", "feddst"):
+        with pytest.raises(SettingsError, match="'target-density'"):
+            method_of(Settings(method=method))
+        method_of(Settings(method=method, target_density=0.1))
     with pytest.raises(SettingsError, match="'mask-path'"):
-        Settings(method="lottery")
+        method_of(Settings(method="lottery"))
+    with pytest.raises(SettingsError, match="did you mean 'feddst'"):
+        method_of(Settings(method="fedst"))
 
 
 def test_erk_keeps_small_layers_denser_and_hits_the_overall_density():

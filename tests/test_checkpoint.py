@@ -15,7 +15,7 @@ from fedprune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoin
 from fedprune.costs import named_profile
 from fedprune.settings import Settings
 from strategies.prunefl import PruneFL
-from strategies.server_app import rng_state, set_rng_state
+from strategies.run_state import rng_state, set_rng_state
 from tests.inprocess import Federation, small_cnn_start
 
 STATE = {"round": 3, "w": torch.arange(6.0).reshape(2, 3), "rows": [{"a": 1.5}], "s": "x"}
@@ -118,7 +118,7 @@ def make_strategy(upload, clients):
         importance_upload=upload,
         seed=5,
     )
-    strategy.num_rounds = 5
+    strategy.importance.num_rounds = 5
     return strategy
 
 
@@ -140,12 +140,12 @@ def test_strategy_state_goes_on_in_a_fresh_federation_bitwise(tmp_path, upload, 
     run_rounds(first, Federation(SETTINGS, 4), range(1, 4))
     saved = first.state_dict()
     restart = 3
-    if first.nodes_hold_importance:  # the nodes' part of the state died with them
+    if first.importance.nodes_hold_importance:  # the nodes' part of the state died with them
         assert upload == "reconfig"
         restart = 2
         first = make_strategy(upload, clients)
         run_rounds(first, Federation(SETTINGS, 4), range(1, 3))
-        assert not first.nodes_hold_importance
+        assert not first.importance.nodes_hold_importance
         saved = first.state_dict()
     path = save_checkpoint(tmp_path / "c.pt", {"strategy": saved})
     second = make_strategy(upload, clients)

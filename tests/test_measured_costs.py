@@ -19,10 +19,11 @@ from fedprune.models import build_model, prunable_names
 from fedprune.profiler import profile_device
 from fedprune.settings import Settings, SettingsError
 from fedprune.sparse import load_for_inference
+from strategies.accounting import content_bytes
+from strategies.methods import METHODS
 from strategies.prunefl import PruneFL
 from strategies.results import INFERENCE_FILE, inference_summary
-from strategies.server_app import base_profile, build_strategy
-from strategies.sparse_fedavg import content_bytes
+from strategies.server_app import build_strategy, prior_profile, starting_inputs
 from tests.inprocess import FakeGrid, Federation, small_cnn_start
 
 BASE = dict(
@@ -83,13 +84,13 @@ def test_new_settings_are_validated_with_their_key():
 def test_measured_uses_a_paper_prior_and_turns_on_the_query():
     settings = Settings(**BASE)
     model = build_model("small-cnn")
-    prior = base_profile(settings, prunable_names(model))
+    prior = prior_profile(settings, prunable_names(model))
     assert prior.name == "paper-conv2"
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    strategy = build_strategy(settings, params, full_masks(model), prior)
-    assert strategy.measure_costs
-    paper = build_strategy(Settings(model="small-cnn"), params, full_masks(model), prior)
-    assert not paper.measure_costs
+    start = starting_inputs(settings)
+    strategy = build_strategy(settings, METHODS["prunefl"], start, full_masks(model))
+    assert strategy.measure_costs and strategy.profile.name == "paper-conv2"
+    paper = Settings(model="small-cnn")
+    assert not build_strategy(paper, METHODS["prunefl"], start, full_masks(model)).measure_costs
 
 
 def test_profile_query_once_per_node_and_its_bytes_count():
@@ -97,8 +98,8 @@ def test_profile_query_once_per_node_and_its_bytes_count():
     strategy = make_strategy(3)
     _, replies1, _ = fed.train_round(strategy, 1)
     _, replies2, _ = fed.train_round(strategy, 2)
-    assert strategy.profile_queries == {100: 1, 101: 1, 102: 1}
-    assert set(strategy.node_profiles) == {100, 101, 102}
+    assert strategy.profiles.queries == {100: 1, 101: 1, 102: 1}
+    assert set(strategy.profiles.by_node) == {100, 101, 102}
     assert all(P.STATE_PROFILE in c.state for c in fed.contexts.values())
     assert strategy.profile.name == "measured"
     # Round 1 also moved the queries and the profiles; round 2 only the training.
@@ -123,7 +124,7 @@ def test_round_time_and_solver_follow_the_slowest_node(measurements, monkeypatch
     monkeypatch.setattr(prunefl_module, "reconfigure", spy)
     kept = kept_counts(strategy.masks)
     fed.train_round(strategy, 1)
-    fast, slow = strategy.node_profiles[100], strategy.node_profiles[101]
+    fast, slow = strategy.profiles.by_node[100], strategy.profiles.by_node[101]
     for name, c in fast.compute_s_per_param.items():
         assert slow.compute_s_per_param[name] == pytest.approx(3 * c)
     assert slow.fixed_s == pytest.approx(3 * fast.fixed_s)
@@ -137,7 +138,7 @@ def test_round_time_and_solver_follow_the_slowest_node(measurements, monkeypatch
     assert stats.sim_time_s > fast.round_time_s(kept, moved)
     # ... and the solver got its slopes.
     assert seen["time_per_param"] == pytest.approx(slow.time_per_param())
-    assert seen["fixed_time_s"] == pytest.approx(slow.fixed_time_s(strategy.never_pruned))
+    assert seen["fixed_time_s"] == pytest.approx(slow.fixed_time_s(strategy.model.never_pruned))
 
 
 def test_a_bad_profile_reply_is_dropped_with_a_reason(measurements, caplog):
@@ -154,9 +155,10 @@ def test_a_bad_profile_reply_is_dropped_with_a_reason(measurements, caplog):
 
     with caplog.at_level(logging.WARNING):
         strategy.configure_train(1, None, ConfigRecord({}), FakeGrid([100, 101], corrupt))
-    assert set(strategy.node_profiles) == {100}
+    assert set(strategy.profiles.by_node) == {100}
     assert "dropped profile reply from node 101" in caplog.text
-    assert strategy.profile.compute_s_per_param == strategy.node_profiles[100].compute_s_per_param
+    measured = strategy.profiles.by_node[100]
+    assert strategy.profile.compute_s_per_param == measured.compute_s_per_param
 
 
 def test_sparse_training_matches_masked_dense_through_the_client(measurements, monkeypatch):

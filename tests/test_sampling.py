@@ -97,7 +97,7 @@ def test_fraction_train_samples_a_share_of_the_federation():
 def test_accumulating_on_nodes_with_sampling_is_refused():
     fed = Federation(SETTINGS, 4)
     strategy = make_strategy(2, importance_upload="reconfig", reconfig_interval=2)
-    with pytest.raises(RuntimeError, match="every-round"):
+    with pytest.raises(ValueError, match="every-round"):
         strategy.configure_train(1, None, CONFIG, fed.grid)
 
 
@@ -107,7 +107,7 @@ def test_with_sampling_importance_is_the_sum_of_the_sampled_replies(caplog):
     its samples), and no node keeps any."""
     fed = Federation(SETTINGS, 6)
     strategy = make_strategy(2, reconfig_interval=3)
-    strategy.num_rounds = 10
+    strategy.importance.num_rounds = 10
     seen = {}
     real_update = strategy.update_mask
 
@@ -123,22 +123,23 @@ def test_with_sampling_importance_is_the_sum_of_the_sampled_replies(caplog):
         assert all(m.content[P.CONFIG][P.SEND_IMPORTANCE] for m in messages)
         assert not any(m.content[P.CONFIG][P.ACCUMULATE_IMPORTANCE] for m in messages)
         replies = fed.deliver(messages)
-        for reply in sorted(replies, key=lambda m: m.content[P.METRICS][P.PARTITION_ID]):
+        client = strategy.sampler.client_ids
+        for reply in sorted(replies, key=lambda m: client[m.metadata.src_node_id]):
             arrays = {k: reply.content[P.ARRAYS][k].numpy() for k in reply.content[P.ARRAYS]}
-            _, g = decode_update(arrays, strategy.shapes, strategy.masks, expect_importance=True)
+            _, g = decode_update(arrays, strategy.model.shapes, strategy.masks, True)
             expected = g if expected is None else {k: expected[k] + g[k] for k in g}
             fixed_expected += reply.content[P.METRICS][P.FIXED_IMPORTANCE]
-            uploaders.append(reply.content[P.METRICS][P.PARTITION_ID])
+            uploaders.append(client[reply.metadata.src_node_id])
         with caplog.at_level(logging.INFO):
             strategy.aggregate_train(r, replies)
-    assert strategy.upload_mode == "every-round"
+    assert strategy.importance.mode == "every-round"
     assert len(set(uploaders)) > 2  # more nodes than one round's sample contributed
     importance, fixed = seen[3]
     for k in expected:
         torch.testing.assert_close(importance[k], expected[k], rtol=1e-6, atol=0)
     assert fixed == pytest.approx(fixed_expected)
-    assert "importance summed over 3 uploads" in caplog.text
-    assert strategy.importance_sum is None  # used, then cleared
+    assert "importance summed over 6 uploads from 3 rounds" in caplog.text
+    assert strategy.importance.sum is None  # used, then cleared
     assert not any(P.STATE_IMPORTANCE in c.state for c in fed.contexts.values())
 
 
@@ -165,23 +166,27 @@ def test_a_node_without_partition_id_is_sampled_by_node_id_with_a_warning(tmp_pa
 
 
 def test_server_keeps_a_small_record_per_node_that_took_part():
+    """60 nodes, 3 sampled per round: what the server keeps per node is one client id per
+    node that answered and one mask version per node that trained; importance is one sum
+    over layers, whatever the number of nodes."""
     fed = Federation(SETTINGS, 60)
     strategy = make_strategy(3, reconfig_interval=2)
-    strategy.num_rounds = 10
+    strategy.importance.num_rounds = 10
     trained = set()
     for r in range(1, 6):
         messages = list(strategy.configure_train(r, None, CONFIG, fed.grid))
         trained |= {m.metadata.dst_node_id for m in messages}
         strategy.aggregate_train(r, fed.deliver(messages))
-    assert len(trained) < 60
-    assert set(strategy.node_mask_version) <= trained  # one int per node that trained
-    assert all(isinstance(v, int) for v in strategy.node_mask_version.values())
+    assert 3 <= len(trained) <= 15
+    assert set(strategy.nodes.mask_version) == trained  # every node that trained, no other
+    assert all(isinstance(v, int) for v in strategy.nodes.mask_version.values())
     assert len(strategy.sampler.client_ids) == 60  # one int per node that answered
-    assert strategy.importance_sum is None or set(strategy.importance_sum) <= set(
-        strategy.params
-    )  # sums over layers, not per node
-    per_round = [len(s.per_node_bytes) for s in strategy.stats.values()]
-    assert max(per_round) <= 60 and all(n <= 60 for n in per_round)
+    # Round 5 uploaded importance for round 6's reconfiguration: one sum per prunable layer.
+    assert set(strategy.importance.sum) == set(strategy.masks)
+    assert strategy.importance.uploads == 3
+    # Round 1 also identified all 60 nodes; later rounds talk to the 3 sampled ones only.
+    assert len(strategy.stats[1].per_node_bytes) == 60
+    assert [len(strategy.stats[r].per_node_bytes) for r in range(2, 6)] == [3] * 4
 
 
 def test_a_split_that_cannot_give_every_client_data_stops_the_run_clearly():

@@ -270,8 +270,9 @@ def test_evaluate_round_reports_local_accuracy():
 def test_client_refuses_values_for_a_mask_it_does_not_hold():
     fed, strategy = Federation(SETTINGS, 3), make_strategy()
     fed.train_round(strategy, 1)
-    strategy.mask_version += 1  # pretend the server moved on without telling the nodes
-    strategy.node_mask_version = dict.fromkeys(strategy.node_mask_version, strategy.mask_version)
+    strategy.model.mask_version += 1  # pretend the server moved on without telling the nodes
+    for node_id in list(strategy.nodes.mask_version):
+        strategy.nodes.confirm(node_id, strategy.mask_version)
     msgs = list(strategy.configure_train(2, None, _config(), fed.grid))
     with pytest.raises(RuntimeError, match="without the mask"):
         fed.deliver(msgs[:1])
@@ -314,3 +315,108 @@ def test_a_sampled_node_that_never_answers_gets_the_mask_again():
         m.metadata.dst_node_id: any(k.startswith("m") for k in m.content[P.ARRAYS]) for m in msgs3
     }
     assert carried == {n: n == silent for n in carried}
+
+
+# --- Defects found in review (each failed on the 650-line SparseFedAvg) ---------------
+
+
+def _values_sent(message, strategy):
+    """The dense weights a train/evaluate message carries, as the node decodes them."""
+    from fedprune.codec import decode_model
+
+    arrays = {k: message.content[P.ARRAYS][k].numpy() for k in message.content[P.ARRAYS]}
+    params, _ = decode_model(arrays, strategy.model.shapes, list(strategy.masks), strategy.masks)
+    return params
+
+
+def test_evaluate_sends_the_model_after_this_rounds_aggregation_even_with_equal_configs():
+    """The old payload cache keyed on (round, mask version, config): with equal train and
+    evaluate configs, evaluation got the weights from before aggregation."""
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(fraction_evaluate=1.0)
+    fed.train_round(strategy, 1)
+    config = _config()
+    requests = list(strategy.configure_train(2, None, config, fed.grid))
+    strategy.aggregate_train(2, fed.deliver(requests))
+    evaluate = list(strategy.configure_evaluate(2, None, config, fed.grid))
+    sent, current = _values_sent(evaluate[0], strategy), strategy.masked_params()
+    assert all(torch.equal(sent[k], current[k]) for k in current)
+
+
+def test_server_memory_per_round_does_not_grow_with_the_replies():
+    """Replies are summed as they are checked: 50 replies need about the memory of 5,
+    not ten times it (the old strategy held a dense float32 copy of every reply)."""
+    import tracemalloc
+
+    peaks = {}
+    for n in (5, 50):
+        settings = Settings(**{**SETTINGS.__dict__, "clients_per_round": n})
+        fed, strategy = Federation(settings, n), make_strategy(reconfig_interval=2, density=0.3)
+        strategy.clients_per_round = n
+        fed.train_round(strategy, 1)
+        replies = fed.deliver(list(strategy.configure_train(2, None, _config(), fed.grid)))
+        tracemalloc.start()
+        strategy.aggregate_train(2, replies)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert strategy.stats[2].replies == n and strategy.stats[2].reconfigured
+    assert peaks[50] < 2 * peaks[5], peaks
+
+
+def test_a_reply_cannot_choose_its_place_in_the_sum():
+    """The summation order is the server's record of each node's client id; a partition
+    id claimed in a reply (once read, with a silent fallback to the node id) is ignored."""
+    results = []
+    for forged in (False, True):
+        fed, strategy = Federation(SETTINGS, 3), make_strategy()
+        requests = list(strategy.configure_train(1, None, _config(), fed.grid))
+        replies = fed.deliver(requests)
+        if forged:
+            replies = [
+                _metric_change("partition-id", 99 - i)(req, rep)
+                for i, (req, rep) in enumerate(zip(requests, replies, strict=True))
+            ]
+        strategy.aggregate_train(1, replies)
+        results.append(strategy.masked_params())
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_no_importance_is_asked_for_in_the_last_round():
+    """A mask update after the last round would never be trained: the old strategy asked
+    the nodes for importance there, then dropped it."""
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2)
+    strategy.importance.num_rounds = 2
+    fed.train_round(strategy, 1)
+    messages, replies, _ = fed.train_round(strategy, 2)
+    assert not any(m.content[P.CONFIG][P.SEND_IMPORTANCE] for m in messages)
+    assert not any("g/fc1.weight" in r.content[P.ARRAYS] for r in replies)
+    assert strategy.mask_version == 0
+
+
+def test_a_skipped_reconfiguration_round_keeps_the_uploaded_importance(caplog):
+    """The nodes cleared what they uploaded in a round that was then skipped (too few
+    valid replies): the server keeps it and reconfigures in the next round."""
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2, min_replies=3)
+    fed.train_round(strategy, 1)
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = fed.deliver(requests)
+    replies[0] = _nan_value(requests[0], replies[0])
+    strategy.aggregate_train(2, replies)
+    assert strategy.mask_version == 0 and strategy.importance.uploads == 2
+    messages, _, _ = fed.train_round(strategy, 3)
+    assert all(m.content[P.CONFIG][P.SEND_IMPORTANCE] for m in messages)
+    assert strategy.mask_version == 1
+    assert strategy.importance.used == (5, 2)  # 2 uploads kept from round 2, 3 from round 3
+
+
+def test_importance_over_a_different_window_is_not_summed(caplog):
+    """Nodes report how many rounds their importance covers; the server used to sum a
+    restarted node's 1-round window with everyone else's 2-round ones."""
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2)
+    fed.train_round(strategy, 1)
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = fed.deliver(requests)
+    replies[0] = _metric_change(P.IMPORTANCE_ROUNDS, 1)(requests[0], replies[0])
+    with caplog.at_level(logging.WARNING):
+        strategy.aggregate_train(2, replies)
+    assert strategy.stats[2].replies == 3 and strategy.importance.used == (2, 1)
+    assert "covers 1 local rounds, the others' 2" in caplog.text

@@ -1,0 +1,89 @@
+"""Flower's records on the server side: what goes into a message, what comes out of a reply.
+
+The model's ArrayRecord is encoded once per model version and shared by every message that
+carries it (`ModelPayloads`); a reply is taken apart into plain dicts (`reply_parts`) for
+the checks in `fedprune.replies`, which know nothing of Flower.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedprune import protocol as P
+from fedprune.codec import encode_model
+from fedprune.global_model import GlobalModel
+from fedprune.node_profiles import NodeProfiles
+from fedprune.replies import ReplyError
+from strategies.accounting import RoundStats
+from strategies.node_sampling import query_messages
+
+
+def reply_parts(msg: Message) -> tuple[dict | None, dict]:
+    """(arrays, metrics) of a reply as plain dicts (arrays None if it has no ArrayRecord);
+    ReplyError for an error reply or one without a MetricRecord."""
+    if msg.has_error():
+        raise ReplyError(f"client error: {msg.error.reason}")
+    metrics = msg.content.get(P.METRICS)
+    if not isinstance(metrics, MetricRecord):
+        raise ReplyError(f"no MetricRecord under {P.METRICS!r}")
+    record = msg.content.get(P.ARRAYS)
+    arrays = {k: record[k].numpy() for k in record} if isinstance(record, ArrayRecord) else None
+    return arrays, dict(metrics)
+
+
+class ModelPayloads:
+    """The global model's ArrayRecord, with or without the mask, encoded once per model
+    version: any change to the weights or the mask is a new version, so a payload is
+    never stale, and one round's messages share one encoding."""
+
+    def __init__(self, model: GlobalModel) -> None:
+        self.model = model
+        self._cache: dict[tuple[int, bool], ArrayRecord] = {}
+
+    def arrays(self, with_mask: bool) -> ArrayRecord:
+        key = (self.model.model_version, with_mask)
+        if key not in self._cache:
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == key[0]}
+            arrays = encode_model(self.model.params, self.model.masks, include_masks=with_mask)
+            self._cache[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+        return self._cache[key]
+
+
+def query_profiles(
+    grid: Grid,
+    profiles: NodeProfiles,
+    node_ids: list[int],
+    server_round: int,
+    stats: RoundStats,
+    timeout_s: float,
+) -> None:
+    """Ask the nodes among `node_ids` that have no device profile yet for theirs (a
+    "query.profile" message each) and keep the valid answers; a bad one is logged."""
+    missing = profiles.missing(node_ids)
+    if not missing:
+        return
+    queries = query_messages(P.PROFILE_ACTION, missing, server_round, stats.count)
+    for msg in grid.send_and_receive(queries, timeout=timeout_s):
+        stats.count_reply(msg)
+        node_id = msg.metadata.src_node_id
+        try:
+            if node_id not in missing:
+                raise ValueError("a profile this round did not ask this node for")
+            if msg.has_error():
+                raise ValueError(f"client error: {msg.error.reason}")
+            record = msg.content.get(P.PROFILE)
+            if not isinstance(record, ConfigRecord):
+                raise ValueError(f"no ConfigRecord under {P.PROFILE!r}")
+            profiles.add(node_id, dict(record))
+        except (ValueError, TypeError, KeyError) as exc:
+            log(
+                WARNING,
+                "round %d: dropped profile reply from node %d: %s",
+                server_round,
+                node_id,
+                exc,
+            )
