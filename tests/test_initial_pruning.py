@@ -43,7 +43,8 @@ def test_initial_pruning_only_removes_and_keeps_pruned_weights_at_zero():
     params = dict(model.named_parameters())
     for name, mask in result.masks.items():
         assert torch.all(params[name][~mask] == 0)
-    assert result.iterations == 200 and result.stopped_by in {"converged", "max-iterations"}
+    # 200 iterations hold at most 4 reconfigurations, fewer than the stop window (5) needs.
+    assert result.iterations == 200 and result.stopped_by == "max-iterations"
     # Reconfigurations wait for training accuracy above chance (1.5 / 10).
     assert all(acc > 0.15 for *_, acc in seen)
 

@@ -71,10 +71,11 @@ def test_profiling_leaves_the_model_alone_and_reports_its_time(profiled):
     model, before, _, measurements = profiled
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
-    assert 0 < measurements["seconds"] < 30
     calibration = measurements["calibration/measured_s"]
     assert len(calibration) == len(measurements["calibration/densities"]) == 4
     assert all(t > 0 for t in calibration) and measurements["check/predicted_s"] > 0
+    # The whole profile took at least the calibration rounds it reports (their fastest).
+    assert measurements["seconds"] >= sum(calibration)
 
 
 def test_profile_knows_each_layers_format_and_cost_by_density(profiled):

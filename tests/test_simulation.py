@@ -44,7 +44,7 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
 
 def test_a_client_that_raises_does_not_stop_the_run(tmp_path):
     run_config = (
-        "model='small-cnn' cost-profile='paper-uniform' num-server-rounds=2 "
+        "model='small-cnn' cost-profile='paper-uniform' num-server-rounds=3 "
         "clients-per-round=3 ip-max-iterations=40 ip-interval=20 simulate-failures='1' "
         f"output-dir='{tmp_path}' run-name='faulty'"
     )
@@ -53,6 +53,7 @@ def test_a_client_that_raises_does_not_stop_the_run(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     rows = list(csv.DictReader((tmp_path / "faulty" / "metrics.csv").open()))
-    assert [(int(r["replies"]), int(r["dropped"])) for r in rows[1:]] == [(2, 1), (2, 1)]
+    assert [(int(r["replies"]), int(r["dropped"])) for r in rows[1:]] == [(2, 1)] * 3
     assert "simulated failure of partition 1" in log
-    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"]) - 0.05
+    # The two healthy nodes go on learning (a seeded run: the same numbers every time).
+    assert float(rows[-1]["accuracy"]) > float(rows[0]["accuracy"])
