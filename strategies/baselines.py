@@ -16,7 +16,8 @@ from fedprune.masks import Masks, check_masks, from_prune_state
 from fedprune.models import build_model, prunable_names
 from fedprune.reconfigure import stability_delta
 from fedprune.settings import Settings, SettingsError
-from strategies.sparse_fedavg import SparseFedAvg, Start
+from strategies.method import Start
+from strategies.sparse_fedavg import SparseFedAvg
 
 
 class FedAvgDense(SparseFedAvg):

@@ -14,7 +14,8 @@ from fedprune.initial_pruning import initial_prune
 from fedprune.masks import Masks, full_masks, model_density
 from fedprune.reconfigure import reconfigure, stability_delta
 from fedprune.settings import Settings
-from strategies.sparse_fedavg import SparseFedAvg, Start
+from strategies.method import Start
+from strategies.sparse_fedavg import SparseFedAvg
 
 
 class PruneFL(SparseFedAvg):

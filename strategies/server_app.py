@@ -30,10 +30,11 @@ from fedprune.models import build_model, count_parameters, prunable_names
 from fedprune.reconfigure import stability_delta
 from fedprune.settings import Settings, SettingsError
 from fedprune.training import evaluate
+from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
 from strategies.results import RunRecorder, inference_summary
 from strategies.run_state import resume_run, rng_state, set_rng_state, write_checkpoint
-from strategies.sparse_fedavg import SparseFedAvg, Start
+from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -34,10 +32,9 @@ from flwr.serverapp.strategy import FedAvg, Result
 from fedprune import protocol as P
 from fedprune.aggregate import KeptMean, WeightedScalar
 from fedprune.costs import CostProfile
-from fedprune.data import Examples
 from fedprune.global_model import GlobalModel
 from fedprune.importance import ImportanceCollector, RoundPlan
-from fedprune.masks import Masks, full_masks
+from fedprune.masks import Masks
 from fedprune.node_profiles import NodeProfiles
 from fedprune.node_state import NONE, NodeLedger
 from fedprune.replies import (
@@ -47,9 +44,9 @@ from fedprune.replies import (
     check_evaluate_reply,
     check_train_reply,
 )
-from fedprune.settings import Settings
 from strategies.accounting import RoundStats, content_bytes
 from strategies.messages import ModelPayloads, query_profiles, reply_parts
+from strategies.method import PruningMethod
 from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
 
 SKIPPED = (
@@ -59,20 +56,7 @@ SKIPPED = (
 NEW_MASK = "round %d: new mask: +%d -%d parameters, density %.4f, mask version %d"
 
 
-@dataclass
-class Start:
-    """What a method's starting point is built from: the freshly built (seeded) model,
-    which the method may train or re-initialise in place, the prior cost profile, the
-    server's own data, and the data's shape."""
-
-    model: torch.nn.Module
-    profile: CostProfile
-    server_data: Examples
-    num_classes: int
-    input_shape: tuple[int, int, int]
-
-
-class SparseFedAvg(FedAvg):
+class SparseFedAvg(FedAvg, PruningMethod):
     """FedAvg on the kept parameters of a masked model, on Flower's Message API.
 
     Parameters
@@ -176,42 +160,6 @@ class SparseFedAvg(FedAvg):
     def global_arrays(self) -> ArrayRecord:
         return ArrayRecord(self.model.masked_params())
 
-    # ------------------------------------------------------------------ the method's hooks
-    name: ClassVar[str] = ""  # the `method` setting that picks this strategy
-    reads: ClassVar[tuple[str, ...]] = ()  # settings only this method reads
-
-    @classmethod
-    def comparison_arms(cls) -> dict[str, dict]:
-        """The arms `experiments.compare` runs for this method: arm name -> settings
-        beyond `method` ("@density" / "@mask": PruneFL's final density / mask, same seed)."""
-        return {cls.name: {}}
-
-    @classmethod
-    def check_settings(cls, settings: Settings) -> None:
-        """Raise SettingsError (naming the key and the fix) for settings this method
-        cannot run with; called before any work."""
-
-    @classmethod
-    def options(cls, settings: Settings) -> dict:
-        """This method's own constructor arguments, from the settings."""
-        return {}
-
-    @classmethod
-    def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
-        """(masks of round 1, a summary of how they were found); the weights are
-        `start.model`'s afterwards. The default: the dense model."""
-        return full_masks(start.model), {"enabled": False}
-
-    def wants_importance(self, server_round: int) -> bool:
-        """Whether the mask update at the end of this round uses the clients' importance."""
-        return False
-
-    def update_mask(
-        self, server_round: int, importance: dict[str, torch.Tensor] | None, fixed: float
-    ) -> Masks | None:
-        """The mask after this round (None: unchanged). Called after averaging."""
-        return None
-
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t├──> %s: cost profile %s", type(self).__name__, self.profile.name)
@@ -245,20 +193,13 @@ class SparseFedAvg(FedAvg):
             )
         log(INFO, "Resuming %s at round %d of %d", type(self).__name__, first_round, num_rounds)
         result, arrays = Result(), initial_arrays
-        train_config, evaluate_config = (
-            train_config or ConfigRecord(),
-            evaluate_config or ConfigRecord(),
-        )
         for r in range(first_round, num_rounds + 1):
             log(INFO, "[ROUND %s/%s]", r, num_rounds)
-            replies = grid.send_and_receive(
-                self.configure_train(r, arrays, train_config, grid), timeout=timeout
-            )
-            arrays = result.arrays = self.aggregate_train(r, replies)[0] or arrays
-            replies = grid.send_and_receive(
-                self.configure_evaluate(r, arrays, evaluate_config, grid), timeout=timeout
-            )
-            self.aggregate_evaluate(r, replies)
+            train = self.configure_train(r, arrays, train_config or ConfigRecord(), grid)
+            new, _ = self.aggregate_train(r, grid.send_and_receive(train, timeout=timeout))
+            arrays = result.arrays = new or arrays
+            evaluate = self.configure_evaluate(r, arrays, evaluate_config or ConfigRecord(), grid)
+            self.aggregate_evaluate(r, grid.send_and_receive(evaluate, timeout=timeout))
             if evaluate_fn is not None:
                 evaluate_fn(r, arrays)
         return result

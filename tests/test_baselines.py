@@ -13,8 +13,8 @@ from fedprune.masks import density, full_masks
 from fedprune.models import build_model, prunable_names
 from fedprune.settings import Settings, SettingsError
 from strategies.baselines import FedAvgDense, FedDST, IterativeMagnitude, Snip
+from strategies.method import Start
 from strategies.methods import method_of
-from strategies.sparse_fedavg import Start
 from tests.inprocess import Federation
 
 SETTINGS = Settings(
