@@ -35,7 +35,6 @@ import contextlib
 import ctypes
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.credentials import LOOPBACK_HOSTS, generate_node_key, generate_tls
-from experiments.local_run import QUIET_ENV, descendants, free_port, stop_tree
+from experiments.local_run import QUIET_ENV, descendants, executable, free_port, stop_tree, tool_env
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 FEDERATION = "local-tls"
@@ -101,12 +100,6 @@ def _signals_held() -> Iterator[None]:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-
-
-def _executable(name: str) -> str:
-    """A Flower console script of this interpreter's environment (else from PATH)."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else (shutil.which(name) or name)
 
 
 @dataclass
@@ -216,7 +209,7 @@ class LocalFederation:
 
     def supernode_command(self, node: SuperNode) -> list[str]:
         return [
-            _executable("flower-supernode"),
+            executable("flower-supernode"),
             "--superlink",
             self.address,
             "--root-certificates",
@@ -233,7 +226,7 @@ class LocalFederation:
 
     def start_supernode(self, node: SuperNode) -> subprocess.Popen:
         node.starts += 1
-        env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(node.home)}
+        env = tool_env({**os.environ, **QUIET_ENV, "FLWR_HOME": str(node.home)})
         node.process = self._popen(self.supernode_command(node), env, node.log)
         return node.process
 
@@ -349,10 +342,10 @@ def local_federation(
         (cli_home / "config.toml").write_text(
             federation_toml(FEDERATION, f"127.0.0.1:{port}", tls["ca_cert"])
         )
-        cli_env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(cli_home)}
-        link_env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(link_home)}
+        cli_env = tool_env({**os.environ, **QUIET_ENV, "FLWR_HOME": str(cli_home)})
+        link_env = tool_env({**os.environ, **QUIET_ENV, "FLWR_HOME": str(link_home)})
         link_cmd = [
-            _executable("flower-superlink"),
+            executable("flower-superlink"),
             "--ssl-ca-certfile",
             str(tls["ca_cert"]),
             "--ssl-certfile",
@@ -535,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 while True:
                     time.sleep(3600)
-            ours = f"output-dir='{out_root}' run-name='{run_name}'"
+            # Nodes authenticate with registered keys: bind each client id to its node.
+            ours = f"output-dir='{out_root}' run-name='{run_name}' node-auth=true"
             outcome = fed.run([args.run_config, ours], timeout_s=args.timeout_s)
             print(f"[deploy] run {outcome.run_id}: {outcome.status}", flush=True)
             if outcome.status != "finished:completed":

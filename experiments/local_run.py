@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +35,22 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_DISABLE_USAGE_STATS": "1",
 }
+
+# This interpreter's scripts folder (a venv's bin/): Flower's executables are there, and the
+# SuperLink starts its helpers (flower-superexec, flwr-simulation) by name from PATH, so
+# they are found without an activated venv.
+BIN_DIR = Path(sys.executable).parent
+
+
+def executable(name: str) -> str:
+    """A console script of this interpreter's environment (else from PATH)."""
+    local = BIN_DIR / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def tool_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` with this interpreter's scripts folder first on PATH."""
+    return {**env, "PATH": os.pathsep.join([str(BIN_DIR), env.get("PATH", "")])}
 
 
 def free_port() -> int:
@@ -158,17 +175,19 @@ def local_superlink(
             flwr_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-")))
         flwr_home.mkdir(parents=True, exist_ok=True)
         http_port, control_port = free_port(), free_port()
-        env = {
-            **os.environ,
-            **QUIET_ENV,
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-            **(extra_env or {}),
-        }
+        env = tool_env(
+            {
+                **os.environ,
+                **QUIET_ENV,
+                "FLWR_HOME": str(flwr_home),
+                "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+                **(extra_env or {}),
+            }
+        )
         log_file = flwr_home / "superlink.log"
         cmd = [
-            "flower-superlink",
+            executable("flower-superlink"),
             "--insecure",
             "--simulation",
             "--isolation",

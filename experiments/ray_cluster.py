@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from experiments.local_run import PROJECT_DIR, QUIET_ENV, free_port, local_superlink, stop_tree
+from experiments.local_run import (
+    PROJECT_DIR,
+    QUIET_ENV,
+    free_port,
+    local_superlink,
+    stop_tree,
+    tool_env,
+)
 
 CLIENT_ACTOR = "ClientAppActor"  # Flower's Ray actor class that runs the ClientApp
 DEFAULT_RUN_CONFIG = (
@@ -427,7 +434,7 @@ def local_ray_cluster(
     stay under 108 characters) and is removed at the end unless `keep_temp`.
     """
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
-    env = {**os.environ, **QUIET_ENV}
+    env = tool_env({**os.environ, **QUIET_ENV})
     env.pop("RAY_ADDRESS", None)  # the worker is told the head's address explicitly
     procs: list[subprocess.Popen] = []
     try:

@@ -9,6 +9,7 @@ pyproject.toml (a test keeps the two equal).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -94,7 +95,9 @@ class Settings:
 
     # --- federated rounds
     num_server_rounds: int = _opt(40, _positive, "a positive integer")
-    clients_per_round: int = _opt(10, _positive, "a positive integer")
+    clients_per_round: int = _opt(
+        0, _non_negative, "a non-negative integer (0: every node of the federation)"
+    )
     num_clients: int = _opt(
         0, _non_negative, "a non-negative integer (0: as many as the nodes report)"
     )
@@ -103,6 +106,13 @@ class Settings:
     fraction_evaluate: float = _opt(0.0, _fraction_closed, "in [0, 1]")
     round_timeout_s: float = _opt(600.0, _positive, "positive seconds")
     min_replies: int = _opt(1, _positive, "a positive number of valid replies")
+    node_wait_s: float = _opt(
+        120.0, _positive, "positive seconds to wait for the nodes"
+    )
+    node_auth: bool = _opt(False)  # the SuperLink authenticates nodes: bind client ids for good
+    importance_window: int = _opt(
+        0, _non_negative, "a non-negative number of rounds (0: every round since the last update)"
+    )
     # --- model and data
     model: str = _opt("conv2", *_in(MODELS))
     dataset: str = _opt("mnist", *_in(DATASETS))
@@ -188,10 +198,10 @@ class Settings:
 
     def sample_size(self, num_clients: int) -> int:
         """Nodes sampled per round out of `num_clients`: `fraction-train` of them (at
-        least 1) if set, else `clients-per-round`."""
+        least 1) if set, else `clients-per-round` (every node if 0 or more than there are)."""
         if self.fraction_train > 0:
             return max(1, math.ceil(self.fraction_train * num_clients - 1e-9))
-        return self.clients_per_round
+        return min(self.clients_per_round or num_clients, num_clients)
 
     def speed_factor(self, partition_id: int) -> float:
         """Multiplier of this partition's compute time (`speed-factors`, cycled)."""
@@ -216,9 +226,13 @@ class Settings:
         fields = {cls.key(f.name): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - set(fields))
         if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             raise SettingsError(
-                f"unknown setting(s) {', '.join(map(repr, unknown))}; "
-                f"known settings are: {', '.join(sorted(fields))}"
+                f"unknown setting(s) {', '.join(hints)}; every setting is listed in "
+                "[tool.flwr.app.config] of pyproject.toml and in docs/settings.md"
             )
         values = {}
         for key, f in fields.items():

@@ -113,19 +113,27 @@ def initial_pruning(settings: Settings, start: Start) -> tuple[Masks, dict]:
     """PruneFL's phase 1 on the server's own data; trains and prunes `start.model` in
     place and returns its masks and a summary of the phase."""
 
+    t0 = time.time()
+
     def progress(iteration: int, kept: int, total: int, acc: float) -> None:
+        # A line, not a bar: the ServerApp's output reaches the user through Flower's log
+        # stream (`flwr run --stream`, `flwr log`), not a terminal a bar could redraw.
+        done = iteration / settings.ip_max_iterations
+        left = (time.time() - t0) * (1 - done) / done if done else float("nan")
         log(
             INFO,
-            "[fedprune] initial pruning: iteration %4d | train acc %.3f | "
-            "kept %s of %s prunable weights (%.4f)",
+            "[fedprune] initial pruning: iteration %4d of at most %d (%3.0f%%, at most %.0f s "
+            "left) | train acc %.3f | kept %s of %s prunable weights (%.4f)",
             iteration,
+            settings.ip_max_iterations,
+            100 * done,
+            left,
             acc,
             f"{kept:,}",
             f"{total:,}",
             kept / total,
         )
 
-    t0 = time.time()
     phase1 = initial_prune(
         start.model,
         start.server_data,

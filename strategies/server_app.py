@@ -26,12 +26,15 @@ from flwr.serverapp import Grid, ServerApp
 from fedprune import protocol as P
 from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
 from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
+from fedprune.importance import ImportanceCollector
 from fedprune.models import build_model, count_parameters, prunable_names
 from fedprune.reconfigure import stability_delta
 from fedprune.settings import Settings, SettingsError
 from fedprune.training import evaluate
+from strategies.accounting import RoundStats
 from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
+from strategies.node_sampling import NodeSampler
 from strategies.results import RunRecorder, inference_summary
 from strategies.run_state import resume_run, rng_state, set_rng_state, write_checkpoint
 from strategies.sparse_fedavg import SparseFedAvg
@@ -49,6 +52,8 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(os.cpu_count() or 1)  # the server may use every core
     seed_everything(settings.seed)
     start = starting_inputs(settings)
+    round0 = RoundStats()  # the identity queries of the federation check
+    sampler = check_federation(grid, settings, round0)
     out_dir = (out_dir or Path(settings.output_dir) / run_name(settings)).resolve()
     log(INFO, "[fedprune] %s, %s parameters, server share %d, test split %d; output %s",
         settings.model, f"{count_parameters(start.model):,}", len(start.server_data),
@@ -56,12 +61,13 @@ def main(grid: Grid, context: Context) -> None:
 
     if resumed is None:
         masks, phase1 = method.starting_point(settings, start)
-        strategy = build_strategy(settings, method, start, masks)
+        strategy = build_strategy(settings, method, start, masks, sampler)
     else:
         phase1 = resumed["initial_pruning"]
-        strategy = build_strategy(settings, method, start, resumed["strategy"]["masks"])
+        strategy = build_strategy(settings, method, start, resumed["strategy"]["masks"], sampler)
         strategy.load_state_dict(resumed["strategy"])
         set_rng_state(resumed["rng"])
+    strategy.stats[0] = round0
     round_end = RoundEnd(settings, strategy, out_dir, t0, phase1, resumed)
     strategy.start(
         grid=grid,
@@ -105,7 +111,14 @@ def run_name(settings: Settings) -> str:
 def starting_inputs(settings: Settings) -> Start:
     """The seeded model, the prior cost profile and the server's own data."""
     num_classes, input_shape = NUM_CLASSES[settings.dataset], INPUT_SHAPE[settings.dataset]
-    model = build_model(settings.model, num_classes, seed=settings.seed, input_shape=input_shape)
+    try:
+        model = build_model(
+            settings.model, num_classes, seed=settings.seed, input_shape=input_shape
+        )
+    except ValueError as exc:
+        raise SettingsError(
+            f"setting 'model' = {settings.model!r} does not fit dataset {settings.dataset!r}: {exc}"
+        ) from exc
     profile = prior_profile(settings, prunable_names(model))
     return Start(model, profile, server_share(settings.data_spec()), num_classes, input_shape)
 
@@ -120,10 +133,39 @@ def prior_profile(settings: Settings, prunable: list[str]) -> CostProfile:
     try:
         return named_profile(name, prunable)
     except ValueError as exc:
-        raise SettingsError(f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}") from exc
+        raise SettingsError(
+            f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}. Use "
+            "cost-profile='paper-uniform' (the paper's fc1 slope for every layer) or "
+            "'measured' (each node's own profile)"
+        ) from exc
 
 
-def build_strategy(settings: Settings, method, start: Start, masks) -> SparseFedAvg:
+def check_federation(grid: Grid, settings: Settings, stats: RoundStats) -> NodeSampler:
+    """Wait for the federation and check that the run can use it, before any work: the
+    nodes exist and hold data, and the importance upload fits how many train per round."""
+    sampler = NodeSampler(
+        seed=settings.seed,
+        num_clients=settings.num_clients,
+        wait_s=settings.node_wait_s,
+        bind=settings.node_auth,
+    )
+    per_round = settings.clients_per_round if settings.fraction_train == 0 else 0
+    nodes = len(sampler.federation(grid, per_round, stats.count))
+    sample = settings.sample_size(nodes)
+    if settings.fraction_train == 0 and settings.clients_per_round > nodes:
+        log(WARNING, "[fedprune] clients-per-round = %d, but the federation has %d nodes: "
+            "every node trains", settings.clients_per_round, nodes)  # fmt: skip
+    try:
+        ImportanceCollector(lambda r: False, 0).resolve_mode(
+            settings.importance_upload, sample, nodes
+        )
+    except ValueError as exc:
+        raise SettingsError(f"setting 'importance-upload': {exc}") from exc
+    log(INFO, "[fedprune] federation: %d nodes, %d train per round", nodes, sample)
+    return sampler
+
+
+def build_strategy(settings: Settings, method, start: Start, masks, sampler=None) -> SparseFedAvg:
     """The strategy of the run's method, with the settings every method shares."""
     params = {name: p.detach().clone() for name, p in start.model.named_parameters()}
     return method(
@@ -140,6 +182,9 @@ def build_strategy(settings: Settings, method, start: Start, masks) -> SparseFed
         min_replies=settings.min_replies,
         measure_costs=settings.cost_profile == "measured",
         query_timeout_s=settings.round_timeout_s,
+        importance_window=settings.importance_window,
+        node_wait_s=settings.node_wait_s,
+        sampler=sampler,
         **method.options(settings),
     )
 

@@ -66,7 +66,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
     profile : CostProfile
         Round-time model for the modelled time (and PruneFL's solver).
     clients_per_round : int
-        Nodes sampled for training each round; 0 = every node (unless `fraction_train`).
+        Nodes sampled for training each round (all, if fewer are connected); 0 = every
+        node. `fraction_train` > 0 takes precedence.
     fraction_train : float (default: 0.0)
         If > 0, the fraction of the federation's nodes sampled each round instead.
     num_clients : int (default: 0)
@@ -83,7 +84,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
     regrow_init : "last" | "zero"
         Value a regrown parameter starts from.
     node_wait_s : float (default: 120)
-        How long to wait for enough nodes to connect.
+        How long a round waits for enough nodes (`min_replies`) to be connected.
     min_replies : int (default: 1)
         A round with fewer valid train replies is skipped (logged, model unchanged).
     measure_costs : bool (default: False)
@@ -91,6 +92,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         slowest sampled node's; `profile` is the prior until one has answered.
     query_timeout_s : float (default: 600)
         How long to wait for profile replies.
+    sampler : NodeSampler, optional
+        One that already knows the federation (the ServerApp checks it before any work);
+        by default a new one from `seed`, `num_clients` and `node_wait_s`.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         min_replies: int = 1,
         measure_costs: bool = False,
         query_timeout_s: float = 600.0,
+        sampler: NodeSampler | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -128,8 +133,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self.importance_upload, self.min_replies = importance_upload, min_replies
         self.model = GlobalModel(params, masks, regrow_init)
         self.nodes = NodeLedger()
-        self.sampler = NodeSampler(
-            seed=seed, num_clients=num_clients, wait_s=node_wait_s, identify_timeout_s=60.0
+        self.sampler = sampler or NodeSampler(
+            seed=seed, num_clients=num_clients, wait_s=node_wait_s
         )
         self.importance = ImportanceCollector(self.wants_importance, 0, importance_window)
         self.profiles = NodeProfiles(profile, list(masks))
@@ -239,16 +244,16 @@ class SparseFedAvg(FedAvg, PruningMethod):
         return self._messages(server_round, node_ids, config, MessageType.EVALUATE, {})
 
     def _sample(self, server_round: int, grid: Grid, purpose: int) -> tuple[list[int], int]:
-        """(sampled node ids, population size) for training or evaluation."""
+        """(sampled node ids, population size): every connected node that may be sampled,
+        a fraction of them, or a number of them (all, if fewer are connected)."""
         if purpose == TRAIN:
-            fraction, wait_for = self.fraction_train, self.clients_per_round
+            fraction, size, minimum = self.fraction_train, self.clients_per_round, self.min_replies
         else:
-            fraction, wait_for = self.fraction_evaluate, 1
-        wait_for = 1 if fraction > 0 else wait_for
+            fraction, size, minimum = self.fraction_evaluate, 0, 1
         count = self.stats[server_round].count
-        population = self.sampler.population(grid, server_round, wait_for, count)
-        size = fraction_size(fraction, len(population)) if fraction > 0 else wait_for
-        size = size or len(population)  # clients_per_round = 0: every node
+        population = self.sampler.population(grid, server_round, max(minimum, 1), count)
+        if fraction > 0:
+            size = fraction_size(fraction, len(population))
         return self.sampler.draw(population, server_round, size, purpose), len(population)
 
     def _messages(self, server_round, node_ids, config, message_type, flags) -> list[Message]:

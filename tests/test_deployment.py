@@ -258,6 +258,33 @@ KNOWN_STRATEGY_GAP = "without the mask"  # the ClientApp's error when sent value
 
 
 @pytest.mark.slow
+def test_a_supernode_that_dies_for_good_does_not_stop_the_run(federation, tmp_path):
+    """Every node trains (clients-per-round 0); node 2 dies after round 1 and never comes
+    back. The rounds after go on with the two others instead of waiting for the
+    federation's reported size of 3."""
+    out = tmp_path / "gone"
+    victim = next(n for n in federation.supernodes if n.index == 2)
+    run_id = federation.start_run(
+        f"{SMALL} clients-per-round=0 num-server-rounds=4 round-timeout-s=120 node-wait-s=30 "
+        f"output-dir='{tmp_path}' run-name='gone'"
+    )
+    try:
+        wait_for(lambda: len(metrics(out)) >= 2, 300, "round 1")
+        federation.kill_supernode(victim, hard=True)
+        info = federation.wait_run(run_id, timeout_s=600)
+    except BaseException:
+        federation.stop_run(run_id)
+        raise
+    finally:  # the module's federation has three nodes again for the tests after
+        federation.start_supernode(victim)
+        federation.wait_nodes({victim.node_id: "online"}, 120)
+    assert info["status"] == "finished:completed"
+    rows = metrics(out)
+    assert column(rows, "replies") == [3, 2, 2, 2]
+    assert column(rows, "dropped") == [0, 1, 0, 0]  # only the round it died in
+
+
+@pytest.mark.slow
 def test_every_process_is_stopped_even_when_the_body_fails(tmp_path):
     pids: set[int] = set()
     with pytest.raises(RuntimeError, match="boom"), local_federation(1, tmp_path) as fed:

@@ -76,12 +76,58 @@ def test_nodes_are_identified_once():
     assert strategy.sampler.client_ids == {n: n - 100 for n in fed.contexts}
 
 
-def test_the_federation_size_comes_from_the_nodes_and_missing_nodes_fail_clearly():
+def test_missing_nodes_fail_before_any_work_with_what_to_start():
     fed = Federation(SETTINGS, 5)
     grid = FakeGrid(list(fed.contexts)[:3], fed.deliver)  # 2 of 5 never connect
-    strategy = make_strategy(2, node_wait_s=0.5)
+    sampler = NodeSampler(seed=0, wait_s=0.5)
     with pytest.raises(RuntimeError, match="num-supernodes=5"):
-        strategy.configure_train(1, None, CONFIG, grid)
+        sampler.federation(grid, 0, lambda *a: None)
+
+
+def test_a_node_that_leaves_for_good_does_not_stop_the_rounds():
+    fed = Federation(SETTINGS, 5)
+    strategy = make_strategy(0, node_wait_s=0.5)  # every node
+    strategy.sampler.federation(fed.grid, 0, lambda *a: None)
+    assert len(list(strategy.configure_train(1, None, CONFIG, fed.grid))) == 5
+    gone = FakeGrid(list(fed.contexts)[:3], fed.deliver)  # two nodes die for good
+    messages = list(strategy.configure_train(2, None, CONFIG, gone))
+    assert sorted(m.metadata.dst_node_id for m in messages) == [100, 101, 102]
+    strategy.min_replies = 4  # now a round cannot have enough nodes: it says so
+    with pytest.raises(RuntimeError, match="fewer than the 4 a round needs"):
+        strategy.configure_train(3, None, CONFIG, gone)
+
+
+def test_the_federation_size_is_what_most_nodes_report_not_the_largest():
+    fed = Federation(SETTINGS, 4)
+    fed.contexts[103].node_config["num-partitions"] = 1000  # one liar
+    sampler = NodeSampler(seed=0, wait_s=0.5)
+    population = sampler.federation(fed.grid, 0, lambda *a: None)  # does not wait for 1,000
+    assert len(population) == 4 and sampler.identities.federation_size() == 4
+    assert NodeSampler(seed=0, num_clients=3).identities.federation_size() == 3
+
+
+def test_a_client_id_claimed_twice_is_a_conflict_until_one_leaves(caplog):
+    fed = Federation(SETTINGS, 4)
+    fed.contexts[103].node_config["partition-id"] = 1  # claims node 101's client id
+    sampler = NodeSampler(seed=0, num_clients=3, wait_s=0.5)
+    with caplog.at_level(logging.WARNING):
+        population = sampler.population(fed.grid, 1, 1, lambda *a: None)
+    assert population == {0: 100, 2: 102}  # neither 101 nor 103 is sampled
+    assert "claimed by nodes 101 and 103" in caplog.text
+    population = sampler.population(FakeGrid([100, 101, 102], fed.deliver), 2, 1, lambda *a: None)
+    assert population == {0: 100, 1: 101, 2: 102}  # 103 left: the conflict is resolved
+
+
+def test_with_node_auth_a_bound_client_id_cannot_be_taken(caplog):
+    fed = Federation(SETTINGS, 4)
+    fed.contexts[103].node_config["partition-id"] = 1
+    sampler = NodeSampler(seed=0, num_clients=3, wait_s=0.5, bind=True)
+    first = sampler.population(FakeGrid([100, 101, 102], fed.deliver), 1, 1, lambda *a: None)
+    with caplog.at_level(logging.WARNING):
+        later = sampler.population(FakeGrid([100, 102, 103], fed.deliver), 2, 1, lambda *a: None)
+    assert first == {0: 100, 1: 101, 2: 102}
+    assert later == {0: 100, 2: 102}  # 101 is away, and 103 may not take its id
+    assert "claims client id 1, bound to node 101: refused" in caplog.text
 
 
 def test_fraction_train_samples_a_share_of_the_federation():
@@ -195,9 +241,8 @@ def test_a_split_that_cannot_give_every_client_data_stops_the_run_clearly():
     fed = Federation(Settings(**{**SETTINGS.__dict__, "partitioner": "dirichlet"}), 2)
     for ctx in fed.contexts.values():
         ctx.node_config["num-partitions"] = 1000
-    strategy = make_strategy(2)
     with pytest.raises(RuntimeError, match="none of the 2 nodes that answered can train"):
-        strategy.configure_train(1, None, CONFIG, fed.grid)
+        NodeSampler(seed=0, wait_s=5).federation(fed.grid, 0, lambda *a: None)
 
 
 def test_a_node_that_cannot_load_its_data_is_left_out(tmp_path, caplog):
