@@ -26,7 +26,7 @@ from clients.partitions import client_partition
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, load_folder
+from fedprune.data import data_shape, load_folder
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profiler import csr_max_densities, profile_device
 from fedprune.settings import Settings, parse_ids
@@ -134,9 +134,8 @@ def receive(msg: Message, context: Context):
     # process that runs the ServerApp.
     torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
-    model = build_model(
-        settings.model, NUM_CLASSES[settings.dataset], input_shape=INPUT_SHAPE[settings.dataset]
-    )
+    num_classes, input_shape = node_data_shape(settings, context)
+    model = build_model(settings.model, num_classes, input_shape=input_shape)
     shapes, prunable = param_shapes(model), prunable_names(model)
     version = int(msg.content[P.CONFIG][P.MASK_VERSION])
     record = msg.content[P.ARRAYS]
@@ -155,12 +154,19 @@ def receive(msg: Message, context: Context):
     return settings, model, masks, version
 
 
+def node_data_shape(settings: Settings, context: Context) -> tuple[int, tuple[int, int, int]]:
+    """(classes, image shape) of the data: from the node's own data folder's meta.json if
+    it has one (a device without the data source), else from the configured source."""
+    data_path = str(context.node_config.get("data-path", "")).strip()
+    return data_shape(settings.data_spec(), data_path)
+
+
 def local_data(settings: Settings, context: Context):
     """The node's own data folder if its node config names one (`data-path`), else its
     partition of the configured data set by `partition-id` / `num-partitions`."""
     data_path = str(context.node_config.get("data-path", "")).strip()
     if data_path:
-        return load_folder(data_path, NUM_CLASSES[settings.dataset], INPUT_SHAPE[settings.dataset])
+        return load_folder(data_path, *node_data_shape(settings, context))
     return client_partition(
         settings.data_spec(),
         int(context.node_config[P.PARTITION_ID]),
@@ -196,8 +202,8 @@ def device_measurements(settings: Settings, context: Context) -> dict:
     node and cached in `context.state`."""
     if P.STATE_PROFILE not in context.state:
         torch.set_num_threads(1)
-        shape = INPUT_SHAPE[settings.dataset]
-        model = build_model(settings.model, NUM_CLASSES[settings.dataset], input_shape=shape)
+        num_classes, shape = node_data_shape(settings, context)
+        model = build_model(settings.model, num_classes, input_shape=shape)
         _, measurements = profile_device(
             model,
             settings.local_steps,

@@ -44,10 +44,6 @@ from fedprune.sources import KNOWN, LOCAL, DataSourceError, Shape, known_shape, 
 DATASETS = (*KNOWN, LOCAL)
 # "writers": each client holds whole writers (data with a writer_id column: FEMNIST).
 PARTITIONERS = ("iid", "dirichlet", "shards", "writers")
-# Deprecated, for the named data sets only: the ServerApp and ClientApp still read these
-# until they call `data_shape(spec)`, which also serves `local`. Remove with those calls.
-NUM_CLASSES = {name: known.num_classes for name, known in KNOWN.items()}
-INPUT_SHAPE = {name: known.shape for name, known in KNOWN.items()}
 
 
 @dataclass(frozen=True)

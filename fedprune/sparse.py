@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedprune.data import Examples
-from fedprune.models import MODELS, TwoConvNet
+from fedprune.models import MODELS, TwoConvNet, model_factory
 from fedprune.training import LocalRound, batches
 
 # PyTorch warns once per process that CSR support is "in beta"; the kernels used here are
@@ -526,7 +526,7 @@ def _build_from_spec(spec: Mapping) -> nn.Module:
             int(spec["num_classes"]),
             tuple(int(v) for v in spec["input_shape"]),
         )
-    return MODELS[spec["name"]](
+    return model_factory(spec["name"])(
         int(spec["num_classes"]), tuple(int(v) for v in spec["input_shape"])
     )
 

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprune import protocol as P
 from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
+from fedprune.data import data_shape, heldout_split, server_share
 from fedprune.importance import ImportanceCollector
 from fedprune.models import build_model, count_parameters, prunable_names
 from fedprune.reconfigure import stability_delta
@@ -57,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     out_dir = (out_dir or Path(settings.output_dir) / run_name(settings)).resolve()
     log(INFO, "[fedprune] %s, %s parameters, server share %d, test split %d; output %s",
         settings.model, f"{count_parameters(start.model):,}", len(start.server_data),
-        len(heldout_split(settings.data_spec())), out_dir)  # fmt: skip
+        len(heldout_split(settings.server_data_spec())), out_dir)  # fmt: skip
 
     if resumed is None:
         masks, phase1 = method.starting_point(settings, start)
@@ -110,7 +110,8 @@ def run_name(settings: Settings) -> str:
 
 def starting_inputs(settings: Settings) -> Start:
     """The seeded model, the prior cost profile and the server's own data."""
-    num_classes, input_shape = NUM_CLASSES[settings.dataset], INPUT_SHAPE[settings.dataset]
+    spec = settings.server_data_spec()
+    num_classes, input_shape = data_shape(spec)
     try:
         model = build_model(
             settings.model, num_classes, seed=settings.seed, input_shape=input_shape
@@ -120,7 +121,7 @@ def starting_inputs(settings: Settings) -> Start:
             f"setting 'model' = {settings.model!r} does not fit dataset {settings.dataset!r}: {exc}"
         ) from exc
     profile = prior_profile(settings, prunable_names(model))
-    return Start(model, profile, server_share(settings.data_spec()), num_classes, input_shape)
+    return Start(model, profile, server_share(spec), num_classes, input_shape)
 
 
 def prior_profile(settings: Settings, prunable: list[str]) -> CostProfile:
@@ -200,10 +201,9 @@ class RoundEnd:
             out_dir,
             phase1,
         )
-        self.test_data = heldout_split(settings.data_spec())
-        self.eval_model = build_model(
-            settings.model, NUM_CLASSES[settings.dataset], input_shape=INPUT_SHAPE[settings.dataset]
-        )
+        self.test_data = heldout_split(settings.server_data_spec())
+        num_classes, input_shape = data_shape(settings.server_data_spec())
+        self.eval_model = build_model(settings.model, num_classes, input_shape=input_shape)
         self.recorder = RunRecorder(out_dir, t0=t0, rows=resumed["rows"] if resumed else None)
         if resumed is None:
             self(0, strategy.global_arrays())
