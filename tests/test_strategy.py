@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import protocol as P
+from fedprune.codec import MASK_PREFIXES
 from fedprune.costs import named_profile
 from fedprune.settings import Settings
 from strategies.prunefl import PruneFL
@@ -46,7 +47,7 @@ def test_mask_goes_once_per_node_then_values_only():
     msgs1, _, _ = fed.train_round(strategy, 1)
     msgs2, _, _ = fed.train_round(strategy, 2)
     has_mask = [
-        any(k.startswith(("mb/", "mi/", "mc/")) for k in m.content[P.ARRAYS]) for m in msgs1 + msgs2
+        any(k.split("/")[0] in MASK_PREFIXES for k in m.content[P.ARRAYS]) for m in msgs1 + msgs2
     ]
     assert has_mask == [True] * 3 + [False] * 3
     s1, s2 = strategy.stats[1], strategy.stats[2]
@@ -177,7 +178,7 @@ BAD_REPLIES = {
     ),
     "missing parameter": (_array_change("v/fc2.bias", lambda v: None), "v/fc2.bias"),
     "unknown parameter": (_added("v/fc3.weight", np.zeros(4, np.float32)), "v/fc3.weight"),
-    "a mask in a reply": (_added("mb/fc1.weight", np.zeros(8, np.uint8)), "mb/fc1.weight"),
+    "a mask in a reply": (_added("m/fc1.weight", np.zeros(8, np.uint8)), "m/fc1.weight"),
     "float64 values": (
         _array_change("v/fc1.weight", lambda v: v.astype(np.float64)),
         "v/fc1.weight",
