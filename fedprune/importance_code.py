@@ -290,12 +290,13 @@ def decode_importance(data, mask, *, what: str = "importance") -> ImportanceUplo
     words = _words_from(buf, pos, buf.shape[0], what)
     if words.shape[0] > count + 2:
         raise CodecError(f"{what}: {words.shape[0]} coded words for {count} values")
-    sym = np.empty(count, dtype=np.int64)
+    sym = np.empty(count, dtype=np.uint16)  # the alphabet has at most 4097 symbols
     status = rans.decode(words, count, rans.table_from_freqs(freqs, scale), sym)
     if status:
         raise CodecError(f"{what}: {rans.RansStatus.TEXT[status]}")
-    bits = np.where(sym == 0, 0, (qmax - sym + 1) << shift).astype(np.uint32)
-    values = bits.view(np.float32)
+    # In uint32: (qmax + 1) << shift is at most a finite float32's bit pattern.
+    codes = np.uint32(qmax + 1) - sym.astype(np.uint32)
+    values = np.where(sym == 0, np.uint32(0), codes << np.uint32(shift)).view(np.float32)
     return ImportanceUpload(m, values[:k], np.flatnonzero(~m)[sent], values[k:])
 
 
