@@ -47,7 +47,7 @@ import torch
 
 from fedprune import rans
 from fedprune.errors import CodecError
-from fedprune.maskcode import _body_words, _decode_body, _words_from, read_varint, write_varint
+from fedprune.maskcode import decode_body, encode_body, read_varint, read_words, write_varint
 
 __all__ = [
     "IMPORTANCE_FORMAT",
@@ -113,12 +113,14 @@ def _codes(g: np.ndarray, mantissa_bits: int) -> np.ndarray:
 
 
 def _quantised_freqs(counts: np.ndarray, scale: int) -> np.ndarray:
-    """Integer frequencies summing to ``2**scale``, every used symbol at least 1."""
-    total = int(counts.sum())
-    f = np.where(counts > 0, np.maximum(1, counts * (1 << scale) // total), 0).astype(np.int64)
-    f[int(np.argmax(f))] += (1 << scale) - int(f.sum())
-    if f.min() < 0:  # only if thousands of rare levels took one unit each: rare
-        raise ValueError("too many distinct levels for the frequency table")
+    """Integer frequencies summing to ``2**scale``, every used symbol at least 1: one unit
+    reserved per used symbol, the rest shared in proportion to the counts (rounded down),
+    what rounding left over to the most frequent symbol.  Needs fewer used symbols than
+    ``2**scale`` (at most 4097 here, against 2**18)."""
+    used = counts > 0
+    spare = (1 << scale) - int(used.sum())
+    f = used.astype(np.int64) + counts.astype(np.int64) * spare // int(counts.sum())
+    f[int(np.argmax(counts))] += (1 << scale) - int(f.sum())
     return f
 
 
@@ -167,7 +169,7 @@ def encode_importance(
     sent = np.full(pruned_idx.size, s == pruned_idx.size, dtype=np.bool_)
     if 0 < s < pruned_idx.size:
         sent[np.argpartition(gp, pruned_idx.size - s)[pruned_idx.size - s :]] = True
-    _, pos_words = _body_words(sent)
+    _, pos_words = encode_body(sent)
     head = bytearray([IMPORTANCE_FORMAT, mantissa_bits])
     head += write_varint(s) + write_varint(pos_words.shape[0])
     parts = [np.frombuffer(bytes(head), dtype=np.uint8), _le(pos_words)]
@@ -259,7 +261,7 @@ def decode_importance(data, mask, *, what: str = "importance") -> ImportanceUplo
     split = pos + 4 * nw
     if split > buf.shape[0]:
         raise CodecError(f"{what}: position words: {nw} words, but {buf.shape[0] - pos} bytes left")
-    sent = _decode_body(_words_from(buf, pos, split, what), n - k, s, f"{what} (positions)")
+    sent = decode_body(read_words(buf, pos, split, what), n - k, s, f"{what} (positions)")
     pos = split
     count = k + s
     if count == 0:
@@ -287,7 +289,7 @@ def decode_importance(data, mask, *, what: str = "importance") -> ImportanceUplo
         freqs[i], pos = read_varint(buf, pos, 1 << scale, f"{what}: frequency {i}")
     if int(freqs.sum()) != 1 << scale:
         raise CodecError(f"{what}: frequencies sum to {int(freqs.sum())}, not 2**{scale}")
-    words = _words_from(buf, pos, buf.shape[0], what)
+    words = read_words(buf, pos, buf.shape[0], what)
     if words.shape[0] > count + 2:
         raise CodecError(f"{what}: {words.shape[0]} coded words for {count} values")
     sym = np.empty(count, dtype=np.uint16)  # the alphabet has at most 4097 symbols

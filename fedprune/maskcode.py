@@ -44,12 +44,15 @@ __all__ = [
     "DIFF_FORMAT",
     "MASK_FORMAT",
     "SCALE",
+    "decode_body",
     "decode_mask_bytes",
     "decode_mask_change",
+    "encode_body",
     "encode_mask_bytes",
     "encode_mask_change",
     "mask_bound_bits",
     "read_varint",
+    "read_words",
     "write_varint",
 ]
 
@@ -172,8 +175,9 @@ def _start(k: int) -> int:
     return rans.LOWER + k % rans.LOWER
 
 
-def _body_words(flat: np.ndarray) -> tuple[int, np.ndarray]:
-    """(k, rANS words) of a flat bool array; no words when k is 0 or n."""
+def encode_body(flat: np.ndarray) -> tuple[int, np.ndarray]:
+    """(k, rANS words) of a flat bool array: format 1 without its header, for codes that
+    embed masks (changes, importance positions); no words when k is 0 or n."""
     n = flat.shape[0]
     k = int(np.count_nonzero(flat))
     if k == 0 or k == n:
@@ -187,7 +191,7 @@ def _words_le(words: np.ndarray) -> np.ndarray:
     return words.astype("<u4", copy=False).view(np.uint8)
 
 
-def _decode_body(words: np.ndarray, n: int, k: int, what: str) -> np.ndarray:
+def decode_body(words: np.ndarray, n: int, k: int, what: str) -> np.ndarray:
     """Flat bool array of n positions with k ones from its rANS words (uint32 native)."""
     if k == 0 or k == n:
         if words.shape[0]:
@@ -224,7 +228,7 @@ def _check_buffer(data, what: str) -> np.ndarray:
     return data
 
 
-def _words_from(buf: np.ndarray, start: int, stop: int, what: str) -> np.ndarray:
+def read_words(buf: np.ndarray, start: int, stop: int, what: str) -> np.ndarray:
     """The uint32 words in ``buf[start:stop]`` (little-endian), native order."""
     if not 0 <= start <= stop <= buf.shape[0]:
         raise CodecError(f"{what}: coded words at bytes {start}..{stop} of {buf.shape[0]}")
@@ -246,7 +250,7 @@ def encode_mask_bytes(mask) -> np.ndarray:
     True.
     """
     flat = _as_flat_bool(mask)
-    k, words = _body_words(flat)
+    k, words = encode_body(flat)
     head = bytes([MASK_FORMAT]) + write_varint(k)
     return np.concatenate([np.frombuffer(head, dtype=np.uint8), _words_le(words)])
 
@@ -265,8 +269,8 @@ def decode_mask_bytes(data: np.ndarray, n: int, *, what: str = "mask") -> np.nda
             f"{what}: format byte {int(buf[0])}, this decoder reads mask format {MASK_FORMAT}"
         )
     k, pos = read_varint(buf, 1, n, f"{what}: kept count")
-    words = _words_from(buf, pos, buf.shape[0], what)
-    return _decode_body(words, n, k, what)
+    words = read_words(buf, pos, buf.shape[0], what)
+    return decode_body(words, n, k, what)
 
 
 # --------------------------------------------------------------------------------------
@@ -330,8 +334,8 @@ def encode_mask_change(old, new) -> np.ndarray:
     removed, added = _split(
         np.ascontiguousarray(o), np.ascontiguousarray(w), int(np.count_nonzero(o))
     )
-    r, words_r = _body_words(removed)
-    a, words_a = _body_words(added)
+    r, words_r = encode_body(removed)
+    a, words_a = encode_body(added)
     head = bytes([DIFF_FORMAT]) + write_varint(r) + write_varint(a) + write_varint(words_r.shape[0])
     return np.concatenate(
         [np.frombuffer(head, dtype=np.uint8), _words_le(words_r), _words_le(words_a)]
@@ -356,6 +360,6 @@ def decode_mask_change(old, data: np.ndarray, *, what: str = "mask change") -> n
     split = pos + 4 * nw
     if split > buf.shape[0]:
         raise CodecError(f"{what}: removed words: {nw} words, but {buf.shape[0] - pos} bytes left")
-    removed = _decode_body(_words_from(buf, pos, split, what), k, r, f"{what} (removed)")
-    added = _decode_body(_words_from(buf, split, buf.shape[0], what), n - k, a, f"{what} (added)")
+    removed = decode_body(read_words(buf, pos, split, what), k, r, f"{what} (removed)")
+    added = decode_body(read_words(buf, split, buf.shape[0], what), n - k, a, f"{what} (added)")
     return _merge(np.ascontiguousarray(o), removed, added)

@@ -200,3 +200,17 @@ def test_sent_count():
     assert sent_count(1000, 0.0, 5000) == 1000
     assert sent_count(0, 0.5, 10) == 0
     assert sent_count(7, 0.5, 0) == math.ceil(3.5)
+
+
+def test_frequency_table_for_any_histogram():
+    from fedprune.importance_code import _quantised_freqs
+
+    rng = np.random.default_rng(0)
+    spread = np.concatenate([np.full(3097, 10**6), np.ones(1000)])  # no dominant level
+    for counts in (spread, np.ones(4097), np.array([5]), rng.integers(0, 3, 4097)):
+        counts = counts.astype(np.int64)
+        if not counts.any():
+            continue
+        f = _quantised_freqs(counts, 18)
+        assert int(f.sum()) == 1 << 18
+        assert np.all((f >= 1) == (counts > 0))
