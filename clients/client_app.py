@@ -27,6 +27,7 @@ from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
+from fedprune.importance_code import ImportanceCode
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profiler import csr_max_densities, profile_device
 from fedprune.settings import Settings, parse_ids
@@ -70,7 +71,9 @@ def train(msg: Message, context: Context) -> Message:
     if not keep:
         drop_importance(context)
     state = {name: p.detach() for name, p in model.named_parameters()}
-    arrays = ArrayRecord({k: Array(v) for k, v in encode_update(state, masks, uploaded).items()})
+    code = ImportanceCode() if settings.importance_code == "coded" else None
+    update = encode_update(state, masks, uploaded, importance_code=code)
+    arrays = ArrayRecord({k: Array(v) for k, v in update.items()})
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 
@@ -137,15 +140,19 @@ def receive(msg: Message, context: Context):
     num_classes, input_shape = node_data_shape(settings, context)
     model = build_model(settings.model, num_classes, input_shape=input_shape)
     shapes, prunable = param_shapes(model), prunable_names(model)
-    version = int(msg.content[P.CONFIG][P.MASK_VERSION])
+    config = msg.content[P.CONFIG]
+    version = int(config[P.MASK_VERSION])
     record = msg.content[P.ARRAYS]
     arrays = {key: record[key].numpy() for key in record}
     carries_mask = any(key.split("/", 1)[0] in MASK_PREFIXES for key in arrays)
-    held = None if carries_mask else held_mask(context, shapes)
-    if not carries_mask and (held is None or held[0] != version):
+    held = held_mask(context, shapes)
+    # Values alone need the current mask; a mask change ("md/") needs its base version.
+    needed = int(config.get(P.MASK_BASE_VERSION, version)) if carries_mask else version
+    if (not carries_mask or P.MASK_BASE_VERSION in config) and (held is None or held[0] != needed):
         raise RuntimeError(
-            f"the server sent values for mask version {version} without the mask, but this "
-            f"node holds {'no mask' if held is None else f'version {held[0]}'}"
+            f"the server sent {'a mask change from' if carries_mask else 'values for'} mask "
+            f"version {needed} without the mask, but this node holds "
+            f"{'no mask' if held is None else f'version {held[0]}'}"
         )
     params, masks = decode_model(arrays, shapes, prunable, None if held is None else held[1])
     if carries_mask:

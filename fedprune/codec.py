@@ -17,20 +17,23 @@ Keys on the wire
 ``"v/<name>"``
     float32 values.  For a prunable parameter, its kept values in row-major (flattened)
     order, ``mask.sum()`` of them; for any other parameter, the whole flattened tensor.
-``"mb/<name>"``, ``"mi/<name>"``, ``"mc/<name>"``
-    A mask, when sent, in exactly one of three forms, whichever is the smallest in bytes
-    (ties go to the bitmap):
-
-    * ``mb``: uint8 bitmap, ``np.packbits`` of the flattened mask (big bit order),
-      ``ceil(n / 8)`` bytes, padding bits zero;
-    * ``mi``: uint32 sorted indices of the kept positions (very sparse masks);
-    * ``mc``: uint32 sorted indices of the pruned positions (very dense masks).
-
-    So a mask never costs more than one bit per position, and masks of density 0 or 1
-    cost nothing.
+``"m/<name>"``
+    A mask, when sent: uint8, coded near its entropy bound log2 C(n, k) bits
+    (`fedprune.maskcode`: a format byte, the kept count, rANS words).  Masks of density 0
+    or 1 cost 2 to 11 bytes.
+``"md/<name>"``
+    Instead of ``"m/<name>"``, for a node that holds the previous mask version: the change
+    from the mask it holds (removed and added positions, `fedprune.maskcode`), uint8.  A
+    message carries a mask for every prunable parameter or for none; each in either form.
 ``"g/<name>"``
     importance, dense and flattened, one per prunable parameter (only in client replies on
     reconfiguration rounds), as bfloat16 bit patterns in uint16: half the bytes of float32.
+``"gc/<name>"``
+    Instead of ``"g/<name>"``: the coded importance upload (`fedprune.importance_code`),
+    uint8: the kept weights' importance and the node's most important pruned ones,
+    log-quantised and entropy coded, about 1/12 of bfloat16's bytes on the default task.
+
+The full byte layout is specified in ``docs/wire.md``.
 
 The decoders treat their input as untrusted: anything that does not fit the model or the
 mask it claims raises :class:`CodecError` whose text names the offending key; every
@@ -47,31 +50,41 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedprune import maskcode
+from fedprune.errors import CodecError
+from fedprune.importance_code import ImportanceCode, ImportanceUpload, decode_importance
+
 __all__ = [
+    "MASK_CHANGE_PREFIX",
+    "MASK_PREFIX",
     "MASK_PREFIXES",
     "CodecError",
+    "ImportanceCode",
+    "ImportanceUpload",
     "decode_mask",
+    "decode_mask_change",
     "decode_model",
     "decode_reply",
     "decode_update",
     "encode_mask",
+    "encode_mask_change",
     "encode_model",
     "encode_update",
     "payload_bytes",
 ]
 
-MASK_PREFIXES: tuple[str, ...] = ("mb", "mi", "mc")
-"""The three mask forms, in order of preference when sizes tie."""
+MASK_PREFIX = "m"
+"""A whole mask, coded (`fedprune.maskcode.encode_mask_bytes`)."""
+MASK_CHANGE_PREFIX = "md"
+"""A mask as its change from the one the node holds (`fedprune.maskcode`)."""
+MASK_PREFIXES: tuple[str, ...] = (MASK_PREFIX, MASK_CHANGE_PREFIX)
+"""The two mask forms: a message that carries either carries masks."""
 
 _VALUES = "v"
 _IMPORTANCE = "g"
-_PREFIXES: tuple[str, ...] = (_VALUES, _IMPORTANCE, *MASK_PREFIXES)
-_MAX_INDEX_N = 2**32  # positions 0 .. 2**32 - 1 fit in uint32
-
-
-class CodecError(ValueError):
-    """A message that does not fit the model or the mask it claims; the text says which key
-    and why."""
+_CODED_IMPORTANCE = "gc"
+_IMPORTANCE_PREFIXES = (_IMPORTANCE, _CODED_IMPORTANCE)
+_PREFIXES: tuple[str, ...] = (_VALUES, *_IMPORTANCE_PREFIXES, *MASK_PREFIXES)
 
 
 # --------------------------------------------------------------------------------------
@@ -198,76 +211,63 @@ def _decode_values(
 # masks
 
 
-def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
-    """Encode a bool mask in its smallest form; return ``(prefix, array)``.
-
-    ``prefix`` is ``"mb"`` (uint8 bitmap), ``"mi"`` (uint32 kept indices) or ``"mc"``
-    (uint32 pruned indices); ties go to the bitmap.  The array never exceeds
-    ``ceil(n / 8)`` bytes.
-    """
+def _check_mask_tensor(mask: Any, what: str = "a mask") -> np.ndarray:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"a mask must be a torch.bool tensor, got {got}")
-    flat = mask.detach().reshape(-1).cpu().numpy()
-    n = flat.size
-    k = int(np.count_nonzero(flat))
-    sizes = {"mb": (n + 7) // 8}
-    if n <= _MAX_INDEX_N:
-        sizes["mi"] = 4 * k
-        sizes["mc"] = 4 * (n - k)
-    prefix = min(MASK_PREFIXES, key=lambda p: sizes.get(p, math.inf))  # stable: mb first
-    if prefix == "mb":
-        return prefix, np.packbits(flat)
-    if prefix == "mi":
-        return prefix, np.flatnonzero(flat).astype(np.uint32)
-    return prefix, np.flatnonzero(~flat).astype(np.uint32)
+        raise TypeError(f"{what} must be a torch.bool tensor, got {got}")
+    return mask.detach().reshape(-1).cpu().numpy()
+
+
+def encode_mask(mask: torch.Tensor) -> tuple[str, np.ndarray]:
+    """Code a bool mask near log2 C(n, k) bits; return ``(MASK_PREFIX, uint8 array)``.
+
+    About ``log2 C(n, k) / 8 + 12`` bytes (`fedprune.maskcode`); 2 to 11 bytes when the
+    mask is all False or all True.
+    """
+    return MASK_PREFIX, maskcode.encode_mask_bytes(_check_mask_tensor(mask))
+
+
+def encode_mask_change(old: torch.Tensor, new: torch.Tensor) -> tuple[str, np.ndarray]:
+    """Code ``new`` as its change from ``old`` (same shape); return
+    ``(MASK_CHANGE_PREFIX, uint8 array)``, about
+    ``(log2 C(k, removed) + log2 C(n - k, added)) / 8 + 24`` bytes."""
+    o = _check_mask_tensor(old, "the old mask")
+    w = _check_mask_tensor(new, "the new mask")
+    if tuple(old.shape) != tuple(new.shape):
+        raise ValueError(f"old mask has shape {tuple(old.shape)}, new mask {tuple(new.shape)}")
+    return MASK_CHANGE_PREFIX, maskcode.encode_mask_change(o, w)
 
 
 def _decode_mask_np(key: str, prefix: str, data: Any, n: int) -> np.ndarray:
     """Flat numpy bool mask of ``n`` positions; CodecError naming ``key`` if inconsistent."""
-    if prefix == "mb":
-        data = _check_array(key, data, np.dtype(np.uint8))
-        nbytes = (n + 7) // 8
-        if data.shape[0] != nbytes:
-            raise CodecError(
-                f"{key!r}: bitmap of {n} positions must have {nbytes} bytes, got {data.shape[0]}"
-            )
-        rem = n % 8
-        if rem and data[-1] & ((1 << (8 - rem)) - 1):
-            raise CodecError(f"{key!r}: nonzero padding bits in the last byte of the bitmap")
-        return np.unpackbits(data, count=n).view(np.bool_)
-    if prefix in ("mi", "mc"):
-        data = _check_array(key, data, np.dtype(np.uint32))
-        m = data.shape[0]
-        if m > n:
-            raise CodecError(f"{key!r}: {m} indices for a parameter of {n} positions")
-        if m:
-            if int(data[-1]) >= n:
-                raise CodecError(f"{key!r}: index {int(data[-1])} out of range for {n} positions")
-            if m > 1 and not np.all(data[1:] > data[:-1]):
-                raise CodecError(f"{key!r}: indices are not strictly increasing")
-        if prefix == "mi":
-            out = np.zeros(n, dtype=np.bool_)
-            out[data] = True
-        else:
-            out = np.ones(n, dtype=np.bool_)
-            out[data] = False
-        return out
-    raise CodecError(f"{key!r}: unknown mask form {prefix!r}, expected one of {MASK_PREFIXES}")
+    if prefix == MASK_PREFIX:
+        return maskcode.decode_mask_bytes(data, n, what=repr(key))
+    if prefix == MASK_CHANGE_PREFIX:
+        raise CodecError(f"{key!r}: a mask change needs the mask it changes (decode_mask_change)")
+    raise CodecError(f"{key!r}: unknown mask form {prefix!r}, expected {MASK_PREFIX!r}")
 
 
 def decode_mask(
     prefix: str, data: np.ndarray, shape: tuple[int, ...], *, key: str | None = None
 ) -> torch.Tensor:
-    """Decode one mask form into a bool tensor of ``shape``.
+    """Decode a whole mask (form ``"m"``) into a bool tensor of ``shape``.
 
     ``key`` (optional) is the wire key used in error messages; it defaults to
     ``"<prefix>/?"``.  Raises :class:`CodecError` if ``data`` is inconsistent with the form
-    or the shape.
+    or the shape; allocates nothing beyond the shape's size.
     """
     dims, n = _numel(key or "mask", shape)
     key = key if key is not None else f"{prefix}/?"
     return torch.from_numpy(_decode_mask_np(key, prefix, data, n)).reshape(dims)
+
+
+def decode_mask_change(
+    old: torch.Tensor, data: np.ndarray, *, key: str = f"{MASK_CHANGE_PREFIX}/?"
+) -> torch.Tensor:
+    """The new mask (a bool tensor of old's shape) from the mask the node holds (``old``,
+    trusted) and a coded change (form ``"md"``, untrusted).  CodecError naming ``key``."""
+    o = _check_mask_tensor(old, "the held mask")
+    return torch.from_numpy(maskcode.decode_mask_change(o, data, what=repr(key))).reshape(old.shape)
 
 
 # --------------------------------------------------------------------------------------
@@ -279,20 +279,34 @@ def encode_model(
     masks: Mapping[str, torch.Tensor],
     *,
     include_masks: bool,
+    held_masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, np.ndarray]:
     """Server -> client.
 
     ``"v/<name>"`` for every parameter (kept values only for prunable ones), and when
-    ``include_masks`` one mask form per prunable parameter.  The arrays are fresh copies
-    that do not alias ``params``.
+    ``include_masks`` one mask per prunable parameter: ``"m/<name>"``, or, when
+    ``held_masks`` (the masks the node holds: the previous version) are given and the
+    change is smaller, ``"md/<name>"``, the change from the held mask.  The arrays are
+    fresh copies that do not alias ``params``.
     """
     _check_mask_names(params, masks)
+    if held_masks is not None:
+        if not include_masks:
+            raise ValueError("held_masks is for messages that include masks")
+        if set(held_masks) != set(masks):
+            raise ValueError(
+                f"held masks for {sorted(held_masks)}, but the masks are for {sorted(masks)}"
+            )
     out: dict[str, np.ndarray] = {}
     for name, t in params.items():
         mask = masks.get(name)
         out[f"{_VALUES}/{name}"] = _encode_values(name, t, mask)
         if include_masks and mask is not None:
             prefix, data = encode_mask(mask)
+            if held_masks is not None:
+                change = encode_mask_change(held_masks[name], mask)
+                if change[1].nbytes < data.nbytes:
+                    prefix, data = change
             out[f"{prefix}/{name}"] = data
     return out
 
@@ -307,9 +321,10 @@ def decode_model(
 
     ``shapes`` holds the model's parameter shapes (all parameters, in order) and
     ``prunable`` the names of the prunable ones.  If the message carries masks (it must
-    then carry one for every prunable parameter) they are used and ``masks`` may be None;
-    otherwise ``masks`` (the ones the node already holds) are used, and CodecError if
-    there are none.
+    then carry one for every prunable parameter, ``"m/"`` or ``"md/"``) they are used;
+    ``masks`` (the ones the node holds) are then needed only for the changes ``"md/"``,
+    which apply to them.  Otherwise ``masks`` are used as they are.  CodecError when the
+    masks needed are missing.
 
     Returns ``(params, masks)``: dense float32 parameters in the order of ``shapes``, with
     exact 0.0 at pruned positions, and the masks in use (the held ones are returned as
@@ -328,10 +343,11 @@ def decode_model(
     for name in groups[_VALUES]:
         if name not in spec:
             raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
-    for name in groups[_IMPORTANCE]:
-        raise CodecError(
-            f"unexpected key '{_IMPORTANCE}/{name}': importance is not part of a model message"
-        )
+    for prefix in _IMPORTANCE_PREFIXES:
+        for name in groups[prefix]:
+            raise CodecError(
+                f"unexpected key '{prefix}/{name}': importance is not part of a model message"
+            )
     forms: dict[str, str] = {}
     for prefix in MASK_PREFIXES:
         for name in groups[prefix]:
@@ -358,19 +374,27 @@ def decode_model(
         for name in prun:
             if name not in forms:
                 raise CodecError(
-                    f"missing key 'mb/{name}' (or 'mi/{name}' / 'mc/{name}'): the message "
-                    f"carries masks, but none for prunable parameter {name!r}"
+                    f"missing key '{MASK_PREFIX}/{name}' (or '{MASK_CHANGE_PREFIX}/{name}'): "
+                    f"the message carries masks, but none for prunable parameter {name!r}"
                 )
         for name in prun:
             prefix = forms[name]
             dims, n = spec[name]
-            flat = _decode_mask_np(f"{prefix}/{name}", prefix, groups[prefix][name], n)
+            key = f"{prefix}/{name}"
+            if prefix == MASK_CHANGE_PREFIX:
+                if masks is None or not isinstance(masks, Mapping) or name not in masks:
+                    raise CodecError(f"{key!r}: a mask change, but the node holds no mask")
+                held = _mask_np(name, masks[name], dims)
+                flat = maskcode.decode_mask_change(held, groups[prefix][name], what=repr(key))
+            else:
+                flat = _decode_mask_np(key, prefix, groups[prefix][name], n)
             mask_np[name] = flat
             out_masks[name] = torch.from_numpy(flat).reshape(dims)
     elif prun:
         if masks is None:
             raise CodecError(
-                f"missing key 'mb/{prun[0]}': the message carries no masks and the node holds none"
+                f"missing key '{MASK_PREFIX}/{prun[0]}': the message carries no masks and the "
+                "node holds none"
             )
         mask_np = _held_masks(masks, spec, prun_set, "v")
         out_masks = {name: masks[name] for name in prun}
@@ -412,10 +436,14 @@ def encode_update(
     params: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
     importance: Mapping[str, torch.Tensor] | None = None,
+    *,
+    importance_code: ImportanceCode | None = None,
 ) -> dict[str, np.ndarray]:
     """Client -> server: ``"v/<name>"`` kept values (whole non-prunable parameters), plus
-    ``"g/<name>"`` dense importance per prunable parameter when ``importance`` is given.
-    Never masks.  NaN/inf are encoded as they are; the server's decoder rejects them."""
+    the importance per prunable parameter when ``importance`` is given: ``"g/<name>"``
+    dense bfloat16, or ``"gc/<name>"`` coded with ``importance_code`` when given (the
+    importance must then be finite and >= 0: ValueError otherwise).  Never masks.  NaN/inf
+    values are encoded as they are; the server's decoder rejects them."""
     _check_mask_names(params, masks)
     out: dict[str, np.ndarray] = {}
     for name, t in params.items():
@@ -438,7 +466,13 @@ def encode_update(
                     f"importance of {name!r} must be a tensor of shape "
                     f"{tuple(params[name].shape)}, got {got}"
                 )
-            out[f"{_IMPORTANCE}/{name}"] = _bfloat16_bits(_param_flat(name, g))
+            if importance_code is None:
+                out[f"{_IMPORTANCE}/{name}"] = _bfloat16_bits(_param_flat(name, g))
+            else:
+                flat = _param_flat(name, g).cpu().numpy()
+                out[f"{_CODED_IMPORTANCE}/{name}"] = importance_code.encode(
+                    flat, _mask_np(name, masks[name], tuple(params[name].shape))
+                )
     return out
 
 
@@ -458,19 +492,24 @@ def _decode_bfloat16(key: str, data: Any, dims: tuple[int, ...], n: int) -> torc
     return torch.from_numpy(values).reshape(dims)
 
 
-def decode_update(
+def decode_reply(
     arrays: Mapping[str, np.ndarray],
     shapes: Mapping[str, tuple[int, ...]],
     masks: Mapping[str, torch.Tensor],
     expect_importance: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Server side: decode a client's reply against the mask the server delivered.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | dict[str, ImportanceUpload] | None]:
+    """Server side: decode a client's reply against the mask the server delivered, without
+    densifying its values.
 
-    Returns ``(params, importance)``: dense float32 parameters in the order of ``shapes``
-    with 0.0 at pruned positions, and the dense importance per prunable parameter when
-    ``expect_importance`` (else None).  Raises CodecError for masks in the reply, missing
-    or extra keys, wrong dtypes or lengths, non-finite values, and negative or non-finite
-    importance.
+    Returns ``(values, importance)``: per parameter a 1-D float32 tensor, the kept values
+    in wire order for a prunable one and the whole flattened tensor for any other; and,
+    when ``expect_importance`` (else None), the importance per prunable parameter in the
+    form the reply carried it: dense float32 tensors for ``"g/"`` (bfloat16),
+    `ImportanceUpload` for ``"gc/"`` (coded; add it to a
+    `fedprune.importance_code.ImportanceSum`, which also takes the dense tensors, or call its
+    ``dense()``). A reply carries one form for all parameters. Raises CodecError for masks
+    in the reply, missing or extra keys, wrong dtypes or lengths, non-finite values, and
+    negative or non-finite importance.
     """
     spec = _check_shapes(shapes)
     if not isinstance(masks, Mapping):
@@ -480,92 +519,13 @@ def decode_update(
             raise ValueError(f"mask for {name!r}, which is not in shapes")
     prun_set = set(masks)
     groups = _group(arrays)
-
-    # Unexpected keys.
-    for prefix in MASK_PREFIXES:
-        for name in groups[prefix]:
-            raise CodecError(
-                f"unexpected key '{prefix}/{name}': a client update never carries masks"
-            )
-    for name in groups[_VALUES]:
-        if name not in spec:
-            raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
-    for name in groups[_IMPORTANCE]:
-        key = f"{_IMPORTANCE}/{name}"
-        if not expect_importance:
-            raise CodecError(f"unexpected key {key!r}: importance was not expected this round")
-        if name not in prun_set:
-            raise CodecError(f"unexpected key {key!r}: importance for a non-prunable parameter")
-
-    # Missing keys.
-    for name in spec:
-        if name not in groups[_VALUES]:
-            raise CodecError(f"missing key '{_VALUES}/{name}'")
-    if expect_importance:
-        for name in spec:
-            if name in prun_set and name not in groups[_IMPORTANCE]:
-                raise CodecError(f"missing key '{_IMPORTANCE}/{name}': importance was expected")
-
+    form = _check_reply_keys(groups, spec, prun_set, expect_importance)
     mask_np = _held_masks(masks, spec, prun_set, _VALUES)
-    params: dict[str, torch.Tensor] = {}
-    for name, (dims, n) in spec.items():
-        key = f"{_VALUES}/{name}"
-        params[name] = _decode_values(key, groups[_VALUES][name], dims, n, mask_np.get(name))
-
-    importance: dict[str, torch.Tensor] | None = None
-    if expect_importance:
-        importance = {}
-        for name, (dims, n) in spec.items():
-            if name not in prun_set:
-                continue
-            key = f"{_IMPORTANCE}/{name}"
-            g = _decode_bfloat16(key, groups[_IMPORTANCE][name], dims, n)
-            if n and bool((g < 0).any()):
-                raise CodecError(f"{key!r}: negative importance")
-            importance[name] = g
-    return params, importance
-
-
-def decode_reply(
-    arrays: Mapping[str, np.ndarray],
-    shapes: Mapping[str, tuple[int, ...]],
-    kept: Mapping[str, int],
-    prunable: Sequence[str],
-    expect_importance: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """Server side: decode a client's reply without densifying its values.
-
-    ``kept`` holds, per prunable parameter, the number of kept values the mask the server
-    delivered has. Returns ``(values, importance)``: per parameter a 1-D float32 tensor,
-    the kept values in wire order for a prunable one and the whole flattened tensor for
-    any other; and the dense importance per prunable parameter when ``expect_importance``
-    (else None). The same checks as :func:`decode_update`, so a reply that one rejects
-    the other rejects too, with the same key in the message.
-    """
-    spec = _check_shapes(shapes)
-    prun_set = set(prunable)
-    groups = _group(arrays)
-    for prefix in MASK_PREFIXES:
-        for name in groups[prefix]:
-            raise CodecError(
-                f"unexpected key '{prefix}/{name}': a client update never carries masks"
-            )
-    for name in groups[_VALUES]:
-        if name not in spec:
-            raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
-    for name in groups[_IMPORTANCE]:
-        key = f"{_IMPORTANCE}/{name}"
-        if not expect_importance:
-            raise CodecError(f"unexpected key {key!r}: importance was not expected this round")
-        if name not in prun_set:
-            raise CodecError(f"unexpected key {key!r}: importance for a non-prunable parameter")
     values: dict[str, torch.Tensor] = {}
     for name, (_dims, n) in spec.items():
         key = f"{_VALUES}/{name}"
-        if name not in groups[_VALUES]:
-            raise CodecError(f"missing key {key!r}")
         data = _check_array(key, groups[_VALUES][name], np.dtype(np.float32))
-        expected = int(kept[name]) if name in prun_set else n
+        expected = int(np.count_nonzero(mask_np[name])) if name in prun_set else n
         if data.shape[0] != expected:
             what = "the mask's kept count" if name in prun_set else "the parameter's size"
             raise CodecError(f"{key!r}: expected {expected} values ({what}), got {data.shape[0]}")
@@ -573,18 +533,72 @@ def decode_reply(
         values[name] = torch.from_numpy(np.require(data, requirements=["C", "W", "A"]))
     if not expect_importance:
         return values, None
-    importance: dict[str, torch.Tensor] = {}
+    importance: dict[str, Any] = {}
     for name, (dims, n) in spec.items():
         if name not in prun_set:
             continue
-        key = f"{_IMPORTANCE}/{name}"
-        if name not in groups[_IMPORTANCE]:
-            raise CodecError(f"missing key {key!r}: importance was expected")
+        key = f"{form}/{name}"
+        if form == _CODED_IMPORTANCE:
+            importance[name] = decode_importance(groups[form][name], mask_np[name], what=repr(key))
+            continue
         g = _decode_bfloat16(key, groups[_IMPORTANCE][name], dims, n)
         if n and bool((g < 0).any()):
             raise CodecError(f"{key!r}: negative importance")
         importance[name] = g
     return values, importance
+
+
+def _check_reply_keys(groups, spec, prun_set: set[str], expect_importance: bool) -> str:
+    """CodecError for an unexpected or missing key of a reply; the importance form."""
+    for prefix in MASK_PREFIXES:
+        for name in groups[prefix]:
+            raise CodecError(
+                f"unexpected key '{prefix}/{name}': a client update never carries masks"
+            )
+    for name in groups[_VALUES]:
+        if name not in spec:
+            raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
+    for prefix in _IMPORTANCE_PREFIXES:
+        for name in groups[prefix]:
+            key = f"{prefix}/{name}"
+            if not expect_importance:
+                raise CodecError(f"unexpected key {key!r}: importance was not expected this round")
+            if name not in prun_set:
+                raise CodecError(f"unexpected key {key!r}: importance for a non-prunable parameter")
+    # One form for the whole reply: the coded one if any key has it.
+    form = _CODED_IMPORTANCE if groups[_CODED_IMPORTANCE] else _IMPORTANCE
+    if groups[_CODED_IMPORTANCE] and groups[_IMPORTANCE]:
+        name = next(iter(groups[_IMPORTANCE]))
+        raise CodecError(
+            f"unexpected key '{_IMPORTANCE}/{name}': the reply also carries coded importance "
+            f"('{_CODED_IMPORTANCE}/'); one form per reply"
+        )
+    for name in spec:
+        if name not in groups[_VALUES]:
+            raise CodecError(f"missing key '{_VALUES}/{name}'")
+        if expect_importance and name in prun_set and name not in groups[form]:
+            raise CodecError(f"missing key '{form}/{name}': importance was expected")
+    return form
+
+
+def decode_update(
+    arrays: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    masks: Mapping[str, torch.Tensor],
+    expect_importance: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | dict[str, ImportanceUpload] | None]:
+    """`decode_reply` with the values as dense float32 tensors of ``shapes`` (0.0 at
+    pruned positions): for tests and tools that want whole tensors."""
+    values, importance = decode_reply(arrays, shapes, masks, expect_importance)
+    params: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name in masks:
+            dense = torch.zeros(masks[name].numel(), dtype=torch.float32)
+            dense[masks[name].reshape(-1)] = values[name]
+            params[name] = dense.reshape(tuple(shape))
+        else:
+            params[name] = values[name].reshape(tuple(shape))
+    return params, importance
 
 
 def payload_bytes(arrays: Mapping[str, np.ndarray]) -> int:

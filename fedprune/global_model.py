@@ -43,6 +43,7 @@ class GlobalModel:
         self.regrow_init = regrow_init
         self.mask_version = 0
         self.model_version = 0
+        self.previous_masks: Masks | None = None  # version mask_version - 1, for changes
         self._kept_index: dict[str, torch.Tensor] = {}
 
     @property
@@ -91,6 +92,7 @@ class GlobalModel:
         if self.regrow_init == "zero":
             for k, new in masks.items():
                 self.params[k] = torch.where(new & ~self.masks[k], 0.0, self.params[k])
+        self.previous_masks = self.masks
         self.masks = {k: m.clone().bool() for k, m in masks.items()}
         self._kept_index.clear()
         self.mask_version += 1
@@ -117,5 +119,6 @@ class GlobalModel:
         self.params = {k: v.clone().float() for k, v in params.items()}
         self.masks = {k: m.clone().bool() for k, m in masks.items()}
         self._kept_index.clear()
+        self.previous_masks = None  # no node of a new run holds an older version
         self.mask_version = int(state["mask_version"])
         self.model_version += 1

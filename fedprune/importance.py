@@ -21,10 +21,13 @@ A mask update after the last round would never be trained, so none is planned th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from fedprune.importance_code import ImportanceSum
 
 MODES = ("reconfig", "every-round")
 
@@ -52,9 +55,19 @@ class ImportanceCollector:
     num_rounds: the run's last round (no update is planned after it); 0 while unknown.
     window: rounds before an update in which nodes compute importance; 0 = all since the
         previous update.
+    shapes: the prunable weights' shapes (the sum's layers).
+
+    Uploads are exact (dense tensors) or coded (`fedprune.importance_code`); the sum
+    (`ImportanceSum`) takes both, and fills in what a coded upload left out.
     """
 
-    def __init__(self, uses: Callable[[int], bool], num_rounds: int, window: int = 0) -> None:
+    def __init__(
+        self,
+        uses: Callable[[int], bool],
+        num_rounds: int,
+        window: int = 0,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         if window < 0:
             raise ValueError(f"window = {window} must be >= 0")
         self.uses = uses
@@ -63,7 +76,8 @@ class ImportanceCollector:
         self.mode = ""  # set by resolve_mode once participation is known
         self.held_rounds = 0  # tracked rounds the nodes hold, not yet uploaded (reconfig)
         self.pending = False  # an update whose round was skipped waits for the next one
-        self.sum: dict[str, torch.Tensor] | None = None
+        self.shapes = dict(shapes or {})
+        self.sum = ImportanceSum(self.shapes)
         self.fixed = 0.0
         self.uploads = 0
         self.upload_rounds = 0  # rounds whose uploads are in the sum
@@ -115,12 +129,10 @@ class ImportanceCollector:
         return RoundPlan(track=True, keep=True)
 
     # ----------------------------------------------------------------- collecting
-    def add(self, importance: Mapping[str, torch.Tensor], fixed: float) -> None:
-        """Add one valid upload (already weighted by the node's samples)."""
-        if self.sum is None:
-            self.sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in importance.items()}
-        for name, g in importance.items():
-            self.sum[name].add_(g)
+    def add(self, importance: Mapping[str, Any], fixed: float) -> None:
+        """Add one valid upload (already weighted by the node's samples): per prunable
+        weight a dense tensor or a coded `ImportanceUpload`."""
+        self.sum.add(importance)
         self.fixed += fixed
         self.uploads += 1
 
@@ -137,11 +149,16 @@ class ImportanceCollector:
             self.upload_rounds += 1
         if not plan.update:
             return None, 0.0
-        if not aggregated or self.sum is None:
+        if not aggregated or self.uploads == 0:
             self.pending = True
             return None, 0.0
-        out, fixed, self.used = self.sum, self.fixed, (self.uploads, self.upload_rounds)
-        self.sum, self.fixed, self.uploads, self.upload_rounds = None, 0.0, 0, 0
+        out, fixed, self.used = self.sum.total(), self.fixed, (self.uploads, self.upload_rounds)
+        self.sum, self.fixed, self.uploads, self.upload_rounds = (
+            ImportanceSum(self.shapes),
+            0.0,
+            0,
+            0,
+        )
         self.pending = False
         return out, fixed
 
@@ -152,7 +169,7 @@ class ImportanceCollector:
 
     def state_dict(self) -> dict:
         return {
-            "sum": None if self.sum is None else {k: v.clone() for k, v in self.sum.items()},
+            "sum": self.sum.state_dict(),
             "fixed": self.fixed,
             "uploads": self.uploads,
             "upload_rounds": self.upload_rounds,
@@ -162,8 +179,8 @@ class ImportanceCollector:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        imp = state["sum"]
-        self.sum = None if imp is None else {k: v.clone() for k, v in imp.items()}
+        self.sum = ImportanceSum(self.shapes)
+        self.sum.load_state_dict(state["sum"])
         self.fixed = float(state["fixed"])
         self.uploads = int(state["uploads"])
         self.upload_rounds = int(state["upload_rounds"])

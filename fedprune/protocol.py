@@ -12,6 +12,9 @@ METRICS = "metrics"
 # ConfigRecord keys, server -> client
 SERVER_ROUND = "server-round"
 MASK_VERSION = "mask-version"  # the version of the mask the message's values are laid out by
+# Set when the message's masks are changes ("md/"): the version they change, which the node
+# must hold exactly (a change applied to another mask could give a wrong mask silently).
+MASK_BASE_VERSION = "mask-base-version"
 SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated since last asked
 # keep this round's importance on the node for a later SEND_IMPORTANCE round (the paper's
 # full participation: nodes accumulate, and upload only when the server reconfigures)

@@ -59,14 +59,13 @@ class TrainUpdate:
 class Expected:
     """What the server expects of this round's train replies.
 
-    shapes: every parameter's shape; kept: kept values per prunable parameter under the
-    delivered mask; importance_rounds: rounds each upload must cover, 0 if importance was
-    not asked for.
+    shapes: every parameter's shape; masks: the delivered masks of the prunable weights;
+    importance_rounds: rounds each upload must cover, 0 if importance was not asked for.
     """
 
     mask_version: int
     shapes: Mapping[str, tuple[int, ...]]
-    kept: Mapping[str, int]
+    masks: Mapping[str, torch.Tensor]
     importance_rounds: int = 0
 
 
@@ -113,7 +112,7 @@ def check_train_reply(
     asked = expected.importance_rounds > 0
     try:
         values, importance = decode_reply(
-            arrays, expected.shapes, expected.kept, list(expected.kept), expect_importance=asked
+            arrays, expected.shapes, expected.masks, expect_importance=asked
         )
     except CodecError as exc:
         raise ReplyError(str(exc)) from exc

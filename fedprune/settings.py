@@ -110,6 +110,7 @@ class Settings:
         120.0, _positive, "positive seconds to wait for the nodes"
     )
     node_auth: bool = _opt(False)  # the SuperLink authenticates nodes: bind client ids for good
+    importance_code: str = _opt("coded", *_in({"coded", "exact"}))
     importance_window: int = _opt(
         0, _non_negative, "a non-negative number of rounds (0: every round since the last update)"
     )

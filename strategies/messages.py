@@ -17,6 +17,7 @@ from fedprune import protocol as P
 from fedprune.codec import encode_model
 from fedprune.global_model import GlobalModel
 from fedprune.node_profiles import NodeProfiles
+from fedprune.node_state import CHANGE, NONE
 from fedprune.replies import ReplyError
 from strategies.accounting import RoundStats
 from strategies.node_sampling import query_messages
@@ -36,19 +37,25 @@ def reply_parts(msg: Message) -> tuple[dict | None, dict]:
 
 
 class ModelPayloads:
-    """The global model's ArrayRecord, with or without the mask, encoded once per model
-    version: any change to the weights or the mask is a new version, so a payload is
-    never stale, and one round's messages share one encoding."""
+    """The global model's ArrayRecord in each of its three forms (`fedprune.node_state`):
+    kept values only (NONE), with the whole mask (FULL), or with the change from the
+    previous mask version (CHANGE), each encoded once per model version: any change to the
+    weights or the mask is a new version, so a payload is never stale, and one round's
+    messages share one encoding."""
 
     def __init__(self, model: GlobalModel) -> None:
         self.model = model
-        self._cache: dict[tuple[int, bool], ArrayRecord] = {}
+        self._cache: dict[tuple[int, str], ArrayRecord] = {}
 
-    def arrays(self, with_mask: bool) -> ArrayRecord:
-        key = (self.model.model_version, with_mask)
+    def arrays(self, form: str) -> ArrayRecord:
+        key = (self.model.model_version, form)
         if key not in self._cache:
             self._cache = {k: v for k, v in self._cache.items() if k[0] == key[0]}
-            arrays = encode_model(self.model.params, self.model.masks, include_masks=with_mask)
+            model = self.model
+            held = model.previous_masks if form == CHANGE else None
+            arrays = encode_model(
+                model.params, model.masks, include_masks=form != NONE, held_masks=held
+            )
             self._cache[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return self._cache[key]
 

@@ -36,7 +36,7 @@ from fedprune.global_model import GlobalModel
 from fedprune.importance import ImportanceCollector, RoundPlan
 from fedprune.masks import Masks
 from fedprune.node_profiles import NodeProfiles
-from fedprune.node_state import NONE, NodeLedger
+from fedprune.node_state import CHANGE, FULL, NONE, NodeLedger
 from fedprune.replies import (
     Expected,
     ReplyError,
@@ -136,7 +136,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self.sampler = sampler or NodeSampler(
             seed=seed, num_clients=num_clients, wait_s=node_wait_s
         )
-        self.importance = ImportanceCollector(self.wants_importance, 0, importance_window)
+        shapes = {name: tuple(mask.shape) for name, mask in masks.items()}
+        self.importance = ImportanceCollector(self.wants_importance, 0, importance_window, shapes)
         self.profiles = NodeProfiles(profile, list(masks))
         self.profile, self.measure_costs = profile, measure_costs
         self.query_timeout_s = query_timeout_s
@@ -257,16 +258,22 @@ class SparseFedAvg(FedAvg, PruningMethod):
         return self.sampler.draw(population, server_round, size, purpose), len(population)
 
     def _messages(self, server_round, node_ids, config, message_type, flags) -> list[Message]:
+        """One message per node: the model in the form that node needs (`NodeLedger`)."""
         stats, version = self.stats[server_round], self.mask_version
-        cfg = ConfigRecord(
-            {**dict(config), **flags, P.SERVER_ROUND: server_round, P.MASK_VERSION: version}
-        )
+        base = {**dict(config), **flags, P.SERVER_ROUND: server_round, P.MASK_VERSION: version}
+        configs = {
+            NONE: ConfigRecord(base),
+            FULL: ConfigRecord(base),
+            CHANGE: ConfigRecord({**base, P.MASK_BASE_VERSION: version - 1}),
+        }
+        has_change = self.model.previous_masks is not None
         messages = []
         for node_id in node_ids:
-            with_mask = self.nodes.mask_to_send(node_id, version) != NONE
-            content = RecordDict({P.ARRAYS: self.payloads.arrays(with_mask), P.CONFIG: cfg})
+            form = self.nodes.mask_to_send(node_id, version, change_available=has_change)
+            content = RecordDict({P.ARRAYS: self.payloads.arrays(form), P.CONFIG: configs[form]})
             stats.count(node_id, sent=content_bytes(content))
-            stats.masks_sent += int(with_mask)
+            stats.masks_sent += int(form == FULL)
+            stats.mask_changes_sent += int(form == CHANGE)
             messages.append(
                 Message(content=content, message_type=message_type, dst_node_id=node_id)
             )
@@ -327,7 +334,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         importance summed on the way); afterwards the node records follow who answered."""
         stats, (sent_to, version) = self.stats[server_round], self._sent["train"]
         covers = self._plan.covers if self._plan.send else 0
-        expected = Expected(version, self.model.shapes, self.model.kept_counts(), covers)
+        expected = Expected(version, self.model.shapes, self.model.masks, covers)
         answered = set()
         for msg in self._in_order(replies):
             stats.count_reply(msg)

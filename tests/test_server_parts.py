@@ -74,7 +74,7 @@ def reply(model, importance=False, **metrics):
 
 
 def expected(model, covers=0):
-    return Expected(0, model.shapes, model.kept_counts(), covers)
+    return Expected(0, model.shapes, model.masks, covers)
 
 
 def test_a_valid_reply_decodes_to_kept_values_only():
@@ -159,7 +159,7 @@ def test_importance_plan_every_round_and_full_window():
 
 
 def test_a_skipped_update_round_keeps_what_was_uploaded_and_runs_next_round():
-    collector = ImportanceCollector(lambda r: r == 2, num_rounds=10)
+    collector = ImportanceCollector(lambda r: r == 2, num_rounds=10, shapes={"w": (2,)})
     collector.mode = "every-round"
     g = {"w": torch.ones(2)}
     for r in (1, 2):

@@ -26,8 +26,10 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
     assert "[fedprune] round   3" in done.stdout + done.stderr
     # Round 1 delivers the mask to each node; round 2 reconfigures, and the evaluate
-    # messages that follow carry the new mask; round 3 sends values only.
-    assert [int(r["masks_sent"]) for r in rows[1:]] == [3, 3, 0]
+    # messages that follow carry the change from the mask the nodes hold; round 3 sends
+    # values only.
+    assert [int(r["masks_sent"]) for r in rows[1:]] == [3, 0, 0]
+    assert [int(r["mask_changes_sent"]) for r in rows[1:]] == [0, 3, 0]
     assert int(rows[2]["reconfigured"]) == 1 and int(rows[3]["mask_version"]) == 1
     assert all(int(r["replies"]) == 3 and int(r["dropped"]) == 0 for r in rows[1:])
     assert all(int(r["bytes_down"]) > 0 and int(r["bytes_up"]) > 0 for r in rows[1:])

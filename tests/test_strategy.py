@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedprune import protocol as P
+from fedprune.codec import MASK_PREFIXES
 from fedprune.costs import named_profile
 from fedprune.settings import Settings
 from strategies.prunefl import PruneFL
@@ -22,7 +23,9 @@ SETTINGS = Settings(
     batch_size=10,
     clients_per_round=3,
     learning_rate=0.1,
+    importance_code="exact",  # bfloat16 "g/": the bad replies below edit it bit by bit
 )
+CODED = Settings(**{**SETTINGS.__dict__, "importance_code": "coded"})
 
 
 def make_strategy(reconfig_interval=0, density=0.5, **kw):
@@ -46,7 +49,7 @@ def test_mask_goes_once_per_node_then_values_only():
     msgs1, _, _ = fed.train_round(strategy, 1)
     msgs2, _, _ = fed.train_round(strategy, 2)
     has_mask = [
-        any(k.startswith(("mb/", "mi/", "mc/")) for k in m.content[P.ARRAYS]) for m in msgs1 + msgs2
+        any(k.split("/")[0] in MASK_PREFIXES for k in m.content[P.ARRAYS]) for m in msgs1 + msgs2
     ]
     assert has_mask == [True] * 3 + [False] * 3
     s1, s2 = strategy.stats[1], strategy.stats[2]
@@ -177,7 +180,7 @@ BAD_REPLIES = {
     ),
     "missing parameter": (_array_change("v/fc2.bias", lambda v: None), "v/fc2.bias"),
     "unknown parameter": (_added("v/fc3.weight", np.zeros(4, np.float32)), "v/fc3.weight"),
-    "a mask in a reply": (_added("mb/fc1.weight", np.zeros(8, np.uint8)), "mb/fc1.weight"),
+    "a mask in a reply": (_added("m/fc1.weight", np.zeros(8, np.uint8)), "m/fc1.weight"),
     "float64 values": (
         _array_change("v/fc1.weight", lambda v: v.astype(np.float64)),
         "v/fc1.weight",
@@ -224,6 +227,60 @@ def test_a_bad_reply_is_dropped_with_a_logged_reason(kind, caplog):
     assert "round 2: dropped reply from node" in caplog.text and reason in caplog.text
 
 
+BAD_CODED_REPLIES = {
+    "coded importance truncated": (
+        _array_change("gc/fc1.weight", lambda v: v[: len(v) // 2]),
+        "gc/fc1.weight",
+    ),
+    "coded importance with a byte added": (
+        _array_change("gc/fc2.weight", lambda v: np.append(v, np.uint8(0))),
+        "gc/fc2.weight",
+    ),
+    "coded importance of another format": (
+        _array_change("gc/conv1.weight", lambda v: np.concatenate([[np.uint8(9)], v[1:]])),
+        "gc/conv1.weight",
+    ),
+    "coded importance missing": (_array_change("gc/fc1.weight", lambda v: None), "gc/fc1.weight"),
+    "exact and coded importance mixed": (
+        _added("g/fc1.weight", np.zeros(4, np.uint16)),
+        "one form per reply",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CODED_REPLIES))
+def test_a_bad_coded_importance_upload_is_dropped(kind, caplog):
+    corrupt, reason = BAD_CODED_REPLIES[kind]
+    fed, strategy = Federation(CODED, 3), make_strategy(reconfig_interval=2)
+    fed.train_round(strategy, 1)
+    before = snapshot(strategy)
+    requests = list(strategy.configure_train(2, None, _config(), fed.grid))
+    replies = [corrupt(req, rep) for req, rep in zip(requests, fed.deliver(requests), strict=True)]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is None and strategy.stats[2].dropped == 3
+    after = snapshot(strategy)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert strategy.mask_version == 0 and reason in caplog.text
+
+
+def test_coded_importance_reconfigures_like_exact_importance():
+    """The same round with coded and with exact uploads: the masks the solver builds agree
+    on nearly every kept position (the coded upload is about 1/12 of the bytes)."""
+    masks, up = {}, {}
+    for settings in (SETTINGS, CODED):
+        fed, strategy = Federation(settings, 3), make_strategy(reconfig_interval=2)
+        fed.train_round(strategy, 1)
+        fed.train_round(strategy, 2)
+        assert strategy.mask_version == 1
+        masks[settings.importance_code] = strategy.masks
+        up[settings.importance_code] = strategy.stats[2].bytes_up - strategy.stats[1].bytes_up
+    inter = sum(int((masks["exact"][k] & masks["coded"][k]).sum()) for k in masks["exact"])
+    union = sum(int((masks["exact"][k] | masks["coded"][k]).sum()) for k in masks["exact"])
+    assert inter / union > 0.95
+    assert up["coded"] < 0.5 * up["exact"]
+
+
 def test_one_bad_reply_does_not_spoil_the_good_ones():
     fed, strategy = Federation(SETTINGS, 3), make_strategy()
     requests = list(strategy.configure_train(1, None, _config(), fed.grid))
@@ -253,9 +310,12 @@ def test_reconfiguration_asks_for_importance_and_changes_the_mask():
     assert any(not torch.equal(masks_before[k], strategy.masks[k]) for k in masks_before)
     # The reply importance covered two local rounds: the node accumulated it.
     assert all(r.content[P.METRICS][P.IMPORTANCE_ROUNDS] == 2 for r in replies2)
-    # Every node now lacks the new mask, so round 3 sends it to all of them.
-    fed.train_round(strategy, 3)
-    assert strategy.stats[3].masks_sent == 3 and strategy.stats[3].replies == 3
+    # Every node holds the previous mask, so round 3 sends each the change from it, with
+    # the version it changes; every node applies it and trains on the new mask.
+    messages3, _, _ = fed.train_round(strategy, 3)
+    assert strategy.stats[3].mask_changes_sent == 3 and strategy.stats[3].masks_sent == 0
+    assert all(m.content[P.CONFIG][P.MASK_BASE_VERSION] == 0 for m in messages3)
+    assert strategy.stats[3].replies == 3 and strategy.stats[3].dropped == 0
 
 
 def test_evaluate_round_reports_local_accuracy():
@@ -420,3 +480,17 @@ def test_importance_over_a_different_window_is_not_summed(caplog):
         strategy.aggregate_train(2, replies)
     assert strategy.stats[2].replies == 3 and strategy.importance.used == (2, 1)
     assert "covers 1 local rounds, the others' 2" in caplog.text
+
+
+def test_a_mask_change_is_refused_by_a_node_without_its_base_version():
+    """A change applied to another mask than its base could give a wrong mask silently:
+    the node checks the base version the server names, and refuses otherwise."""
+    fed, strategy = Federation(SETTINGS, 3), make_strategy(reconfig_interval=2)
+    fed.train_round(strategy, 1)
+    fed.train_round(strategy, 2)  # reconfigures: version 1
+    for context in fed.contexts.values():  # every node restarts, holding version 0 no more
+        context.state.clear()
+    requests = list(strategy.configure_train(3, None, _config(), fed.grid))
+    assert all(P.MASK_BASE_VERSION in m.content[P.CONFIG] for m in requests)
+    with pytest.raises(RuntimeError, match="a mask change from mask version 0"):
+        fed.deliver(requests[:1])
