@@ -283,10 +283,16 @@ def testbed_federation(
 
 # ---------------------------------------------------------------------- run config
 def toml_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    """`value` quoted for `flwr run --run-config`: Flower takes '...' or "..." with no
+    quote of the same kind inside (and reads it as TOML: '...' literally)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return '"' + value.replace("\\", "\\\\") + '"'
+    raise SystemExit(f"{value!r}: a run-config value cannot hold both kinds of quote")
 
 
-def testbed_run_config(
+def method_run_config(
     method: str, rounds: int, rates: Sequence[float], out_root: Path
 ) -> tuple[str, str]:
     """(the run config the testbed sets before the user's, the one it sets after it):
@@ -616,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 tables = {}
                 for method in args.methods:
-                    before, after = testbed_run_config(method, args.rounds, rates, out_root)
+                    before, after = method_run_config(method, args.rounds, rates, out_root)
                     configs = [before, args.run_config, *method_configs.get(method, []), after]
                     print(
                         f"[testbed] {method}: flwr run . {FEDERATION} "
