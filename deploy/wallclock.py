@@ -12,12 +12,17 @@ A message's way through the deployment, and the name of each step here:
 
     ServerApp pushes it (dispatch) ............................. `wait`: until the SuperNode
     SuperNode pulls it (it polls every 3 s) and downloads its objects  `download` (the link)
-    SuperExec starts a ClientApp process (it polls every 1 s) ..... `launch`
+    SuperExec starts a ClientApp process (it polls every 1 s) ..... `launch` (see below)
     the process imports Flower and the app, pulls the message ..... `startup`
     the handler (train/evaluate/query) runs ....................... `handler`
     the reply goes to the SuperNode (loopback) .................... `reply`
     the SuperNode sees it (it polls every 0.5 s) and uploads it ... `upload_wait`, `upload`
     the ServerApp collects it (it polls every 3 s) ................ `collect`
+
+The SuperNode creates the ClientApp's task before it downloads the message's objects, so
+the process may start while the download is still running: `launch` is then negative, and
+the process's `startup` includes waiting for the rest of the download. The steps still add
+up to the message's time from dispatch to collection.
 
 A round's critical message is the one whose upload ended last: the round waited for it.
 Times are seconds, bytes are bytes.
