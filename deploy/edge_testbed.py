@@ -351,6 +351,51 @@ def analyse_run(
     return table, result
 
 
+def analyse_method(
+    out_root: Path,
+    method: str,
+    entry: dict[str, Any],
+    events_dir: Path,
+    rates: Sequence[float],
+    targets: Sequence[float],
+) -> list[dict]:
+    """Analyse one finished method run (its window of probe events) into its folder and
+    into `entry` (its part of testbed.json); its round table."""
+    out_dir = out_root / method
+    t0, t1 = entry["window"]
+    table, summary = analyse_run(out_dir, events_dir, t0, t1, rates, targets)
+    summary["cpu"] = entry.get("cpu")
+    summary["qdisc"] = entry.get("qdisc")
+    (out_dir / "testbed_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    entry["final_accuracy"] = float(table[-1]["accuracy"])
+    entry["testbed"] = summary
+    entry["rounds"] = [{k: r[k] for k in ("round", *ROUND_COLUMNS)} for r in table[1:]]
+    return table
+
+
+def reanalyse(out_root: Path) -> int:
+    """Analyse a finished testbed's results again from what it stored (testbed.json,
+    each method's metrics.csv, the probe events under work/events): after a change to
+    the analysis, without running anything."""
+    path = out_root / "testbed.json"
+    report = json.loads(path.read_text())
+    events_dir = Path(report.get("workdir", out_root / "work")) / "events"
+    tables = {}
+    for method, entry in report["methods"].items():
+        if "error" in entry:
+            continue
+        tables[method] = analyse_method(
+            out_root, method, entry, events_dir, report["rates_bytes_per_s"], report["targets"]
+        )
+        _print_method(method, entry["testbed"])
+    if tables:
+        plot_methods(tables, out_root / "accuracy_vs_wallclock.png")
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_root / "testbed.md").write_text(markdown_report(report))
+    print(f"[testbed] analysed again: {out_root}", flush=True)
+    return 0
+
+
 def git_commit(project_dir: Path) -> str:
     def git(*args: str) -> str:
         done = subprocess.run(
@@ -531,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check", action="store_true", help="only check that this machine can run it"
     )
+    parser.add_argument(
+        "--reanalyse",
+        type=Path,
+        metavar="OUTPUT/RUN",
+        help="analyse a finished testbed's stored results again (runs nothing)",
+    )
     return parser
 
 
@@ -540,6 +591,8 @@ def _cpu_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.reanalyse:
+        return reanalyse(args.reanalyse.resolve())
     prefix = f"fpt-{os.getpid()}"
     try:
         preflight(prefix)
@@ -585,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": git_commit(PROJECT_DIR),
         "machine": machine_info(),
         "namespace_prefix": prefix,
+        "workdir": str(workdir),
         "num_supernodes": args.num_supernodes,
         "rates_bytes_per_s": rates,
         "placement": placement.to_dict(),
@@ -637,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                         "status": outcome.status,
                         "run_config": [c for c in configs if c],
                         "elapsed_s": round(t1 - t0, 1),
+                        "window": [t0, t1],
                         "cpu": sampler.between(t0, t1),
                     }
                     report["methods"][method] = entry
@@ -649,27 +704,17 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"[testbed] {method}: {entry['error']}", flush=True)
                         continue
                     entry["traffic"] = write_deploy_summary(out_dir, outcome.run)
-                    table, summary = analyse_run(
-                        out_dir, workdir / "events", t0, t1, rates, args.targets
-                    )
-                    summary["cpu"] = entry["cpu"]
-                    summary["qdisc"] = {
+                    entry["qdisc"] = {
                         str(link.index): {
                             "down": qdisc_stats(net.hub, link.hub_dev),
                             "up": qdisc_stats(link.namespace, link.node_dev),
                         }
                         for link in net.links
                     }
-                    (out_dir / "testbed_summary.json").write_text(
-                        json.dumps(summary, indent=2) + "\n"
+                    tables[method] = analyse_method(
+                        out_root, method, entry, workdir / "events", rates, args.targets
                     )
-                    entry["final_accuracy"] = float(table[-1]["accuracy"])
-                    entry["testbed"] = summary
-                    entry["rounds"] = [
-                        {k: r[k] for k in ("round", *ROUND_COLUMNS)} for r in table[1:]
-                    ]
-                    tables[method] = table
-                    _print_method(method, summary)
+                    _print_method(method, entry["testbed"])
                 if tables:
                     plot_methods(tables, out_root / "accuracy_vs_wallclock.png")
                 status = 0 if all("error" not in m for m in report["methods"].values()) else 1

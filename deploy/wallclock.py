@@ -8,21 +8,27 @@ to target accuracy on the clock and in the model, bytes per round, start-up cost
 contention), and the plot of accuracy against wall-clock and modelled time
 (`plot_methods`).
 
-A message's way through the deployment, and the name of each step here:
+A message's way through the deployment, and the name of each step here (they follow each
+other, so they add up to the message's time from dispatch to collection):
 
-    ServerApp pushes it (dispatch) ............................. `wait`: until the SuperNode
-    SuperNode pulls it (it polls every 3 s) and downloads its objects  `download` (the link)
-    SuperExec starts a ClientApp process (it polls every 1 s) ..... `launch` (see below)
-    the process imports Flower and the app, pulls the message ..... `startup`
-    the handler (train/evaluate/query) runs ....................... `handler`
-    the reply goes to the SuperNode (loopback) .................... `reply`
-    the SuperNode sees it (it polls every 0.5 s) and uploads it ... `upload_wait`, `upload`
-    the ServerApp collects it (it polls every 3 s) ................ `collect`
+    the ServerApp pushes it; the SuperNode pulls it (polls every 3 s)   `wait`
+    the SuperNode downloads its objects over the node's link             `download`
+    until the ClientApp process holds the message                        `to_process`
+      (SuperExec polls every 1 s and starts the process; Flower is imported; the message
+      is copied from the SuperNode over loopback. Flower creates the task before the
+      download, so the process often starts during it: then only the copy is left)
+    FAB install, the app's imports (ours), up to the handler's first line `app_load`
+    the handler (train/evaluate/query)                                   `handler`
+    the reply goes to the SuperNode over loopback                        `reply`
+    the SuperNode sees it (polls every 0.5 s)                            `upload_wait`
+    the SuperNode uploads it over the node's link                        `upload`
+    the ServerApp polls (every 3 s) and fetches it from the SuperLink    `collect`
 
-The SuperNode creates the ClientApp's task before it downloads the message's objects, so
-the process may start while the download is still running: `launch` is then negative, and
-the process's `startup` includes waiting for the rest of the download. The steps still add
-up to the message's time from dispatch to collection.
+`upload_wait` can be negative: the SuperNode starts uploading objects as soon as the
+reply's envelope arrives, while the ClientApp is still pushing the rest. A message's
+*start-up* is `to_process + app_load`: from the message being on the node to the handler's
+first line; the process's own start-up (from its start to that line, partly hidden behind
+the download when that is long) is reported beside it.
 
 A round's critical message is the one whose upload ended last: the round waited for it.
 Times are seconds, bytes are bytes.
@@ -42,8 +48,8 @@ from typing import Any
 PHASES = (
     "wait",
     "download",
-    "launch",
-    "startup",
+    "to_process",
+    "app_load",
     "handler",
     "reply",
     "upload_wait",
@@ -58,14 +64,15 @@ ROUND_COLUMNS = [
     "train_phase_s",  # first train dispatch to last train reply collected
     "setup_s",  # queries before the round's training (identify, profile), first to last
     "server_s",  # wall_round_s - setup_s - train_phase_s: aggregation, test eval, checkpoint
-    "startup_s",  # critical message: ClientApp process start to its handler's first line
+    "startup_s",  # critical message: message on the node to the handler's first line
     "startup_mean_s",  # the same, mean over the round's train messages
+    "process_startup_s",  # critical message: its process's start to the handler's first line
     "download_s",
     "upload_s",
     "handler_s",
     "handler_cpu_s",
     "runqueue_s",  # critical message: time its process waited for a CPU (start-up + handler)
-    "polling_s",  # critical message: wait + launch + upload_wait + collect (Flower's polls)
+    "polling_s",  # critical message: wait + upload_wait + collect (Flower's polls, fetch)
     "overhead_s",  # train_phase_s - download_s - handler_s - upload_s
     "corrected_round_s",  # wall_round_s - runqueue_s: without waiting for a busy CPU
     "model_comm_s",  # the model's transfer time of the round (mean node's bytes / link)
@@ -111,7 +118,7 @@ class MessagePath:
 
     @property
     def complete(self) -> bool:
-        keys = ("start", "handler_start", "handler_end", "reply_pushed")
+        keys = ("start", "task_pulled", "handler_start", "handler_end", "reply_pushed")
         return (
             self.collected is not None
             and self.download is not None
@@ -120,20 +127,28 @@ class MessagePath:
         )
 
     def phases(self) -> dict[str, float]:
-        """Seconds of each step (PHASES) of a complete path."""
+        """Seconds of each step (PHASES) of a complete path; they add up to
+        collected - pushed."""
         c = self.client
-        proc_start = c["start"]["proc_start"]
         return {
             "wait": self.download["t0"] - self.pushed,
             "download": self.download["t1"] - self.download["t0"],
-            "launch": proc_start - self.download["t1"],
-            "startup": c["handler_start"]["t"] - proc_start,
+            "to_process": c["task_pulled"]["t"] - self.download["t1"],
+            "app_load": c["handler_start"]["t"] - c["task_pulled"]["t"],
             "handler": c["handler_end"]["wall_s"],
             "reply": c["reply_pushed"]["t"] - c["handler_end"]["t"],
             "upload_wait": self.upload["t0"] - c["reply_pushed"]["t"],
             "upload": self.upload["t1"] - self.upload["t0"],
             "collect": self.collected - self.upload["t1"],
         }
+
+    def startup(self) -> float:
+        """From the message being on the node to the handler's first line (seconds)."""
+        return self.client["handler_start"]["t"] - self.download["t1"]
+
+    def process_startup(self) -> float:
+        """From the ClientApp process's start to the handler's first line (seconds)."""
+        return self.client["handler_start"]["t"] - self.client["start"]["proc_start"]
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds and run-queue waits of the ClientApp process: during start-up (from
@@ -263,14 +278,15 @@ def round_table(
             ph, cpu = critical.phases(), critical.cpu()
             runqueue = cpu["startup_runqueue_s"] + cpu["handler_runqueue_s"]
             values.update(
-                startup_s=ph["startup"],
-                startup_mean_s=sum(p.phases()["startup"] for p in complete) / len(complete),
+                startup_s=critical.startup(),
+                startup_mean_s=sum(p.startup() for p in complete) / len(complete),
+                process_startup_s=critical.process_startup(),
                 download_s=ph["download"],
                 upload_s=ph["upload"],
                 handler_s=ph["handler"],
                 handler_cpu_s=cpu["handler_cpu_s"],
                 runqueue_s=runqueue,
-                polling_s=ph["wait"] + ph["launch"] + ph["upload_wait"] + ph["collect"],
+                polling_s=ph["wait"] + max(0.0, ph["upload_wait"]) + ph["collect"],
                 overhead_s=train_s - ph["download"] - ph["handler"] - ph["upload"],
                 corrected_round_s=wall - runqueue,
             )
@@ -394,8 +410,9 @@ def run_summary(
         },
         "train_message_phases_mean_s": phases,
         "startup": {
-            "mean_s": phases["startup"],
+            "mean_s": _mean(p.startup() for p in train),
             "per_round_critical_mean_s": _mean(r.get("startup_s", "") for r in rounds),
+            "process_mean_s": _mean(p.process_startup() for p in train),
             "mean_cpu_s": _mean(c["startup_cpu_s"] for c in cpu),
             "mean_runqueue_s": _mean(c["startup_runqueue_s"] for c in cpu),
         },
@@ -468,9 +485,7 @@ def plot_methods(tables: dict[str, Sequence[dict[str, Any]]], path: Path) -> Non
             color=color,
             label=f"{method}: model",
         )
-        startup = [
-            _f(r.get("startup_s")) if r.get("startup_s") != "" else math.nan for r in table[1:]
-        ]
+        startup = [_f(r.get("startup_s")) for r in table[1:]]
         ax[1].plot(rounds, startup, ":", color=color, label=f"{method}: ClientApp start-up")
     ax[0].set(
         xlabel="seconds since round 0",

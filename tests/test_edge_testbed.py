@@ -124,8 +124,9 @@ def test_message_paths_follow_each_message_through_its_node():
     phases = paths[1].phases()
     assert phases["wait"] == pytest.approx(1.0)
     assert phases["download"] == pytest.approx(0.5)
-    assert phases["launch"] == pytest.approx(0.4)
-    assert phases["startup"] == pytest.approx(4.0)
+    assert phases["to_process"] == pytest.approx(1.4)  # launched 0.4 s after, then 1 s
+    assert phases["app_load"] == pytest.approx(3.0)
+    assert paths[1].startup() == pytest.approx(4.4) and paths[1].process_startup() == 4.0
     assert phases["handler"] == pytest.approx(2.0)
     assert phases["upload_wait"] == pytest.approx(0.3)
     assert phases["upload"] == pytest.approx(0.5)
@@ -153,7 +154,8 @@ def test_round_table_compares_the_model_with_the_wall_clock():
     assert r1["model_error"] == pytest.approx(12 / 15 - 1)
     assert r2["model_error"] == pytest.approx(20 / 16 - 1)
     # Node 1 (start-up 4 s) is the round's critical message.
-    assert r2["startup_s"] == pytest.approx(4.0) and r2["startup_mean_s"] == pytest.approx(3.5)
+    assert r2["startup_s"] == pytest.approx(4.4) and r2["startup_mean_s"] == pytest.approx(3.9)
+    assert r2["process_startup_s"] == pytest.approx(4.0)
     assert r2["runqueue_s"] == pytest.approx(0.4 + 1.0)
     assert r2["corrected_round_s"] == pytest.approx(16.0 - 1.4)
     assert r2["model_comm_s"] == pytest.approx(1_400_000 / PAPER_RATE)
