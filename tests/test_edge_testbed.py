@@ -284,3 +284,42 @@ def test_two_shaped_supernodes_run_two_rounds_and_leave_nothing_behind(tmp_path)
     assert not namespaces_with_prefix(report["namespace_prefix"])
     assert len(report["processes_started"]) >= 4  # SuperLink, 2 SuperNodes, log follower
     assert not [p for p in report["processes_started"] if _alive(p)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_can_run_testbed()), reason=_can_run_testbed() or "ok")
+def test_sigterm_in_the_middle_of_a_run_stops_everything(tmp_path):
+    import signal
+    import time
+
+    log = tmp_path / "testbed.log"
+    cmd = [
+        sys.executable, "-m", "deploy.edge_testbed",
+        "--methods", "fedavg",
+        "--num-supernodes", "1",
+        "--rounds", "50",
+        "--link-check-bytes", "0",
+        "--run-config", "model='small-cnn' cost-profile='paper-uniform'",
+        "--output-dir", str(tmp_path),
+        "--run-name", "edge",
+    ]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=PROJECT_DIR, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "fedavg: flwr run" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        time.sleep(15)  # inside the run
+        prefix = f"fpt-{proc.pid}"
+        assert namespaces_with_prefix(prefix)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads((tmp_path / "edge" / "testbed.json").read_text())
+    assert report["left_behind"] == {"namespaces": [], "processes": []}
+    assert not namespaces_with_prefix(prefix)
+    assert not [p for p in report["processes_started"] if _alive(p)]
+    assert "nothing left behind" in log.read_text()
