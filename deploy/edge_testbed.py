@@ -93,7 +93,7 @@ from deploy.wallclock import (
     run_summary,
     write_table,
 )
-from experiments.local_run import QUIET_ENV, _alive
+from experiments.local_run import QUIET_ENV, _alive, descendants
 
 FEDERATION = "edge-testbed"
 PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandwidth setting)
@@ -133,8 +133,6 @@ class CpuSampler:
     def _ours_s(self) -> float:
         """CPU seconds of this script's processes, each counted up to its last sample (a
         process's final second before it exits is missed: a lower bound)."""
-        from experiments.local_run import descendants
-
         for pid in [os.getpid(), *descendants(os.getpid())]:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

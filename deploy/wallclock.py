@@ -447,6 +447,7 @@ def plot_methods(tables: dict[str, Sequence[dict[str, Any]]], path: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -495,6 +496,7 @@ def plot_methods(tables: dict[str, Sequence[dict[str, Any]]], path: Path) -> Non
     ax[1].set(
         xlabel="round", ylabel="seconds", title="round time: measured vs modelled", ylim=(0, None)
     )
+    ax[1].xaxis.set_major_locator(MaxNLocator(integer=True))
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=8)
