@@ -12,23 +12,27 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    GroupedNaturalIdPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
 
 from fedprune.data import PARTITIONERS, DataSpec, Examples, client_examples, client_pool
 
 
-def make_partitioner(spec: DataSpec, num_partitions: int, num_writers: int = 0) -> Partitioner:
+def make_partitioner(spec: DataSpec, num_partitions: int, num_writers: int = 0):
     """The flwr-datasets partitioner of `spec.partitioner` for `num_partitions` clients.
+
+    flwr-datasets is imported here, not at module import: it brings pandas, datasets and
+    plotting libraries (2 s in a fresh process), which a node reading its own data folder
+    never needs, and a deployed node starts a fresh process for every message.
 
     It partitions a table with columns `label` (and `writer_id` for "writers", with
     `num_writers` distinct writers).
     """
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        GroupedNaturalIdPartitioner,
+        IidPartitioner,
+        ShardPartitioner,
+    )
+
     if spec.partitioner == "writers":
         if num_writers < num_partitions:
             raise ValueError(
@@ -67,7 +71,7 @@ def make_partitioner(spec: DataSpec, num_partitions: int, num_writers: int = 0) 
 
 
 @functools.lru_cache(maxsize=4)
-def _partitioner(spec: DataSpec, num_partitions: int) -> Partitioner:
+def _partitioner(spec: DataSpec, num_partitions: int):
     from datasets import Dataset
 
     table, num_writers = client_pool(spec)
