@@ -97,7 +97,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from flwr.supercore.task_identity import TaskIdentity
 from fedprune import protocol as P
 from fedprune.codec import encode_model
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES
+from fedprune.data import DataSpec, data_shape
 from fedprune.masks import full_masks
 from fedprune.models import build_model
 from fedprune.settings import Settings
@@ -105,7 +105,8 @@ from fedprune.settings import Settings
 model_name, num_partitions = sys.argv[1], int(sys.argv[2])
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
 settings = Settings.from_run_config({"model": model_name})
-model = build_model(model_name, NUM_CLASSES["mnist"], input_shape=INPUT_SHAPE["mnist"])
+num_classes, input_shape = data_shape(DataSpec())
+model = build_model(model_name, num_classes, input_shape=input_shape)
 params = {n: p.detach().clone() for n, p in model.named_parameters()}
 arrays = encode_model(params, full_masks(model), include_masks=True)
 config = ConfigRecord({P.SERVER_ROUND: 1, P.MASK_VERSION: 0, P.SEND_IMPORTANCE: False,

@@ -46,7 +46,7 @@ import torch
 
 from clients.partitions import client_partition
 from fedprune.costs import named_profile
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, heldout_split, server_share
+from fedprune.data import data_shape, heldout_split, server_share
 from fedprune.importance_code import ImportanceCode, ImportanceSum, decode_importance
 from fedprune.initial_pruning import InitialPruning, initial_prune
 from fedprune.models import build_model, prunable_names
@@ -116,7 +116,7 @@ def run(rounds: int, seed: int, cache: Path | None = None) -> dict:
     torch.set_num_threads(1)
     s = Settings(seed=seed)
     spec = s.data_spec()
-    num_classes, shape = NUM_CLASSES[s.dataset], INPUT_SHAPE[s.dataset]
+    num_classes, shape = data_shape(s.data_spec())
     model = build_model(s.model, num_classes, seed=s.seed, input_shape=shape)
     names = prunable_names(model)
     profile = named_profile(s.cost_profile, names)
