@@ -55,6 +55,8 @@ from fedprune.settings import Settings
 from fedprune.training import evaluate, train_masked
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_importance.md"
+NUM_CLIENTS = 10  # the default task's simulated nodes (--federation-config num-supernodes=10)
+WINDOWS = (1, 2)  # importance-window settings compared with the full accumulation
 GOAL_RATIO = 1 / 8
 GOAL_JACCARD = 0.98
 REFERENCE = "bfloat16 (today)"
@@ -154,11 +156,14 @@ def run(rounds: int, seed: int, cache: Path | None = None) -> dict:
     shapes = {n: tuple(masks[n].shape) for n in names}
     never_pruned = sum(p.numel() for n, p in params.items() if n not in masks)
     prunable_total = sum(m.numel() for m in masks.values())
-    num_clients = s.clients_per_round
+    num_clients = NUM_CLIENTS
     clients = [client_partition(spec, i, num_clients) for i in range(num_clients)]
     test = heldout_split(spec)
 
     accumulated: list[dict[str, torch.Tensor] | None] = [None] * num_clients
+    # Each client's importance of its last max(WINDOWS) rounds: what importance-window = W
+    # would have computed (only the last W rounds before the reconfiguration).
+    recent: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(num_clients)]
     every_round = {
         label: ImportanceSum(shapes, imputation)
         for label, _, imputation, mode in VARIANTS
@@ -194,6 +199,7 @@ def run(rounds: int, seed: int, cache: Path | None = None) -> dict:
                     upload, nbytes = coded[code]
                     every_round[label].add(upload)
                     bytes_every_round[label].append(nbytes)
+            recent[i] = [*recent[i], {n: v.clone() for n, v in g.items()}][-max(WINDOWS) :]
             if accumulated[i] is None:
                 accumulated[i] = g
             else:
@@ -235,6 +241,23 @@ def run(rounds: int, seed: int, cache: Path | None = None) -> dict:
             "grown": grown,
             "variants": {},
         }
+        for w in WINDOWS:  # exact importance of only the last w rounds (the fixed part too)
+            window = {n: sum(r[n] for rounds_ in recent for r in rounds_[-w:]) for n in names}
+            fixed_w = sum(
+                float(r[n].sum())
+                for rs in recent
+                for r in rs[-w:]
+                for n in params
+                if n not in masks
+            )
+            got = reconfigure(
+                weights, masks, window, profile.time_per_param(),
+                profile.fixed_time_s(never_pruned), fixed_importance=fixed_w, delta=delta,
+                max_density=s.max_density,
+            ).masks  # fmt: skip
+            j, diff = jaccard(reference, got)
+            row.setdefault("windows", {})[w] = {"jaccard": j, "diff": diff}
+            print(f"round {server_round}: importance-window {w}: Jaccard {j:.5f}", flush=True)
         bf16 = {n: sum(a[n].to(torch.bfloat16).float() for a in accumulated) for n in names}
         j, diff = jaccard(reference, solve(bf16))
         row["variants"][REFERENCE] = {"ratio": 1.0, "jaccard": j, "diff": diff}
@@ -330,6 +353,21 @@ def markdown(result: dict) -> str:
                 f"{v['ratio']:.4f} (1/{1 / v['ratio']:.1f}) | {v['jaccard']:.5f} | "
                 f"{v['diff']:,} | {verdict} |"
             )
+    lines += [
+        "",
+        "importance-window: the mask from exact importance of only the last W rounds before "
+        "each reconfiguration, against the full accumulation (W = 0, the paper):",
+        "",
+        "| round | "
+        + " | ".join(f"W = {w}: Jaccard (positions differing)" for w in WINDOWS)
+        + " |",
+        "|---|" + "---|" * len(WINDOWS),
+    ]
+    for row in result["rows"]:
+        cells = [
+            f"{row['windows'][w]['jaccard']:.5f} ({row['windows'][w]['diff']:,})" for w in WINDOWS
+        ]
+        lines.append(f"| {row['round']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         f"FL rounds took {result['fl_seconds']:.0f} s; final test accuracy (exact-importance "
