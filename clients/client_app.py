@@ -29,7 +29,8 @@ from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
 from fedprune.importance_code import ImportanceCode
 from fedprune.models import build_model, param_shapes, prunable_names
-from fedprune.profiler import csr_max_densities, profile_device
+from fedprune.profile_cache import cached_profile, profile_key
+from fedprune.profiler import PROFILER_VERSION, csr_max_densities, profile_device
 from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import train_sparse
 from fedprune.training import evaluate as evaluate_model
@@ -205,21 +206,34 @@ def train_locally(settings, context, model, masks, data, config, partition_id, t
 
 
 def device_measurements(settings: Settings, context: Context) -> dict:
-    """This device's raw profile (`fedprune.profiler.profile_device`), measured once per
-    node and cached in `context.state`."""
+    """This device's raw profile (`fedprune.profiler.profile_device`): measured once per
+    machine and model (`fedprune.profile_cache`: on disk, shared by the virtual nodes of a
+    simulation), then kept in the node's `context.state`."""
     if P.STATE_PROFILE not in context.state:
         torch.set_num_threads(1)
         num_classes, shape = node_data_shape(settings, context)
         model = build_model(settings.model, num_classes, input_shape=shape)
-        _, measurements = profile_device(
-            model,
-            settings.local_steps,
-            settings.batch_size,
-            settings.bandwidth_bytes_per_s,
-            repeats=settings.profile_repeats,
-            input_shape=shape,
-            seed=settings.seed,
-        )
+        round_shape = {
+            "local_steps": settings.local_steps,
+            "batch_size": settings.batch_size,
+            "input_shape": list(shape),
+            "repeats": settings.profile_repeats,
+            "profiler": PROFILER_VERSION,
+        }
+
+        def measure() -> dict:
+            _, measurements = profile_device(
+                model,
+                settings.local_steps,
+                settings.batch_size,
+                settings.bandwidth_bytes_per_s,
+                repeats=settings.profile_repeats,
+                input_shape=shape,
+                seed=settings.seed,
+            )
+            return measurements
+
+        measurements, _ = cached_profile(profile_key(param_shapes(model), round_shape), measure)
         context.state[P.STATE_PROFILE] = ConfigRecord(measurements)
     return dict(context.state[P.STATE_PROFILE])
 

@@ -1,0 +1,93 @@
+"""A device profile measured once per machine and model, kept on disk.
+
+Measuring a profile takes seconds of the device's compute, and every node of a simulation
+on one machine would measure the same thing (10 virtual nodes profiling themselves on 2
+shared cores cost the default job two minutes in round 1). So a profile is cached on disk,
+keyed by what it depends on: the hardware (CPU model, core count, architecture), the
+software (torch and numba versions, the profiler's version), the threads it ran with, and
+the model's shape with the round's size (K steps of batch B on inputs of one shape).
+Concurrent callers (virtual nodes starting together) take a file lock: the first measures,
+the others wait and read its result.
+
+The cache lives in `$FEDPRUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/fedprune`, else
+`~/.cache/fedprune`. A file that does not parse is measured again (and overwritten).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cache_dir() -> Path:
+    """Where profiles are kept (see the module docstring)."""
+    if os.environ.get("FEDPRUNE_CACHE_DIR"):
+        return Path(os.environ["FEDPRUNE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fedprune"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "cpu model", "hardware")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def profile_key(shapes: Mapping[str, tuple[int, ...]], round_shape: Mapping[str, Any]) -> dict:
+    """Everything a profile depends on, as plain data: the machine, the software, the
+    threads, the model's parameter shapes and the round (steps, batch, input shape...)."""
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:  # pragma: no cover - numba is a dependency
+        numba_version = "none"
+    return {
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "arch": platform.machine(),
+        "torch": torch.__version__,
+        "numba": numba_version,
+        "threads": torch.get_num_threads(),
+        "shapes": {name: list(shape) for name, shape in shapes.items()},
+        "round": dict(round_shape),
+    }
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_profile(key: Mapping[str, Any], measure: Callable[[], dict]) -> tuple[dict, bool]:
+    """(measurements, whether they came from the cache): `measure()` once per `key`
+    (`profile_key`) on this machine; its result (a JSON-able dict) is kept on disk."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_dir() / f"profile-{digest}.json"
+    with _locked(path.with_suffix(".lock")):
+        with contextlib.suppress(OSError, ValueError):
+            saved = json.loads(path.read_text())
+            if saved.get("key") == json.loads(json.dumps(key)):
+                return saved["measurements"], True
+        measurements = measure()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "measurements": measurements}))
+        tmp.replace(path)
+        return measurements, False

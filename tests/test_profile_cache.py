@@ -1,0 +1,45 @@
+"""A device profile is measured once per machine and model, whoever asks first."""
+
+import threading
+import time
+
+from fedprune.profile_cache import cached_profile, profile_key
+
+
+def test_concurrent_nodes_measure_once_and_share_the_result(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPRUNE_CACHE_DIR", str(tmp_path))
+    key = profile_key({"w": (4, 3)}, {"local_steps": 5, "batch_size": 20})
+    calls, results = [], []
+
+    def measure():
+        calls.append(1)
+        time.sleep(0.2)  # others arrive while the first measures
+        return {"fixed_s": 0.5}
+
+    threads = [
+        threading.Thread(target=lambda: results.append(cached_profile(key, measure)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert sorted(cached for _, cached in results) == [False, True, True, True]
+    assert all(m == {"fixed_s": 0.5} for m, _ in results)
+
+
+def test_another_model_or_round_is_measured_again_and_a_broken_file_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDPRUNE_CACHE_DIR", str(tmp_path))
+    first = profile_key({"w": (4, 3)}, {"local_steps": 5, "batch_size": 20})
+    assert cached_profile(first, lambda: {"n": 0}) == ({"n": 0}, False)
+    assert cached_profile(first, lambda: {"n": 9}) == ({"n": 0}, True)
+    for key in (
+        profile_key({"w": (4, 4)}, {"local_steps": 5, "batch_size": 20}),
+        profile_key({"w": (4, 3)}, {"local_steps": 5, "batch_size": 10}),
+    ):
+        assert key != first
+        assert cached_profile(key, lambda: {"n": 1}) == ({"n": 1}, False)
+    for path in tmp_path.glob("profile-*.json"):
+        path.write_text("{broken")
+    assert cached_profile(first, lambda: {"n": 2}) == ({"n": 2}, False)
