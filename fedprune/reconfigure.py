@@ -151,17 +151,26 @@ def _below(threshold: float, dtype: np.dtype) -> np.generic:
     return value
 
 
+def _above(threshold: float, dtype: np.dtype) -> np.generic:
+    """The smallest value of `dtype` that is >= `threshold` (rounding toward +inf)."""
+    value = dtype.type(threshold)
+    if float(value) < threshold:
+        value = np.nextafter(value, dtype.type(np.inf))
+    return value
+
+
 class _Layer:
     """One prunable layer: its stability-fixed set and its sorted candidates.
 
     `top` holds the importance of the candidates that can enter the kept set (those whose
-    ratio `G / t` exceeds a lower bound of lambda*), sorted descending; `top_sum[k - 1]` is
-    the float64 sum of its first k; `ratio_asc` their ratios ascending (float64, the ratio
-    the old global sort used), for binary searches. Choosing "the first k of `top`" is
+    ratio `G / t` exceeds a lower bound of lambda*), sorted descending (`ascending` is
+    the same array the other way round); `sum_top(k)` is the float64 sum of its first k.
+    Choosing "the first k of `top`" is
     then a threshold on G plus, for equal G at the boundary, the lowest flat indices.
     """
 
     __slots__ = (
+        "ascending",
         "cand",
         "fixed",
         "fixed_g",
@@ -169,10 +178,9 @@ class _Layer:
         "mask",
         "n_fixed",
         "name",
-        "ratio_asc",
         "t",
         "top",
-        "top_sum",
+        "top_sums",
     )
 
     def __init__(
@@ -207,8 +215,8 @@ class _Layer:
         else:
             self.cand = self.mask & ~self.fixed
         self.top = self.g[:0]
-        self.top_sum = np.zeros(0, dtype=np.float64)
-        self.ratio_asc = np.zeros(0, dtype=np.float64)
+        self.top_sums: dict[int, float] = {0: 0.0}
+        self.ascending = self.top
 
     def _stability_fixed(self, w: np.ndarray, delta: float) -> np.ndarray:
         """Bool mask of the kept weights the stability rule keeps: all but the
@@ -241,21 +249,39 @@ class _Layer:
         # passes, as the bound is >= 0.
         bound = _below(lam * self.t * (1.0 - 1e-9), self.g.dtype)
         values = self.g[self.cand & (self.g > bound)]
-        ascending = np.sort(values)
-        self.top = ascending[::-1]
-        self.top_sum = np.cumsum(self.top, dtype=np.float64)
-        if self.t > 0:
-            self.ratio_asc = ascending.astype(np.float64) / self.t
-        else:
-            self.ratio_asc = np.full(ascending.size, np.inf)
+        self.ascending = np.sort(values)
+        self.top = self.ascending[::-1]
 
     def count_above(self, lam: float) -> int:
-        """How many candidates have ratio G / t strictly above `lam`."""
-        return self.top.size - int(np.searchsorted(self.ratio_asc, lam, side="right"))
+        """How many candidates have ratio `G / t` (in float64, as the old global sort had
+        it) strictly above `lam`.
+
+        Two binary searches on G bracket the boundary a relative 1e-9 either side of
+        `lam * t` (far wider than any rounding); only the few values in between, all
+        but equal, get their ratio computed. No ratio array over all candidates.
+        """
+        n = self.ascending.size
+        if self.t == 0:
+            return n  # G > 0 here, so the ratio is +inf
+        theta = lam * self.t
+        dtype = self.ascending.dtype
+        lo = int(np.searchsorted(self.ascending, _below(theta * (1 - 1e-9), dtype), "right"))
+        hi = int(np.searchsorted(self.ascending, _above(theta * (1 + 1e-9), dtype), "left"))
+        window = self.ascending[lo:hi].astype(np.float64) / self.t
+        return n - hi + int(np.count_nonzero(window > lam))
 
     def sum_top(self, k: int) -> float:
-        """Importance of the first k candidates (float64)."""
-        return float(self.top_sum[k - 1]) if k else 0.0
+        """Importance of the first k candidates (float64).
+
+        Summed on demand rather than from a cumulative sum over all candidates: the
+        solver asks for a few k per layer, mostly small ones, and a float64 cumsum of a
+        large candidate list costs more than those sums together.
+        """
+        total = self.top_sums.get(k)
+        if total is None:
+            total = float(self.top[:k].sum(dtype=np.float64))
+            self.top_sums[k] = total
+        return total
 
     def new_mask(self, k: int) -> np.ndarray:
         """Fixed set plus the first k candidates by importance; among equal importance at
@@ -379,8 +405,10 @@ def reconfigure(
 
     Returns:
         A `Reconfiguration`. Ties in the objective prefer the smaller kept set; a
-        parameter with `G_j = 0` is never added. Under a binding cap, candidates of one
-        layer with equal importance at the boundary are taken lowest flat index first.
+        parameter with `G_j = 0` is never added, and without a binding cap one with
+        `G_j > 0` and `t_l = 0` always is, however small `G_j` (ratios are compared,
+        not rounded sums). Under a binding cap, candidates of one layer with equal
+        importance at the boundary are taken lowest flat index first.
         The computation runs on the CPU; the masks come back on the input masks' devices.
 
     Raises:
@@ -435,7 +463,7 @@ def reconfigure(
         kept_l = layer.n_fixed + k
         kept += kept_l
         # The chosen candidates are exactly the first k of `top`, so their importance is
-        # top_sum[k - 1]: the figures describe exactly the returned mask.
+        # sum_top(k): the figures describe exactly the returned mask.
         kept_importance += layer.fixed_g + layer.sum_top(k)
         round_time_s += kept_l * layer.t
         mask = masks[name]
