@@ -145,7 +145,8 @@ def _flat_numpy(tensor: torch.Tensor) -> np.ndarray:
 def _below(threshold: float, dtype: np.dtype) -> np.generic:
     """The largest value of `dtype` that is <= `threshold` (rounding toward -inf), so that
     `x > _below(th, x.dtype)` holds for every `x > th`."""
-    value = dtype.type(threshold)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, then its max
+        value = dtype.type(threshold)
     if float(value) > threshold:
         value = np.nextafter(value, dtype.type(-np.inf))
     return value
@@ -153,7 +154,8 @@ def _below(threshold: float, dtype: np.dtype) -> np.generic:
 
 def _above(threshold: float, dtype: np.dtype) -> np.generic:
     """The smallest value of `dtype` that is >= `threshold` (rounding toward +inf)."""
-    value = dtype.type(threshold)
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, above every value
+        value = dtype.type(threshold)
     if float(value) < threshold:
         value = np.nextafter(value, dtype.type(np.inf))
     return value
@@ -165,8 +167,8 @@ class _Layer:
     `top` holds the importance of the candidates that can enter the kept set (those whose
     ratio `G / t` exceeds a lower bound of lambda*), sorted descending (`ascending` is
     the same array the other way round); `sum_top(k)` is the float64 sum of its first k.
-    Choosing "the first k of `top`" is
-    then a threshold on G plus, for equal G at the boundary, the lowest flat indices.
+    Choosing "the first k of `top`" is then a threshold on G plus, for equal G at the
+    boundary, the lowest flat indices.
     """
 
     __slots__ = (
@@ -289,9 +291,9 @@ class _Layer:
         if k == 0:
             return self.fixed.copy()
         theta = self.top[k - 1]
-        ascending = self.top[::-1]
-        n_greater = self.top.size - int(np.searchsorted(ascending, theta, side="right"))
-        n_at_least = self.top.size - int(np.searchsorted(ascending, theta, side="left"))
+        n = self.ascending.size
+        n_greater = n - int(np.searchsorted(self.ascending, theta, side="right"))
+        n_at_least = n - int(np.searchsorted(self.ascending, theta, side="left"))
         if n_at_least == k:
             return self.fixed | (self.cand & (self.g >= theta))
         chosen = self.cand & (self.g > theta)
