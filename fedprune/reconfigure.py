@@ -9,11 +9,20 @@ the kept set M that maximises
 subject to PruneFL's stability rule (the largest-magnitude `1 - delta` share of each
 layer's currently kept weights must stay) and an optional cap on the overall density.
 
-Without a binding cap the optimum is a prefix of the candidates sorted by `G_j / t_j`:
-the optimal value lambda* takes exactly the candidates whose ratio exceeds it. With a
-binding cap that no longer holds when `t` differs between layers (a high-ratio but cheap
-parameter may waste one of the few slots), so the capped case is solved exactly with
-Dinkelbach's method, whose inner problem (best m of `G_j - lambda * t_j`) is one sort.
+Without a binding cap the optimum takes exactly the candidates whose ratio `G_j / t_l`
+exceeds the optimal value lambda*. With a binding cap that no longer holds when `t`
+differs between layers (a high-ratio but cheap parameter may waste one of the few slots),
+so the capped case is solved exactly with Dinkelbach's method, whose inner problem is the
+best m of `G_j - lambda * t_l`.
+
+The time per parameter is one number per layer, so within a layer every order the solver
+needs (by ratio, by `G - lambda t`) is the order by `G`. Each layer's candidates are
+therefore sorted once, by importance alone, and only those that can matter (ratio above
+the value of the stability-fixed set, which lambda* never falls below) are sorted at all.
+Both Dinkelbach loops then work on per-layer counts: "how many of layer l's candidates
+clear this threshold" is a binary search and their importance a cumulative sum, so no
+per-parameter time tensor and no global sort over all layers is ever built. Sorting and
+selection run in numpy, whose CPU sorts are an order of magnitude faster than torch's.
 
 Everything is vectorised over parameters; Python only loops over layers.
 """
@@ -24,6 +33,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = ["Reconfiguration", "reconfigure", "stability_delta"]
@@ -83,6 +93,7 @@ def _validate(
     delta: float,
     max_density: float,
 ) -> None:
+    """Keys, shapes, dtypes and scalars; the importance values are checked in `_Layer`."""
     names = set(masks)
     for label, mapping in (
         ("weights", weights),
@@ -104,11 +115,6 @@ def _validate(
                     f"{label}[{name!r}] has shape {tuple(mapping[name].shape)}, "
                     f"mask has shape {tuple(mask.shape)}"
                 )
-        g = importance[name]
-        if not bool(torch.isfinite(g).all()):
-            raise ValueError(f"importance[{name!r}] has non-finite entries")
-        if bool((g < 0).any()):
-            raise ValueError(f"importance[{name!r}] has negative entries; G_j must be >= 0")
         t = float(time_per_param[name])
         if not (math.isfinite(t) and t >= 0):
             raise ValueError(f"time_per_param[{name!r}] = {t} must be finite and >= 0 seconds")
@@ -122,33 +128,250 @@ def _validate(
         raise ValueError(f"max_density = {max_density} must be in (0, 1]")
 
 
-def _dinkelbach(
-    g: torch.Tensor,
-    t: torch.Tensor,
-    a: float,
-    b: float,
-    m: int,
-    start: torch.Tensor,
-    start_value: float,
-) -> torch.Tensor:
-    """Indices of the best at-most-`m` subset for max (a + sum g) / (b + sum t).
+def _flat_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A flat CPU numpy view of `tensor`, in a dtype whose values equal the tensor's.
 
-    `start` is a feasible subset with objective `start_value`. Each step takes the best m
-    positive values of `g - lambda * t`; if that subset does not strictly raise lambda,
-    lambda is optimal (no subset of size <= m has `sum(g - lambda t) > lambda b - a`).
+    float32 and float64 stay as they are (no copy on the CPU); narrower floats widen to
+    float32 and everything else to float64, both exactly, so orders and sums are those of
+    the float64 values.
     """
-    best, lam = start, start_value
+    flat = tensor.detach().reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64, torch.bool):
+        narrow = flat.is_floating_point() and flat.element_size() < 4
+        flat = flat.to(torch.float32 if narrow else torch.float64)
+    return flat.cpu().numpy()
+
+
+def _below(threshold: float, dtype: np.dtype) -> np.generic:
+    """The largest value of `dtype` that is <= `threshold` (rounding toward -inf), so that
+    `x > _below(th, x.dtype)` holds for every `x > th`."""
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, then its max
+        value = dtype.type(threshold)
+    if float(value) > threshold:
+        value = np.nextafter(value, dtype.type(-np.inf))
+    return value
+
+
+def _above(threshold: float, dtype: np.dtype) -> np.generic:
+    """The smallest value of `dtype` that is >= `threshold` (rounding toward +inf)."""
+    with np.errstate(over="ignore"):  # beyond the dtype's range: inf, above every value
+        value = dtype.type(threshold)
+    if float(value) < threshold:
+        value = np.nextafter(value, dtype.type(np.inf))
+    return value
+
+
+class _Layer:
+    """One prunable layer: its stability-fixed set and its sorted candidates.
+
+    `top` holds the importance of the candidates that can enter the kept set (those whose
+    ratio `G / t` exceeds a lower bound of lambda*), sorted descending (`ascending` is
+    the same array the other way round); `sum_top(k)` is the float64 sum of its first k.
+    Choosing "the first k of `top`" is then a threshold on G plus, for equal G at the
+    boundary, the lowest flat indices.
+    """
+
+    __slots__ = (
+        "ascending",
+        "cand",
+        "fixed",
+        "fixed_g",
+        "g",
+        "mask",
+        "n_fixed",
+        "name",
+        "t",
+        "top",
+        "top_sums",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        weights: torch.Tensor,
+        mask: torch.Tensor,
+        importance: torch.Tensor,
+        t: float,
+        delta: float,
+        allow_regrowth: bool,
+    ) -> None:
+        self.name = name
+        self.t = float(t)
+        self.mask = _flat_numpy(mask)
+        self.g = _flat_numpy(importance)
+        if self.g.size:
+            # min/max propagate NaN and see +-inf: two cheap reductions instead of
+            # isfinite over the layer.
+            lo, hi = float(self.g.min()), float(self.g.max())
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"importance[{name!r}] has non-finite entries")
+            if lo < 0:
+                raise ValueError(f"importance[{name!r}] has negative entries; G_j must be >= 0")
+        self.fixed = self._stability_fixed(_flat_numpy(weights), delta)
+        self.n_fixed = int(np.count_nonzero(self.fixed))
+        self.fixed_g = float(self.g[self.fixed].sum(dtype=np.float64)) if self.n_fixed else 0.0
+        if allow_regrowth:
+            self.cand = ~self.fixed
+        elif self.fixed is self.mask:
+            self.cand = np.zeros_like(self.mask)  # nothing released, nothing regrows
+        else:
+            self.cand = self.mask & ~self.fixed
+        self.top = self.g[:0]
+        self.top_sums: dict[int, float] = {0: 0.0}
+        self.ascending = self.top
+
+    def _stability_fixed(self, w: np.ndarray, delta: float) -> np.ndarray:
+        """Bool mask of the kept weights the stability rule keeps: all but the
+        floor(delta * k) smallest |w| of the k kept, ties released lowest index first.
+        May be `self.mask` itself (nothing released); never written to afterwards."""
+        kept = int(np.count_nonzero(self.mask))
+        released = _n_released(delta, kept)
+        if released == 0:
+            return self.mask
+        if released >= kept:
+            return np.zeros_like(self.mask)
+        magnitude = np.abs(w)
+        kept_magnitude = magnitude if kept == self.mask.size else magnitude[self.mask]
+        # The released-th smallest kept magnitude: a partial selection, not a sort.
+        tau = np.partition(kept_magnitude, released - 1)[released - 1]
+        # NaN magnitudes compare False everywhere and so stay fixed, as the largest would.
+        fixed = self.mask & ~(magnitude <= tau)
+        n_below = int(np.count_nonzero(self.mask & (magnitude < tau)))
+        ties = np.flatnonzero(self.mask & (magnitude == tau))
+        fixed[ties[released - n_below :]] = True
+        return fixed
+
+    def gather_candidates(self, lam: float) -> None:
+        """Sort the candidates whose ratio can exceed `lam` (a lower bound of every
+        value the solver will consider); the rest can never be chosen."""
+        if not self.cand.any():
+            return
+        # A superset of {G / t > lam}: the product rounds, so the bound is lowered by a
+        # margin far above float64 rounding; the exact ratio decides later. G = 0 never
+        # passes, as the bound is >= 0.
+        bound = _below(lam * self.t * (1.0 - 1e-9), self.g.dtype)
+        values = self.g[self.cand & (self.g > bound)]
+        self.ascending = np.sort(values)
+        self.top = self.ascending[::-1]
+
+    def count_above(self, lam: float) -> int:
+        """How many candidates have ratio `G / t` (in float64, as the old global sort had
+        it) strictly above `lam`.
+
+        Two binary searches on G bracket the boundary a relative 1e-9 either side of
+        `lam * t` (far wider than any rounding); only the few values in between, all
+        but equal, get their ratio computed. No ratio array over all candidates.
+        """
+        n = self.ascending.size
+        if self.t == 0:
+            return n  # G > 0 here, so the ratio is +inf
+        theta = lam * self.t
+        dtype = self.ascending.dtype
+        lo = int(np.searchsorted(self.ascending, _below(theta * (1 - 1e-9), dtype), "right"))
+        hi = int(np.searchsorted(self.ascending, _above(theta * (1 + 1e-9), dtype), "left"))
+        window = self.ascending[lo:hi].astype(np.float64) / self.t
+        return n - hi + int(np.count_nonzero(window > lam))
+
+    def sum_top(self, k: int) -> float:
+        """Importance of the first k candidates (float64).
+
+        Summed on demand rather than from a cumulative sum over all candidates: the
+        solver asks for a few k per layer, mostly small ones, and a float64 cumsum of a
+        large candidate list costs more than those sums together.
+        """
+        total = self.top_sums.get(k)
+        if total is None:
+            total = float(self.top[:k].sum(dtype=np.float64))
+            self.top_sums[k] = total
+        return total
+
+    def new_mask(self, k: int) -> np.ndarray:
+        """Fixed set plus the first k candidates by importance; among equal importance at
+        the boundary, the lowest flat indices."""
+        if k == 0:
+            return self.fixed.copy()
+        theta = self.top[k - 1]
+        n = self.ascending.size
+        n_greater = n - int(np.searchsorted(self.ascending, theta, side="right"))
+        n_at_least = n - int(np.searchsorted(self.ascending, theta, side="left"))
+        if n_at_least == k:
+            return self.fixed | (self.cand & (self.g >= theta))
+        chosen = self.cand & (self.g > theta)
+        ties = np.flatnonzero(self.cand & (self.g == theta))
+        chosen[ties[: k - n_greater]] = True
+        return self.fixed | chosen
+
+
+def _value(layers: list[_Layer], counts: list[int], a: float, b: float) -> float:
+    """Objective of the fixed sets plus the first counts[l] candidates of each layer."""
+    num = a + sum(layer.sum_top(k) for layer, k in zip(layers, counts, strict=True))
+    den = b + sum(k * layer.t for layer, k in zip(layers, counts, strict=True))
+    return num / den
+
+
+def _best_unconstrained(layers: list[_Layer], a: float, b: float) -> list[int]:
+    """Per-layer counts of the optimal set without a cap: {G / t > lambda*}.
+
+    Dinkelbach on the ratio threshold: from lambda = a / b (the fixed set alone), take
+    every candidate whose ratio exceeds lambda and re-evaluate. The value rises strictly
+    until the set repeats, which is lambda*; candidates whose ratio equals lambda* are
+    left out, so ties in the objective keep the smaller set.
+    """
+    counts = [0] * len(layers)
+    lam = a / b
     for _ in range(_MAX_DINKELBACH_ITERATIONS):
-        value = g - lam * t
-        take = torch.nonzero(value > 0).squeeze(1)
-        if take.numel() > m:
-            # Which of several equal values gets the last slot cannot change the objective.
-            take = take[torch.topk(value[take], m, sorted=False).indices]
-        new_lam = (a + float(g[take].sum())) / (b + float(t[take].sum()))
+        new_counts = [layer.count_above(lam) for layer in layers]
+        new_lam = _value(layers, new_counts, a, b)
+        if new_lam < lam:  # float rounding only: keep the last set that reached lam
+            break
+        counts = new_counts
+        if new_lam == lam:
+            break
+        lam = new_lam
+    return counts
+
+
+def _best_m(layers: list[_Layer], lam: float, m: int) -> list[int]:
+    """Per-layer counts of the best at-most-m candidates by `G - lam * t`, positive only.
+
+    Within a layer the order by `G - lam * t_l` is the order by G, and no layer gives
+    more than m, so only each layer's first m are looked at. Equal values across layers
+    (which are not equal ratios) go to the earlier layer.
+    """
+    values = []
+    for layer in layers:
+        v = layer.top[:m].astype(np.float64) - lam * layer.t
+        values.append(v[: int(np.count_nonzero(v > 0))])  # v is non-increasing
+    positive = [v.size for v in values]
+    if sum(positive) <= m:
+        return positive
+    pooled = np.concatenate(values)
+    mu = np.partition(pooled, pooled.size - m)[pooled.size - m]  # the m-th largest
+    counts = [int(np.count_nonzero(v > mu)) for v in values]
+    left = m - sum(counts)
+    for i, v in enumerate(values):
+        take = min(left, int(np.count_nonzero(v == mu)))
+        counts[i] += take
+        left -= take
+    return counts
+
+
+def _best_capped(layers: list[_Layer], a: float, b: float, m: int) -> list[int]:
+    """Per-layer counts of the best set of at most m candidates (Dinkelbach).
+
+    Each step takes the best m positive values of `G - lambda * t`; if that does not
+    strictly raise lambda, lambda is optimal (no set of size <= m has
+    `sum(G - lambda t) > lambda b - a`). Starts from the fixed set alone, lambda = a / b.
+    """
+    counts = [0] * len(layers)
+    lam = a / b
+    for _ in range(_MAX_DINKELBACH_ITERATIONS):
+        new_counts = _best_m(layers, lam, m)
+        new_lam = _value(layers, new_counts, a, b)
         if not new_lam > lam:
             break
-        best, lam = take, new_lam
-    return best
+        counts, lam = new_counts, new_lam
+    return counts
 
 
 def reconfigure(
@@ -184,7 +407,11 @@ def reconfigure(
 
     Returns:
         A `Reconfiguration`. Ties in the objective prefer the smaller kept set; a
-        parameter with `G_j = 0` is never added.
+        parameter with `G_j = 0` is never added, and without a binding cap one with
+        `G_j > 0` and `t_l = 0` always is, however small `G_j` (ratios are compared,
+        not rounded sums). Under a binding cap, candidates of one layer with equal
+        importance at the boundary are taken lowest flat index first.
+        The computation runs on the CPU; the masks come back on the input masks' devices.
 
     Raises:
         ValueError: on mismatched keys, shapes or mask dtype, negative or non-finite
@@ -205,88 +432,44 @@ def reconfigure(
     total = sum(masks[n].numel() for n in names)
     if not names:
         return Reconfiguration({}, fixed_importance / fixed_time_s, fixed_time_s, 0, 0, True)
-    device = masks[names[0]].device
 
-    fixed_flat: list[torch.Tensor] = []
-    cand_index: list[torch.Tensor] = []  # flat indices within the layer, per layer
-    cand_g: list[torch.Tensor] = []
-    cand_t: list[torch.Tensor] = []
-    a = float(fixed_importance)  # numerator constant once the fixed set is known
-    b = float(fixed_time_s)  # denominator constant
-    n_fixed = 0
-    for name in names:
-        mask = masks[name].reshape(-1).to(device)
-        g = importance[name].reshape(-1).to(device=device, dtype=torch.float64)
-        t_l = float(time_per_param[name])
-        kept_idx = torch.nonzero(mask).squeeze(1)  # ascending, so stable sort breaks ties by index
-        magnitude = weights[name].reshape(-1).to(device)[kept_idx].abs()
-        order = torch.sort(magnitude, stable=True).indices
-        fixed_idx = kept_idx[order[_n_released(delta, kept_idx.numel()) :]]
-        fixed = torch.zeros_like(mask)
-        fixed[fixed_idx] = True
-        fixed_flat.append(fixed)
+    layers = [
+        _Layer(n, weights[n], masks[n], importance[n], time_per_param[n], delta, allow_regrowth)
+        for n in names
+    ]
+    a = float(fixed_importance) + sum(layer.fixed_g for layer in layers)
+    b = float(fixed_time_s) + sum(layer.n_fixed * layer.t for layer in layers)
+    n_fixed = sum(layer.n_fixed for layer in layers)
+    # Every set the solver considers is worth at least the fixed set alone, a / b, so a
+    # candidate with G / t <= a / b is never taken (unconstrained: its ratio is below
+    # lambda*; capped: its G - lambda t is <= 0) and need not be sorted.
+    for layer in layers:
+        layer.gather_candidates(a / b)
 
-        # With regrowth every non-fixed entry is a candidate; without, only released ones.
-        candidate = ~fixed if allow_regrowth else mask & ~fixed
-        # G_j = 0 can never raise the objective (t_j >= 0), so such entries are dropped here.
-        idx = torch.nonzero(candidate & (g > 0)).squeeze(1)
-        cand_index.append(idx)
-        cand_g.append(g[idx])
-        cand_t.append(torch.full((idx.numel(),), t_l, dtype=torch.float64, device=device))
-
-        a += float(g[fixed_idx].sum())
-        b += t_l * fixed_idx.numel()
-        n_fixed += fixed_idx.numel()
-
-    g_all = torch.cat(cand_g)
-    t_all = torch.cat(cand_t)
     cap = math.floor(max_density * total)
     cap_met = True
+    counts = _best_unconstrained(layers, a, b)
+    if n_fixed + sum(counts) > cap:
+        if n_fixed > cap:
+            counts = [0] * len(layers)
+            cap_met = False
+        else:
+            counts = _best_capped(layers, a, b, cap - n_fixed)
 
-    # G > 0 here, so t = 0 gives +inf: free importance is always worth taking.
-    ratio = g_all / t_all
-    order = torch.sort(ratio, descending=True, stable=True).indices
-    zero = torch.zeros(1, dtype=torch.float64, device=device)
-    cum_g = torch.cat([zero, torch.cumsum(g_all[order], 0)])
-    cum_t = torch.cat([zero, torch.cumsum(t_all[order], 0)])
-    prefix_value = (a + cum_g) / (b + cum_t)
-    # argmax returns the first maximum, i.e. the shorter prefix on exact ties.
-    best_len = int(torch.argmax(prefix_value))
-
-    if n_fixed + best_len <= cap:
-        selected = order[:best_len]
-    elif n_fixed > cap:
-        selected = order[:0]
-        cap_met = False
-    else:
-        m = cap - n_fixed
-        start_len = int(torch.argmax(prefix_value[: m + 1]))
-        selected = _dinkelbach(
-            g_all, t_all, a, b, m, order[:start_len], float(prefix_value[start_len])
-        )
-
-    chosen = torch.zeros(g_all.numel(), dtype=torch.bool, device=device)
-    chosen[selected] = True
     new_masks: dict[str, torch.Tensor] = {}
     kept = 0
     kept_importance = float(fixed_importance)
     round_time_s = float(fixed_time_s)
-    for name, fixed, idx, chosen_l in zip(
-        names,
-        fixed_flat,
-        cand_index,
-        torch.split(chosen, [i.numel() for i in cand_index]),
-        strict=True,
-    ):
-        new = fixed.clone()
-        new[idx[chosen_l]] = True
-        kept_l = int(new.sum())
+    for name, layer, k in zip(names, layers, counts, strict=True):
+        new = layer.new_mask(k)
+        kept_l = layer.n_fixed + k
         kept += kept_l
-        # Recomputed from the final mask so the reported figures describe exactly it.
-        g = importance[name].reshape(-1).to(device=device, dtype=torch.float64)
-        kept_importance += float(g[new].sum())
-        round_time_s += kept_l * float(time_per_param[name])
-        new_masks[name] = new.reshape(masks[name].shape).to(masks[name].device)
+        # The chosen candidates are exactly the first k of `top`, so their importance is
+        # sum_top(k): the figures describe exactly the returned mask.
+        kept_importance += layer.fixed_g + layer.sum_top(k)
+        round_time_s += kept_l * layer.t
+        mask = masks[name]
+        new_masks[name] = torch.from_numpy(new).reshape(mask.shape).to(mask.device)
 
     return Reconfiguration(
         masks=new_masks,

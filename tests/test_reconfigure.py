@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from experiments.legacy_solver import legacy_reconfigure
 from fedprune.reconfigure import Reconfiguration, reconfigure, stability_delta
 
 # --------------------------------------------------------------------------- helpers
@@ -64,13 +65,13 @@ def _brute_force(inst):
 
 
 @st.composite
-def instances(draw):
-    n_layers = draw(st.integers(2, 3))
+def instances(draw, max_layers=3, max_side=2):
+    n_layers = draw(st.integers(2, max_layers))
     weights, masks, importance, time_per_param = {}, {}, {}, {}
     zero_time_layer = draw(st.one_of(st.none(), st.integers(0, n_layers - 1)))
     for layer in range(n_layers):
         name = f"l{layer}.weight"
-        shape = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        shape = (draw(st.integers(1, max_side)), draw(st.integers(1, 2)))
         n = shape[0] * shape[1]
         # Small integer magnitudes make ties in |w| and in G / t common.
         w = draw(st.lists(st.integers(-3, 3), min_size=n, max_size=n))
@@ -124,6 +125,18 @@ def _layer(n, seed=0, density=0.5):
 @settings(max_examples=300, deadline=None)
 @given(instances())
 def test_matches_brute_force(inst):
+    _check_against_brute_force(inst)
+
+
+@settings(max_examples=200, deadline=None)
+@given(instances(max_layers=7, max_side=1))
+def test_many_small_layers_match_brute_force(inst):
+    # Up to 7 layers of 1-2 entries: the per-layer candidate lists and their merge by
+    # threshold, with equal ratios across layers common (slopes 0.5, 1, 2; integer G).
+    _check_against_brute_force(inst)
+
+
+def _check_against_brute_force(inst):
     result = reconfigure(**inst)
     best, fixed, candidates, cap, n_fixed = _brute_force(inst)
 
@@ -154,6 +167,7 @@ def test_matches_brute_force(inst):
         assert result.cap_met and kept <= cap
     else:
         assert not result.cap_met and kept == n_fixed
+    return result
 
 
 def test_cap_needs_dinkelbach_not_ratio_prefix():
@@ -177,6 +191,187 @@ def test_zero_time_positive_importance_is_always_taken():
     importance = {"w": torch.full((50,), 1e-9)}
     result = reconfigure({"w": weights}, {"w": masks}, importance, {"w": 0.0}, fixed_time_s=1.0)
     assert bool(result.masks["w"].all())
+    # However small: 1e-20 next to 1.0 does not change a float64 sum, but it raises the
+    # objective all the same, so it is taken (its ratio is +inf).
+    importance = {"w": torch.tensor([1.0, 1e-20, 0.0], dtype=torch.float64)}
+    three = {"w": torch.zeros(3)}, {"w": torch.zeros(3, dtype=torch.bool)}
+    result = reconfigure(*three, importance, {"w": 0.0}, fixed_time_s=1.0)
+    assert result.masks["w"].tolist() == [True, True, False]
+
+
+def test_cap_binding_exactly_at_a_layer_boundary():
+    # Ratio order: a's three (6, 5, 4), then b's (3.9, 3.8). Uncapped, all five pay; a cap
+    # of three ends exactly where layer a ends.
+    weights = {"a": torch.zeros(3), "b": torch.zeros(2)}
+    masks = {"a": torch.zeros(3, dtype=torch.bool), "b": torch.zeros(2, dtype=torch.bool)}
+    importance = {"a": torch.tensor([4.0, 6.0, 5.0]), "b": torch.tensor([3.9, 3.8])}
+    time_per_param = {"a": 1.0, "b": 1.0}
+    free = reconfigure(weights, masks, importance, time_per_param, fixed_time_s=1.0)
+    assert free.kept == 5
+    inst = {
+        "weights": weights,
+        "masks": masks,
+        "importance": importance,
+        "time_per_param": time_per_param,
+        "fixed_time_s": 1.0,
+        "fixed_importance": 0.0,
+        "delta": 0.3,
+        "max_density": 0.6,
+        "allow_regrowth": True,
+    }
+    capped = _check_against_brute_force(inst)
+    assert capped.masks["a"].all() and not capped.masks["b"].any()
+    assert capped.objective == pytest.approx(15.0 / 4.0)
+    # One slot more crosses into b and takes its best.
+    capped = _check_against_brute_force(inst | {"max_density": 0.8})
+    assert capped.masks["a"].all() and capped.masks["b"].tolist() == [True, False]
+
+
+def test_equal_importance_at_a_binding_cap_takes_lowest_flat_indices():
+    # Four candidates of G = 2 pay uncapped; the cap leaves three slots among them.
+    weights, masks = {"w": torch.zeros(6)}, {"w": torch.zeros(6, dtype=torch.bool)}
+    importance = {"w": torch.tensor([1.0, 2.0, 2.0, 0.5, 2.0, 2.0])}
+    free = reconfigure(weights, masks, importance, {"w": 1.0}, fixed_time_s=1.0)
+    assert free.masks["w"].tolist() == [False, True, True, False, True, True]
+    capped = reconfigure(weights, masks, importance, {"w": 1.0}, fixed_time_s=1.0, max_density=0.5)
+    assert capped.masks["w"].tolist() == [False, True, True, False, True, False]
+
+
+def test_identical_layers_with_equal_ratios_get_the_same_mask():
+    w, mask, g = _layer(3000, seed=20, density=0.1)
+    args = ({"a": w, "b": w.clone()}, {"a": mask, "b": mask.clone()}, {"a": g, "b": g.clone()})
+    result = reconfigure(*args, {"a": 2e-4, "b": 2e-4}, fixed_time_s=0.05)
+    assert torch.equal(result.masks["a"], result.masks["b"])
+    assert 0 < result.kept < result.total
+
+
+def test_zero_importance_everywhere_keeps_the_fixed_sets_under_a_cap():
+    layers = {f"l{i}": _layer(400 + 50 * i, seed=30 + i, density=0.4) for i in range(5)}
+    weights = {n: v[0] for n, v in layers.items()}
+    masks = {n: v[1] for n, v in layers.items()}
+    zeros = {n: torch.zeros_like(v[2]) for n, v in layers.items()}
+    time_per_param = {n: 1e-3 * (i % 3) for i, n in enumerate(layers)}  # some t = 0
+    result = reconfigure(
+        weights,
+        masks,
+        zeros,
+        time_per_param,
+        fixed_time_s=1.0,
+        fixed_importance=2.0,
+        delta=0.5,
+        max_density=0.3,
+    )
+    for name, mask in masks.items():
+        k = int(mask.sum())
+        new = result.masks[name]
+        assert not bool((new & ~mask).any())
+        assert int(new.sum()) == k - math.floor(0.5 * k)
+    assert result.objective == pytest.approx(2.0 / result.round_time_s)
+
+
+def test_zero_time_layer_under_a_binding_cap():
+    # The free layer's candidates compete by G alone; the costly layer's by G - lambda t.
+    gen = torch.Generator().manual_seed(3)
+    inst = {
+        "weights": {"free": torch.zeros(6), "costly": torch.zeros(6)},
+        "masks": {
+            "free": torch.zeros(6, dtype=torch.bool),
+            "costly": torch.zeros(6, dtype=torch.bool),
+        },
+        "importance": {
+            "free": torch.rand(6, generator=gen),
+            "costly": 3 * torch.rand(6, generator=gen),
+        },
+        "time_per_param": {"free": 0.0, "costly": 0.5},
+        "fixed_time_s": 1.0,
+        "fixed_importance": 0.0,
+        "delta": 0.3,
+        "max_density": 5 / 12,
+        "allow_regrowth": True,
+    }
+    result = _check_against_brute_force(inst)
+    assert result.kept == 5
+    chosen = inst["importance"]["free"][result.masks["free"]]
+    left = inst["importance"]["free"][~result.masks["free"]]
+    assert chosen.numel() == 0 or left.numel() == 0 or chosen.min() >= left.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_importance_dtype_does_not_change_the_choice(dtype):
+    w, mask, _ = _layer(2000, seed=40, density=0.2)
+    gen = torch.Generator().manual_seed(41)
+    # Small integers: exact in every dtype, with many equal values.
+    g = torch.randint(0, 50, (2000,), generator=gen).float()
+    args = ({"w": w}, {"w": mask})
+    base = reconfigure(*args, {"w": g}, {"w": 1e-3}, fixed_time_s=0.5, max_density=0.15)
+    other = reconfigure(*args, {"w": g.to(dtype)}, {"w": 1e-3}, fixed_time_s=0.5, max_density=0.15)
+    assert torch.equal(base.masks["w"], other.masks["w"])
+    assert other.objective == base.objective
+
+
+def test_returned_masks_are_new_tensors():
+    weights, mask, importance = _layer(100, seed=8)
+    result = reconfigure(
+        {"w": weights},
+        {"w": mask},
+        {"w": importance},
+        {"w": 1e-3},
+        fixed_time_s=1.0,
+        delta=0.0,
+        allow_regrowth=False,
+    )
+    assert torch.equal(result.masks["w"], mask)
+    before = mask.clone()
+    result.masks["w"].fill_(False)
+    assert torch.equal(mask, before)
+
+
+# --------------------------------------------------------------------------- the old solver
+
+
+@st.composite
+def medium_instances(draw):
+    """Up to 25 layers of up to 600 entries, continuous float64 importance (no equal
+    values, so the optimum is unique), integer weights (many magnitude ties)."""
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    n_layers = draw(st.integers(1, 25))
+    weights, masks, importance, time_per_param = {}, {}, {}, {}
+    for layer in range(n_layers):
+        name = f"l{layer}.weight"
+        n = draw(st.integers(1, 600))
+        density = draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]))
+        weights[name] = torch.randint(-4, 5, (n,), generator=gen).float()
+        masks[name] = torch.rand(n, generator=gen) < density
+        # Heavy tails, but no G so small that adding it cannot change a float64 sum: the
+        # old solver's prefix argmax then drops it, the new threshold takes it (see
+        # test_zero_time_positive_importance_is_always_taken).
+        power = draw(st.sampled_from([1, 4, 8]))
+        g = 1e-6 + torch.rand(n, generator=gen, dtype=torch.float64) ** power
+        importance[name] = torch.where(torch.rand(n, generator=gen) < 0.1, 0.0, g)
+        time_per_param[name] = draw(st.sampled_from([0.0, 1e-3, 1e-2, 0.1]))
+    return {
+        "weights": weights,
+        "masks": masks,
+        "importance": importance,
+        "time_per_param": time_per_param,
+        "fixed_time_s": draw(st.sampled_from([0.01, 0.3, 3.0])),
+        "fixed_importance": draw(st.sampled_from([0.0, 1.0])),
+        "delta": draw(st.sampled_from([0.0, 0.3, 1.0])),
+        "max_density": draw(st.sampled_from([1.0, 0.5, 0.1, 0.02])),
+        "allow_regrowth": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(medium_instances())
+def test_same_masks_as_the_old_global_sort_solver(inst):
+    old = legacy_reconfigure(**inst)
+    new = reconfigure(**inst)
+    for name in inst["masks"]:
+        assert torch.equal(old.masks[name], new.masks[name]), name
+    assert (new.kept, new.total, new.cap_met) == (old.kept, old.total, old.cap_met)
+    assert math.isclose(new.objective, old.objective, rel_tol=1e-12)
+    assert math.isclose(new.round_time_s, old.round_time_s, rel_tol=1e-12)
 
 
 # --------------------------------------------------------------------------- stability
@@ -316,6 +511,8 @@ def _valid_kwargs():
         ({"importance": {"w": -torch.ones(2, 3)}}, "negative"),
         ({"importance": {"w": torch.full((2, 3), math.nan)}}, "non-finite"),
         ({"importance": {"w": torch.full((2, 3), math.inf)}}, "non-finite"),
+        ({"importance": {"w": torch.full((2, 3), -math.inf)}}, "non-finite"),
+        ({"importance": {"w": torch.tensor([[1.0, math.nan, 2.0], [0, 0, 0]])}}, "non-finite"),
         ({"time_per_param": {"w": -1.0}}, "time_per_param"),
         ({"fixed_time_s": 0.0}, "fixed_time_s"),
         ({"fixed_importance": -1.0}, "fixed_importance"),
