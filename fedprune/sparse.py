@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedprune import kernels
 from fedprune.data import Examples
 from fedprune.models import MODELS, TwoConvNet
 from fedprune.sparse_conv import (
@@ -80,9 +81,35 @@ def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     rows, cols = mask.shape
     if mask.numel() >= 2**31:
         raise ValueError(f"a {rows}x{cols} layer is too large for int32 CSR indices")
+    if kernels.available():  # two passes of a compiled loop: 3x faster on fc1
+        crow, col, flat = kernels.csr_structure(mask.contiguous().view(-1).numpy(), rows, cols)
+        return torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(flat)
     flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
     crow = torch.searchsorted(flat, torch.arange(rows + 1) * cols)
     return crow.to(torch.int32), (flat % cols).to(torch.int32), flat
+
+
+def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] for a contiguous 1-D float tensor and int64 indices."""
+    if kernels.available() and src.is_contiguous() and src.dtype in (torch.float32, torch.float64):
+        out = torch.empty(len(idx), dtype=src.dtype)
+        kernels.gather(src.numpy(), idx.numpy(), out.numpy())
+        return out
+    return torch.index_select(src, 0, idx)
+
+
+def _scatter_into_zeros(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """out = 0.0 except out[idx] = vals, in place (out 1-D)."""
+    if (
+        kernels.available()
+        and out.is_contiguous()
+        and out.dtype == vals.dtype
+        and out.dtype in (torch.float32, torch.float64)
+    ):
+        kernels.scatter_into_zeros(out.numpy(), idx.numpy(), vals.contiguous().numpy())
+        return
+    out.zero_()
+    out.index_copy_(0, idx, vals.to(out.dtype))
 
 
 class _CSRLinearFunction(torch.autograd.Function):
@@ -175,9 +202,7 @@ class SparseLinear(nn.Module):
             )
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls(mask, bias=bias)
-        layer.values.data = torch.index_select(
-            linear.weight.detach().reshape(-1), 0, layer.flat_indices
-        )
+        layer.values.data = _gather(linear.weight.detach().reshape(-1), layer.flat_indices)
         return layer
 
     @property
@@ -237,6 +262,11 @@ class SparseLinear(nn.Module):
         return grad
 
     def _transpose_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if kernels.available():  # a counting sort, O(nnz), against torch's sort
+            parts = kernels.csr_transpose(
+                self.crow_indices.numpy(), self.col_indices.numpy(), self.in_features
+            )
+            return tuple(torch.from_numpy(a) for a in parts)
         # Entries are in row-major order, so a stable sort by column puts them in
         # row-major order of W^T: position k of W^T's values holds values[perm[k]].
         _, perm = torch.sort(self.col_indices, stable=True)
@@ -256,8 +286,8 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor, exactly 0.0 at pruned positions."""
-        weight = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype)
-        weight.index_copy_(0, self.flat_indices, self.values.detach())
+        weight = torch.empty(self.out_features * self.in_features, dtype=self.values.dtype)
+        _scatter_into_zeros(weight, self.flat_indices, self.values.detach())
         return weight.view(self.out_features, self.in_features)
 
     def to_linear(self, out: nn.Linear | None = None) -> nn.Linear:
@@ -265,9 +295,7 @@ class SparseLinear(nn.Module):
         if out is None:
             out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
-            flat = out.weight.view(-1)
-            flat.zero_()
-            flat.index_copy_(0, self.flat_indices, self.values.detach())
+            _scatter_into_zeros(out.weight.view(-1), self.flat_indices, self.values.detach())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
@@ -330,9 +358,8 @@ def supported_formats(model: nn.Module) -> dict[str, tuple[str, ...]]:
                 ok = True
             except ValueError:
                 ok = False
-            out[weight_name] = ("dense", "sparse-conv") if ok and sparse_conv_available() else (
-                "dense",
-            )
+            ok = ok and sparse_conv_available()
+            out[weight_name] = ("dense", "sparse-conv") if ok else ("dense",)
         elif isinstance(module, SparseConv2d):
             out[weight_name] = ("dense", "sparse-conv")
     return out
@@ -424,7 +451,7 @@ def csr_formats(
     masks: Mapping[str, torch.Tensor],
     max_csr_density: float | Mapping[str, float] = DEFAULT_MAX_CSR_DENSITY,
 ) -> dict[str, str]:
-    """"csr" for each `nn.Linear` weight whose mask density is at most `max_csr_density`
+    """The format "csr" for each `nn.Linear` weight whose mask density is at most `max_csr_density`
     (one threshold, or one per weight name; a missing name stays dense), else "dense"."""
     formats = {}
     for name, module in model.named_modules():

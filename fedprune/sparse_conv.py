@@ -45,33 +45,21 @@ Supported: `nn.Conv2d` with stride 1, dilation 1, groups 1, zero padding of any 
 batch 1 and up, float32 and float64 on the CPU. Anything else raises `ValueError`
 (`check_supported`).
 
-The kernels are compiled by numba at first use (a few seconds; cached on disk with
-`cache=True` where the package directory or numba's cache directory is writable). If
-numba is missing or compiling fails, `sparse_conv_available()` says so once, as a logged
-warning, and returns False; callers then train that layer masked dense.
+The kernels live in `fedprune.kernels` (numba, compiled at first use: a few seconds on a
+fresh machine, well under one from numba's disk cache). If they do not run here,
+`sparse_conv_available()` is False and has said why, once, as a logged warning; callers
+then train those layers masked dense.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-_log = logging.getLogger(__name__)
-
-try:  # numba is optional at import time: without it the layers train masked dense.
-    import numba
-    from numba import njit, prange
-
-    _NUMBA_IMPORT_ERROR: str | None = None
-except Exception as exc:  # pragma: no cover - exercised only where numba is missing
-    numba = None
-    _NUMBA_IMPORT_ERROR = f"numba does not import: {type(exc).__name__}: {exc}"
+from fedprune import kernels
 
 # Output rows shorter than this many floats are computed as one run per channel that
 # includes the padding columns (see the module docstring): four AVX-512 vectors.
@@ -80,237 +68,16 @@ MIN_ROW_FLOATS = 64
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
-# --- Kernels ------------------------------------------------------------------------
-#
-# Index arithmetic is in uint64 on purpose: numba wraps negative signed indices around
-# (x[-1] is the last element), and that check per access keeps LLVM from vectorising the
-# inner loops (measured: 2.7 vs 35 G multiply-adds per second). All offsets are
-# non-negative by construction.
-
-if numba is not None:
-    _u = np.uint64
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _spmm_row(x, out, rowptr, offs, vals, bias, m, nseg, seglen, x_stride, o_stride, o_row):
-        """out[m] = bias[m] + sum over the kept weights k of row m of vals[k] * x[offs[k]:]
-        over nseg segments of seglen floats (segment s at s*x_stride in x, s*o_stride in
-        out)."""
-        ob = _u(m) * o_row
-        bm = bias[m]
-        for s in range(nseg):
-            o0 = ob + s * o_stride
-            for j in range(seglen):
-                out[o0 + j] = bm
-        k = rowptr[m]
-        end = rowptr[m + 1]
-        while k + 8 <= end:
-            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            w4, w5, w6, w7 = vals[k + 4], vals[k + 5], vals[k + 6], vals[k + 7]
-            for s in range(nseg):
-                o0 = ob + s * o_stride
-                xs = s * x_stride
-                a0, a1, a2, a3 = offs[k] + xs, offs[k + 1] + xs, offs[k + 2] + xs, offs[k + 3] + xs
-                a4, a5, a6, a7 = (
-                    offs[k + 4] + xs,
-                    offs[k + 5] + xs,
-                    offs[k + 6] + xs,
-                    offs[k + 7] + xs,
-                )
-                for j in range(seglen):
-                    out[o0 + j] += (
-                        w0 * x[a0 + j] + w1 * x[a1 + j] + w2 * x[a2 + j] + w3 * x[a3 + j]
-                    ) + (w4 * x[a4 + j] + w5 * x[a5 + j] + w6 * x[a6 + j] + w7 * x[a7 + j])
-            k += 8
-        if k + 4 <= end:
-            w0, w1, w2, w3 = vals[k], vals[k + 1], vals[k + 2], vals[k + 3]
-            for s in range(nseg):
-                o0 = ob + s * o_stride
-                xs = s * x_stride
-                a0, a1, a2, a3 = offs[k] + xs, offs[k + 1] + xs, offs[k + 2] + xs, offs[k + 3] + xs
-                for j in range(seglen):
-                    out[o0 + j] += w0 * x[a0 + j] + w1 * x[a1 + j] + w2 * x[a2 + j] + w3 * x[a3 + j]
-            k += 4
-        while k < end:
-            w0 = vals[k]
-            for s in range(nseg):
-                o0 = ob + s * o_stride
-                a0 = offs[k] + s * x_stride
-                for j in range(seglen):
-                    out[o0 + j] += w0 * x[a0 + j]
-            k += 1
-
-    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def _sddmm_row(g, x, rowptr, offs, gbase, out, m, nseg, seglen, g_stride, x_stride):
-        """out[k] = sum over segments of dot(g row m, x window of k), for the kept weights
-        k of row m: the weight gradient at the kept positions."""
-        gb = gbase[m]
-        k = rowptr[m]
-        end = rowptr[m + 1]
-        zero = g[0] * 0  # of g's dtype
-        while k + 8 <= end:
-            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = zero
-            for s in range(nseg):
-                g0 = gb + s * g_stride
-                xs = s * x_stride
-                a0, a1, a2, a3 = offs[k] + xs, offs[k + 1] + xs, offs[k + 2] + xs, offs[k + 3] + xs
-                a4, a5, a6, a7 = (
-                    offs[k + 4] + xs,
-                    offs[k + 5] + xs,
-                    offs[k + 6] + xs,
-                    offs[k + 7] + xs,
-                )
-                for j in range(seglen):
-                    gv = g[g0 + j]
-                    c0 += gv * x[a0 + j]
-                    c1 += gv * x[a1 + j]
-                    c2 += gv * x[a2 + j]
-                    c3 += gv * x[a3 + j]
-                    c4 += gv * x[a4 + j]
-                    c5 += gv * x[a5 + j]
-                    c6 += gv * x[a6 + j]
-                    c7 += gv * x[a7 + j]
-            out[k], out[k + 1], out[k + 2], out[k + 3] = c0, c1, c2, c3
-            out[k + 4], out[k + 5], out[k + 6], out[k + 7] = c4, c5, c6, c7
-            k += 8
-        while k < end:
-            c0 = zero
-            for s in range(nseg):
-                g0 = gb + s * g_stride
-                a0 = offs[k] + s * x_stride
-                for j in range(seglen):
-                    c0 += g[g0 + j] * x[a0 + j]
-            out[k] = c0
-            k += 1
-
-    @njit(fastmath=True, boundscheck=False, cache=True)
-    def _spmm_serial(x, out, rowptr, offs, vals, bias, nseg, seglen, x_stride, o_stride, o_row):
-        for m in range(len(rowptr) - 1):
-            _spmm_row(
-                x, out, rowptr, offs, vals, bias, m,
-                _u(nseg), _u(seglen), _u(x_stride), _u(o_stride), _u(o_row),
-            )  # fmt: skip
-
-    @njit(fastmath=True, boundscheck=False, cache=True, parallel=True)
-    def _spmm_parallel(x, out, rowptr, offs, vals, bias, nseg, seglen, x_stride, o_stride, o_row):
-        for m in prange(len(rowptr) - 1):
-            _spmm_row(
-                x, out, rowptr, offs, vals, bias, m,
-                _u(nseg), _u(seglen), _u(x_stride), _u(o_stride), _u(o_row),
-            )  # fmt: skip
-
-    @njit(fastmath=True, boundscheck=False, cache=True)
-    def _sddmm_serial(g, x, rowptr, offs, gbase, out, nseg, seglen, g_stride, x_stride):
-        for m in range(len(rowptr) - 1):
-            _sddmm_row(
-                g, x, rowptr, offs, gbase, out, m,
-                _u(nseg), _u(seglen), _u(g_stride), _u(x_stride),
-            )  # fmt: skip
-
-    @njit(fastmath=True, boundscheck=False, cache=True, parallel=True)
-    def _sddmm_parallel(g, x, rowptr, offs, gbase, out, nseg, seglen, g_stride, x_stride):
-        for m in prange(len(rowptr) - 1):
-            _sddmm_row(
-                g, x, rowptr, offs, gbase, out, m,
-                _u(nseg), _u(seglen), _u(g_stride), _u(x_stride),
-            )  # fmt: skip
-
-
-# --- Availability -------------------------------------------------------------------
-
-_availability: dict[str, object] = {"checked": False, "ok": False, "reason": None}
-_availability_lock = threading.Lock()
-
-
 def sparse_conv_available() -> bool:
-    """Whether the compiled kernels run on this machine.
-
-    The first call compiles them (numba JIT, or a load from numba's disk cache) and checks
-    one small convolution against `torch.nn.functional.conv2d`; it takes a few seconds
-    the first time on a machine, well under one with the cache. If anything fails, the
-    reason is logged once as a warning (`sparse_conv_unavailable_reason()` returns it) and
-    the answer is False for the rest of the process: callers train those layers masked
-    dense."""
-    with _availability_lock:
-        if not _availability["checked"]:
-            reason = _self_test()
-            _availability.update(checked=True, ok=reason is None, reason=reason)
-            if reason is not None:
-                _log.warning(
-                    "direct sparse convolution unavailable, conv layers train masked "
-                    "dense instead: %s",
-                    reason,
-                )
-        return bool(_availability["ok"])
+    """Whether the direct sparse convolution runs on this machine: the compiled kernels
+    (`fedprune.kernels.available()`, which compiles them once and logs once why not).
+    Where it does not, callers train those layers masked dense."""
+    return kernels.available()
 
 
 def sparse_conv_unavailable_reason() -> str | None:
-    """Why the kernels do not run here (None if they do); checks first if not yet done."""
-    sparse_conv_available()
-    return _availability["reason"]  # type: ignore[return-value]
-
-
-def _self_test() -> str | None:
-    if numba is None:
-        return _NUMBA_IMPORT_ERROR
-    try:
-        g = torch.Generator().manual_seed(0)
-        conv = nn.Conv2d(3, 5, 3, padding=1)
-        mask = torch.rand(conv.weight.shape, generator=g) < 0.5
-        layer = SparseConv2d.from_conv(conv, mask)
-        with torch.no_grad():
-            weight = conv.weight * mask
-        for threads, batch in ((1, 2), (2, 1)):  # serial and parallel kernels, both modes
-            x = torch.randn(batch, 3, 6, 5, generator=g, requires_grad=True)
-            grad = torch.randn(batch, 5, 6, 5, generator=g)
-            with _threads(threads):
-                y = layer(x)
-                y.backward(grad)
-            ref = F.conv2d(x.detach(), weight, conv.bias.detach(), padding=1)
-            gx = torch.nn.grad.conv2d_input(x.shape, weight, grad, padding=1)
-            gw = torch.nn.grad.conv2d_weight(x.detach(), weight.shape, grad, padding=1)
-            for what, got, want in (
-                ("output", y, ref),
-                ("input gradient", x.grad, gx),
-                ("weight gradient", layer.values.grad, gw[mask]),
-            ):
-                if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-                    return f"the compiled kernels give a wrong {what} on this machine"
-            layer.values.grad = None
-    except Exception as exc:  # any failure to compile or run: say it, train dense
-        return f"the numba kernels failed to compile or run: {type(exc).__name__}: {exc}"
-    return None
-
-
-class _threads:
-    """Temporarily run torch (and so the kernels) on `n` threads."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_num_threads(self.before)
-
-
-# One parallel kernel at a time: numba's thread pool is shared by the process, and two
-# Python threads launching parallel kernels at once would oversubscribe it (or, with its
-# workqueue layer, abort). A thread that finds it busy runs the serial kernel.
-_parallel_lock = threading.Lock()
-
-
-def _run(serial, parallel, *args) -> None:
-    threads = torch.get_num_threads()
-    if threads > 1 and numba.config.NUMBA_NUM_THREADS > 1 and _parallel_lock.acquire(False):
-        try:
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            parallel(*args)
-        finally:
-            _parallel_lock.release()
-    else:
-        serial(*args)
+    """Why the kernels do not run here (None if they do)."""
+    return kernels.unavailable_reason()
 
 
 # --- Layer --------------------------------------------------------------------------
@@ -406,20 +173,23 @@ class _SparseConvFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.save_for_backward(xp, values)
         ctx.x = x.detach() if layer.track_importance else None
+        # The input gradient goes back in the input's memory format.
+        ctx.x_format = (
+            torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        )
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         xp, values = ctx.saved_tensors
         layer, plan = ctx.layer, ctx.plan
-        grad_out = grad_out.contiguous()
         grad_x = grad_values = grad_bias = None
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         g = None
         if need_x or (need_w and plan.wgrad_in_padded_g):
             g = layer._pad_grad(grad_out, plan)
         if need_x:
-            grad_x = layer._input_grad_kernel(g, values, plan)
+            grad_x = layer._input_grad_kernel(g, values, plan, ctx.x_format)
         if need_w:
             # The padded gradient if it holds the rows, else a tight copy.
             gw = g if plan.wgrad_in_padded_g else _batch_innermost(grad_out)
@@ -678,32 +448,35 @@ class SparseConv2d(nn.Module):
             if bias is None
             else bias.detach().numpy()
         )
-        _run(
-            _spmm_serial, _spmm_parallel,
+        kernels.run(
+            kernels.spmm_serial, kernels.spmm_parallel,
             xp.numpy(), out.numpy(), self._rowptr, plan.fwd_offs, vals.numpy(), bias_np,
             run.nseg, run.seglen, run.in_stride, run.out_stride, run.out_row,
         )  # fmt: skip
         y = out.view(self.out_channels, plan.out_h, run.out_width, b)[:, :, : plan.out_w]
-        return y.permute(3, 0, 1, 2).contiguous()
+        # Channels-last: the ReLU and max-pooling that follow a convolution are an order of
+        # magnitude faster on it than on NCHW on the CPU (Conv-2's pool after conv2: 0.07
+        # against 1.0 ms at batch 20), and the transpose costs the same either way.
+        return y.permute(3, 0, 1, 2).contiguous(memory_format=torch.channels_last)
 
-    def _input_grad_kernel(self, g, values, plan: _Plan) -> torch.Tensor:
+    def _input_grad_kernel(self, g, values, plan: _Plan, memory_format) -> torch.Tensor:
         run, b = plan.bwd, plan.batch
         vals_t = torch.index_select(values.detach(), 0, self._t_perm_torch)
         out = torch.empty(self.in_channels * run.out_row, dtype=g.dtype)
         zeros = np.zeros(self.in_channels, dtype=vals_t.numpy().dtype)
-        _run(
-            _spmm_serial, _spmm_parallel,
+        kernels.run(
+            kernels.spmm_serial, kernels.spmm_parallel,
             g.numpy(), out.numpy(), self._t_rowptr, plan.bwd_offs, vals_t.numpy(), zeros,
             run.nseg, run.seglen, run.in_stride, run.out_stride, run.out_row,
         )  # fmt: skip
         dx = out.view(self.in_channels, plan.height, run.out_width, b)[:, :, : plan.width]
-        return dx.permute(3, 0, 1, 2).contiguous()
+        return dx.permute(3, 0, 1, 2).contiguous(memory_format=memory_format)
 
     def _weight_grad_kernel(self, g, xp, plan: _Plan) -> torch.Tensor:
         run = plan.wgrad
         out = torch.empty(self.nnz, dtype=xp.dtype)
-        _run(
-            _sddmm_serial, _sddmm_parallel,
+        kernels.run(
+            kernels.sddmm_serial, kernels.sddmm_parallel,
             g.numpy(), xp.numpy(), self._rowptr, plan.fwd_offs, plan.g_base, out.numpy(),
             run.nseg, run.seglen, run.in_stride, run.out_stride,
         )  # fmt: skip

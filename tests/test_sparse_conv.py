@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from fedprune import sparse_conv
+from fedprune import kernels, sparse_conv
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
 from fedprune.models import build_model
@@ -331,12 +331,10 @@ def test_export_with_sparse_convolutions(tmp_path):
 
 
 def test_unavailable_kernels_are_said_once_and_layers_stay_dense(monkeypatch, caplog):
-    monkeypatch.setattr(
-        sparse_conv, "_availability", {"checked": False, "ok": False, "reason": None}
-    )
-    monkeypatch.setattr(sparse_conv, "_self_test", lambda: "no compiler on this machine")
+    monkeypatch.setattr(kernels, "_availability", {"checked": False, "ok": False, "reason": None})
+    monkeypatch.setattr(kernels, "_self_test", lambda: "no compiler on this machine")
     model, masks = masked_small_cnn(0.3)
-    with caplog.at_level(logging.WARNING, logger="fedprune.sparse_conv"):
+    with caplog.at_level(logging.WARNING, logger="fedprune.kernels"):
         assert not sparse_conv.sparse_conv_available()
         assert not sparse_conv.sparse_conv_available()
         originals = to_formats(model, masks, MIXED)
