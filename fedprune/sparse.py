@@ -1,4 +1,5 @@
-"""Fully connected layers in CSR on the CPU: sparse training, sparse inference, export.
+"""Sparse layers on the CPU: CSR fully connected layers, direct sparse convolutions,
+mixed-format training rounds, sparse inference and export.
 
 A pruned `nn.Linear` becomes a `SparseLinear`: its weight is a CSR matrix whose structure
 (row pointers and column indices) is built from the layer's mask, and whose kept values
@@ -18,10 +19,14 @@ The autograd function computes, for y = x W^T + b with W in CSR:
   [dy_1 .. dy_K]^T [x_1 .. x_K], at the end of the round.
 
 Measured on 2 CPU cores (shared/design/environment.md), CSR beats a dense layer below
-roughly 20-30 % density; convolutions have no sparse CPU kernel and stay masked dense.
-`train_sparse` is `fedprune.training.train_masked` with the sparse-enough Linear layers in
-CSR: the same batches, the same updates of the kept values and the same importance, to
-float tolerance.
+roughly 20-30 % density. Convolutions have their own kernels, `fedprune.sparse_conv`.
+
+Formats: each prunable weight trains in one of `FORMATS`: "dense" (masked dense),
+"csr" (`SparseLinear`, Linear layers) or "sparse-conv" (`SparseConv2d`, Conv2d layers).
+`to_formats` converts a model layer by layer and `restore_dense` converts it back.
+`train_sparse` is `fedprune.training.train_masked` with the layers in the given formats:
+the same batches, the same updates of the kept values and the same importance, to float
+tolerance.
 
 Edge inference: `export_for_inference` writes the pruned model with each Linear layer in
 the format that runs its forward fastest on this machine (measured), plus the masks;
@@ -38,11 +43,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from fedprune import kernels
 from fedprune.data import Examples
 from fedprune.models import MODELS, TwoConvNet, model_factory
-from fedprune.training import LocalRound, batches
+from fedprune.sparse_conv import (
+    SparseConv2d,
+    check_supported,
+    conv_padding,
+    sparse_conv_available,
+)
+from fedprune.training import LocalRound, masked_steps
 
 # PyTorch warns once per process that CSR support is "in beta"; the kernels used here are
 # the documented CPU ones, and the tests check them against dense arithmetic.
@@ -57,6 +68,9 @@ DEFAULT_MAX_CSR_DENSITY = 0.3
 
 EXPORT_FORMAT = "fedprune-inference/1"
 
+# The formats a prunable weight can train and run in.
+FORMATS = ("dense", "csr", "sparse-conv")
+
 
 def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row pointers and column indices (int32, which MKL's kernels take without a copy)
@@ -67,9 +81,35 @@ def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     rows, cols = mask.shape
     if mask.numel() >= 2**31:
         raise ValueError(f"a {rows}x{cols} layer is too large for int32 CSR indices")
+    if kernels.available():  # two passes of a compiled loop: 3x faster on fc1
+        crow, col, flat = kernels.csr_structure(mask.contiguous().view(-1).numpy(), rows, cols)
+        return torch.from_numpy(crow), torch.from_numpy(col), torch.from_numpy(flat)
     flat = torch.nonzero(mask.reshape(-1), as_tuple=True)[0]
     crow = torch.searchsorted(flat, torch.arange(rows + 1) * cols)
     return crow.to(torch.int32), (flat % cols).to(torch.int32), flat
+
+
+def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] for a contiguous 1-D float tensor and int64 indices."""
+    if kernels.available() and src.is_contiguous() and src.dtype in (torch.float32, torch.float64):
+        out = torch.empty(len(idx), dtype=src.dtype)
+        kernels.gather(src.numpy(), idx.numpy(), out.numpy())
+        return out
+    return torch.index_select(src, 0, idx)
+
+
+def _scatter_into_zeros(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
+    """out = 0.0 except out[idx] = vals, in place (out 1-D)."""
+    if (
+        kernels.available()
+        and out.is_contiguous()
+        and out.dtype == vals.dtype
+        and out.dtype in (torch.float32, torch.float64)
+    ):
+        kernels.scatter_into_zeros(out.numpy(), idx.numpy(), vals.contiguous().numpy())
+        return
+    out.zero_()
+    out.index_copy_(0, idx, vals.to(out.dtype))
 
 
 class _CSRLinearFunction(torch.autograd.Function):
@@ -162,9 +202,7 @@ class SparseLinear(nn.Module):
             )
         bias = None if linear.bias is None else linear.bias.detach().clone()
         layer = cls(mask, bias=bias)
-        layer.values.data = torch.index_select(
-            linear.weight.detach().reshape(-1), 0, layer.flat_indices
-        )
+        layer.values.data = _gather(linear.weight.detach().reshape(-1), layer.flat_indices)
         return layer
 
     @property
@@ -174,6 +212,10 @@ class SparseLinear(nn.Module):
     @property
     def density(self) -> float:
         return self.nnz / max(self.in_features * self.out_features, 1)
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
 
     def csr(self, values: torch.Tensor | None = None) -> torch.Tensor:
         """The weight as a CSR tensor (out_features, in_features) sharing `values`."""
@@ -220,6 +262,11 @@ class SparseLinear(nn.Module):
         return grad
 
     def _transpose_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if kernels.available():  # a counting sort, O(nnz), against torch's sort
+            parts = kernels.csr_transpose(
+                self.crow_indices.numpy(), self.col_indices.numpy(), self.in_features
+            )
+            return tuple(torch.from_numpy(a) for a in parts)
         # Entries are in row-major order, so a stable sort by column puts them in
         # row-major order of W^T: position k of W^T's values holds values[perm[k]].
         _, perm = torch.sort(self.col_indices, stable=True)
@@ -239,8 +286,8 @@ class SparseLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a dense tensor, exactly 0.0 at pruned positions."""
-        weight = torch.zeros(self.out_features * self.in_features, dtype=self.values.dtype)
-        weight.index_copy_(0, self.flat_indices, self.values.detach())
+        weight = torch.empty(self.out_features * self.in_features, dtype=self.values.dtype)
+        _scatter_into_zeros(weight, self.flat_indices, self.values.detach())
         return weight.view(self.out_features, self.in_features)
 
     def to_linear(self, out: nn.Linear | None = None) -> nn.Linear:
@@ -248,9 +295,7 @@ class SparseLinear(nn.Module):
         if out is None:
             out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():
-            flat = out.weight.view(-1)
-            flat.zero_()
-            flat.index_copy_(0, self.flat_indices, self.values.detach())
+            _scatter_into_zeros(out.weight.view(-1), self.flat_indices, self.values.detach())
             if self.bias is not None:
                 out.bias.copy_(self.bias)
         return out
@@ -297,6 +342,95 @@ def _threshold(max_csr_density: float | Mapping[str, float], weight_name: str) -
     return float(max_csr_density)
 
 
+def supported_formats(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per prunable weight name ("conv1.weight"): the formats its layer can train in here.
+    "dense" always; "csr" for Linear layers; "sparse-conv" for Conv2d layers the direct
+    kernels support (`fedprune.sparse_conv.check_supported`) when they run on this machine
+    (`sparse_conv_available()`, which says once why not)."""
+    out = {}
+    for name, module in model.named_modules():
+        weight_name = f"{name}.weight" if name else "weight"
+        if isinstance(module, nn.Linear | SparseLinear):
+            out[weight_name] = ("dense", "csr")
+        elif isinstance(module, nn.Conv2d):
+            try:
+                check_supported(module)
+                ok = True
+            except ValueError:
+                ok = False
+            ok = ok and sparse_conv_available()
+            out[weight_name] = ("dense", "sparse-conv") if ok else ("dense",)
+        elif isinstance(module, SparseConv2d):
+            out[weight_name] = ("dense", "sparse-conv")
+    return out
+
+
+def layer_formats(model: nn.Module) -> dict[str, str]:
+    """Per prunable weight name: the format its layer is in now ("dense", "csr",
+    "sparse-conv")."""
+    out = {}
+    for name, module in model.named_modules():
+        weight_name = f"{name}.weight" if name else "weight"
+        if isinstance(module, SparseLinear):
+            out[weight_name] = "csr"
+        elif isinstance(module, SparseConv2d):
+            out[weight_name] = "sparse-conv"
+        elif isinstance(module, nn.Linear | nn.Conv2d):
+            out[weight_name] = "dense"
+    return out
+
+
+def to_formats(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    formats: Mapping[str, str],
+) -> dict[str, nn.Module]:
+    """Convert, in place, each layer whose weight name `formats` maps to "csr" (an
+    `nn.Linear` becomes a `SparseLinear`) or "sparse-conv" (an `nn.Conv2d` becomes a
+    `SparseConv2d`), with the structure of its mask in `masks`. "dense" layers, layers
+    not named, and layers that are already sparse stay as they are.
+
+    Where "sparse-conv" is asked but the compiled kernels do not run on this machine
+    (`fedprune.sparse_conv.sparse_conv_available()`, which logs why, once), the layer stays
+    dense (masked dense in training); `layer_formats(model)` tells what each layer is in.
+    Raises ValueError for an unknown format, a format that does not fit the layer type,
+    a convolution the kernels do not support, or a missing mask.
+
+    Returns the replaced modules by module name, for `restore_dense`.
+    """
+    modules = dict(model.named_modules())
+    replaced: dict[str, nn.Module] = {}
+    for weight_name, fmt in formats.items():
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} for {weight_name}; one of {FORMATS}")
+        if fmt == "dense":
+            continue
+        name = weight_name.rpartition(".")[0]
+        module = modules.get(name) if name else None
+        if module is None:
+            raise ValueError(f"{weight_name}: no such layer in the model (or the model itself)")
+        if isinstance(module, SparseLinear | SparseConv2d):
+            continue
+        mask = masks.get(weight_name)
+        if mask is None:
+            raise ValueError(f"{weight_name}: format {fmt!r} needs its mask")
+        mask = mask.to(torch.bool)
+        if fmt == "csr":
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"{weight_name}: 'csr' is for Linear layers, not {module}")
+            sparse: nn.Module = SparseLinear.from_linear(module, mask)
+        else:
+            if not isinstance(module, nn.Conv2d):
+                raise ValueError(f"{weight_name}: 'sparse-conv' is for Conv2d layers, not {module}")
+            check_supported(module)
+            if not sparse_conv_available():
+                continue
+            sparse = SparseConv2d.from_conv(module, mask)
+        _set_submodule(model, name, sparse)
+        replaced[name] = module
+    return replaced
+
+
 def to_sparse(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -309,8 +443,18 @@ def to_sparse(
     a layer missing from the mapping stays dense. Returns the replaced `nn.Linear` modules
     by module name, to hand back to `to_dense` for an in-place round trip.
     """
-    replaced = {}
-    for name, module in list(model.named_modules()):
+    return to_formats(model, masks, csr_formats(model, masks, max_csr_density))
+
+
+def csr_formats(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    max_csr_density: float | Mapping[str, float] = DEFAULT_MAX_CSR_DENSITY,
+) -> dict[str, str]:
+    """The format "csr" for each `nn.Linear` weight whose mask density is at most `max_csr_density`
+    (one threshold, or one per weight name; a missing name stays dense), else "dense"."""
+    formats = {}
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
         weight_name = f"{name}.weight" if name else "weight"
@@ -319,39 +463,43 @@ def to_sparse(
             continue
         density = int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
         if density > _threshold(max_csr_density, weight_name):
+            formats[weight_name] = "dense"
             continue
         if not name:
             raise ValueError("the model itself is a Linear layer; wrap it to convert it")
-        sparse = SparseLinear.from_linear(module, mask.to(torch.bool))
-        _set_submodule(model, name, sparse)
-        replaced[name] = module
-    return replaced
+        formats[weight_name] = "csr"
+    return formats
 
 
-def to_dense(model: nn.Module, originals: Mapping[str, nn.Linear] | None = None) -> Masks:
-    """Replace, in place, every `SparseLinear` of `model` by a dense `nn.Linear`, exactly 0.0
-    at pruned positions, and return their masks by weight name.
+def to_dense(model: nn.Module, originals: Mapping[str, nn.Module] | None = None) -> Masks:
+    """Replace, in place, every sparse layer of `model` (`SparseLinear`, `SparseConv2d`) by
+    a dense `nn.Linear` / `nn.Conv2d`, exactly 0.0 at pruned positions, and return their
+    masks by weight name.
 
-    With `originals` (what `to_sparse` returned), the layers' weights are written back into
-    those very modules, so the model's parameter objects are the ones it had before.
+    With `originals` (what `to_formats` or `to_sparse` returned), the layers' weights are
+    written back into those very modules, so the model's parameter objects are the ones
+    it had before.
     """
     masks = {name: layer.mask() for name, layer in sparse_layers(model).items()}
     _swap_back(model, originals or {})
     return masks
 
 
-def restore_dense(model: nn.Module, originals: Mapping[str, nn.Linear]) -> None:
-    """Undo `to_sparse` in place: write each converted layer's weights back into its
-    original `nn.Linear` (`originals`, what `to_sparse` returned) and put that back."""
+def restore_dense(model: nn.Module, originals: Mapping[str, nn.Module]) -> None:
+    """Undo `to_formats` / `to_sparse` in place: write each converted layer's weights back
+    into its original module (`originals`, what those returned) and put that back."""
     _swap_back(model, originals, only_originals=True)
 
 
 def _swap_back(
-    model: nn.Module, originals: Mapping[str, nn.Linear], only_originals: bool = False
+    model: nn.Module, originals: Mapping[str, nn.Module], only_originals: bool = False
 ) -> None:
     for name, module in list(model.named_modules()):
-        if isinstance(module, SparseLinear) and (name in originals or not only_originals):
-            _set_submodule(model, name, module.to_linear(originals.get(name)))
+        if name in originals or not only_originals:
+            if isinstance(module, SparseLinear):
+                _set_submodule(model, name, module.to_linear(originals.get(name)))
+            elif isinstance(module, SparseConv2d):
+                _set_submodule(model, name, module.to_conv(originals.get(name)))
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -359,12 +507,13 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
-    """The `SparseLinear` layers of `model`, by weight name ("fc1.weight")."""
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear | SparseConv2d]:
+    """The sparse layers (`SparseLinear`, `SparseConv2d`) of `model`, by weight name
+    ("fc1.weight")."""
     return {
         f"{name}.weight": module
         for name, module in model.named_modules()
-        if isinstance(module, SparseLinear)
+        if isinstance(module, SparseLinear | SparseConv2d)
     }
 
 
@@ -381,22 +530,27 @@ def train_sparse(
     generator: torch.Generator,
     track_importance: bool = True,
     max_csr_density: float | Mapping[str, float] = DEFAULT_MAX_CSR_DENSITY,
+    formats: Mapping[str, str] | None = None,
 ) -> LocalRound:
-    """`fedprune.training.train_masked` with the sparse-enough Linear layers in CSR.
+    """`fedprune.training.train_masked` with layers in sparse formats.
 
     The same arguments and result: K = `steps` SGD steps of batch `batch_size` on the kept
     parameters, pruned weights exactly 0.0, and (with `track_importance`) the importance of
-    every parameter, pruned positions included. Linear layers whose mask density is at most
-    `max_csr_density` train as `SparseLinear`; the others (and all convolutions) train
-    masked dense. The model is converted for the round and back at its end, in place, so
-    its parameters (names and objects) are those it came with; layers that were already
-    `SparseLinear` train as they are and stay sparse (their importance is keyed
-    "<module>.weight").
+    every parameter, pruned positions included. `formats` (weight name -> "dense", "csr"
+    or "sparse-conv", see `to_formats`) says which layer trains in which format; without
+    it, Linear layers whose mask density is at most `max_csr_density` train in CSR and
+    the rest masked dense. The model is converted for the round and back at its end, in
+    place, so its parameters (names and objects) are those it came with; layers that were
+    already sparse train as they are and stay sparse (their importance is keyed
+    "<module>.weight"). The result's `formats` says what each layer trained in.
     """
     if len(data) == 0:
         raise ValueError("no local training data")
-    originals = to_sparse(model, masks, max_csr_density)
+    if formats is None:
+        formats = csr_formats(model, masks, max_csr_density)
+    originals = to_formats(model, masks, formats)
     try:
+        used = layer_formats(model)
         result = _train_loop(
             model,
             masks,
@@ -409,6 +563,7 @@ def train_sparse(
             generator,
             track_importance,
         )
+        result.formats = used
     finally:
         for layer in sparse_layers(model).values():
             layer.track_importance = False
@@ -435,43 +590,37 @@ def _train_loop(
     track_importance,
 ) -> LocalRound:
     sparse = sparse_layers(model)
-    params = dict(model.named_parameters())
-    masked = [(params[name], mask) for name, mask in masks.items() if name in params]
-    sparse_values = {f"{name[: -len('.weight')]}.values" for name in sparse}
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    grad_sum = None
-    if track_importance:
-        grad_sum = {n: torch.zeros_like(p) for n, p in params.items() if n not in sparse_values}
     for layer in sparse.values():
         layer.track_importance = track_importance
         layer._stash.clear()
-    model.train()
-    total_loss, samples = 0.0, 0
-    for idx in batches(len(data), steps, batch_size, generator):
-        opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
-        loss.backward()
-        with torch.no_grad():
-            if grad_sum is not None:
-                for n, g in grad_sum.items():
-                    g.add_(params[n].grad)
-            for p, mask in masked:
-                p.grad.mul_(mask)
-        opt.step()
-        with torch.no_grad():
-            for p, mask in masked:
-                p.mul_(mask)
-        total_loss += loss.item()
-        samples += len(idx)
+    # The sparse layers' values have no mask (pruned positions do not exist in them); the
+    # masks of the layers that stay dense apply as in train_masked.
+    loss, samples, grad_sum = masked_steps(
+        model,
+        masks,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        generator=generator,
+        track_importance=track_importance,
+    )
     importance = None
     if grad_sum is not None:
-        importance = {n: g.square_().mul_(len(data)) for n, g in grad_sum.items()}
+        sparse_values = {f"{name[: -len('.weight')]}.values" for name in sparse}
+        importance = {
+            n: grad_sum[n].square_().mul_(len(data)) if n in grad_sum else torch.zeros_like(p)
+            for n, p in model.named_parameters()
+            if n not in sparse_values
+        }
         for weight_name, layer in sparse.items():
             g = layer.dense_grad_sum()
             if g is None:
-                g = torch.zeros(layer.out_features, layer.in_features)
+                g = torch.zeros(layer.weight_shape)
             importance[weight_name] = g.square_().mul_(len(data))
-    return LocalRound(len(data), steps, samples, total_loss / max(steps, 1), importance)
+    return LocalRound(len(data), steps, samples, loss, importance)
 
 
 # --- Edge inference ---------------------------------------------------------------
@@ -542,33 +691,89 @@ def fastest_inference_formats(
     masks: Mapping[str, torch.Tensor],
     batch_size: int = 1,
     repeats: int = 25,
+    input_shape: tuple[int, int, int] | None = None,
 ) -> dict[str, str]:
-    """For each Linear weight in `masks`: "csr" or "dense", whichever runs that layer's
-    forward pass at `batch_size` faster here.
+    """For each prunable weight in `masks`: the format ("dense", "csr" for Linear layers,
+    "sparse-conv" for supported Conv2d layers where the kernels run) whose forward pass of
+    that layer at `batch_size` is fastest here.
 
-    The two are timed interleaved, after a warm-up (the first sparse products of a process
-    are slow), and compared by their fastest call: load from other processes only ever
-    adds time, so the minimum is the steadier estimate of what each format costs. On a
-    heavily loaded 2-core machine, CSR products with 2 threads can still lose every call
-    (each waits for both threads), so pass `formats` to `export_for_inference` where the
-    choice must not depend on the moment's load."""
-    formats = {}
+    Each layer's input shape is taken from one forward pass of `model` on a random batch
+    of `input_shape` ((channels, height, width); by default the model's own for Conv-2 and
+    the small CNN, else it is needed when convolutions are to be timed). The formats are
+    timed interleaved, after a warm-up (the first sparse products of a process are slow),
+    and compared by their fastest call: load from other processes only ever adds time, so
+    the minimum is the steadier estimate of what each format costs. On a heavily loaded
+    2-core machine, sparse products with 2 threads can still lose every call (each waits
+    for both threads), so pass `formats` to `export_for_inference` where the choice must
+    not depend on the moment's load."""
     modules = dict(model.named_modules())
+    supported = supported_formats(model)
+    shapes = _layer_input_shapes(model, masks, batch_size, input_shape)
+    formats = {}
     for weight_name, mask in masks.items():
         module = modules.get(weight_name.rpartition(".")[0])
-        if not isinstance(module, nn.Linear):
+        choices = supported.get(weight_name, ("dense",))
+        if len(choices) < 2 or weight_name not in shapes:
+            if module is not None and weight_name in supported:
+                formats[weight_name] = "dense"
             continue
-        sparse = SparseLinear.from_linear(module, mask.to(torch.bool))
-        x = torch.randn(batch_size, module.in_features)
-        dense_t, csr_t = [], []
+        mask = mask.to(torch.bool)
+        candidates = {"dense": module}
+        if "csr" in choices:
+            candidates["csr"] = SparseLinear.from_linear(module, mask)
+        if "sparse-conv" in choices:
+            candidates["sparse-conv"] = SparseConv2d.from_conv(module, mask)
+        x = torch.randn(shapes[weight_name])
+        times: dict[str, list[float]] = {f: [] for f in candidates}
         with torch.inference_mode():
             for _ in range(5):
-                module(x), sparse(x)
+                for layer in candidates.values():
+                    layer(x)
             for _ in range(repeats):
-                dense_t.append(_seconds(module, x))
-                csr_t.append(_seconds(sparse, x))
-        formats[weight_name] = "csr" if min(csr_t) < min(dense_t) else "dense"
+                for f, layer in candidates.items():
+                    times[f].append(_seconds(layer, x))
+        formats[weight_name] = min(times, key=lambda f: min(times[f]))
     return formats
+
+
+def _layer_input_shapes(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    batch_size: int,
+    input_shape: tuple[int, int, int] | None,
+) -> dict[str, tuple[int, ...]]:
+    """Per weight name in `masks`: the shape of its layer's input at `batch_size`. Linear
+    layers need no forward pass ((batch, in_features)); convolutions do, on a batch of
+    `input_shape` (or the model's own, for Conv-2 and the small CNN)."""
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    convs = {}
+    for weight_name in masks:
+        module = modules.get(weight_name.rpartition(".")[0])
+        if isinstance(module, nn.Linear):
+            shapes[weight_name] = (batch_size, module.in_features)
+        elif isinstance(module, nn.Conv2d):
+            convs[weight_name] = module
+    if not convs:
+        return shapes
+    if input_shape is None:
+        try:
+            input_shape = tuple(_model_spec(model)["input_shape"])
+        except ValueError:
+            return shapes  # convolutions cannot be timed without an input shape
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, inputs, _o, name=name: shapes.__setitem__(name, tuple(inputs[0].shape))
+        )
+        for name, module in convs.items()
+    ]
+    try:
+        with torch.inference_mode():
+            model(torch.randn(batch_size, *input_shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def export_for_inference(
@@ -582,27 +787,37 @@ def export_for_inference(
 ) -> dict[str, str]:
     """Write the pruned `model` to `path` for inference on this kind of device.
 
-    Each Linear layer is stored in the format whose forward pass is faster here at
-    `batch_size` ("csr" or "dense", measured unless `formats` names them), convolutions
-    dense; pruned weights are exactly 0.0 and the masks go along (bool, by weight name).
-    The file holds tensors, numbers and strings only (`torch.load(weights_only=True)`).
-    `arch` ({"name": a `fedprune.models` name, "num_classes", "input_shape"}) says how to
-    rebuild the model; Conv-2 and the small CNN are recognised without it.
-    Returns the chosen format per Linear weight.
+    Each prunable layer is stored in the format whose forward pass is fastest here at
+    `batch_size` ("csr" for Linear layers, "sparse-conv" for convolutions, or "dense";
+    measured unless `formats` names them); pruned weights are exactly 0.0 and the masks go
+    along (bool, by weight name). The file holds tensors, numbers and strings only
+    (`torch.load(weights_only=True)`). `arch` ({"name": a `fedprune.models` name,
+    "num_classes", "input_shape"}) says how to rebuild the model; Conv-2 and the small CNN
+    are recognised without it. Returns the chosen format per prunable weight.
     """
     spec = dict(arch) if arch is not None else _model_spec(model)
     if formats is None:
-        formats = fastest_inference_formats(model, masks, batch_size)
+        formats = fastest_inference_formats(
+            model, masks, batch_size, input_shape=tuple(spec["input_shape"])
+        )
     masks = {name: m.to(torch.bool) for name, m in masks.items()}
-    state, csr = {}, {}
+    modules = dict(model.named_modules())
+    state, csr, sparse_conv = {}, {}, {}
     for name, p in model.named_parameters():
-        if formats.get(name) == "csr":
+        fmt = formats.get(name)
+        module = modules.get(name.rpartition(".")[0])
+        if fmt == "csr" and isinstance(module, nn.Linear):
             crow, col, _ = _csr_structure(masks[name])
             csr[name] = {
                 "crow_indices": crow,
                 "col_indices": col,
                 "values": p.detach()[masks[name]],
             }
+        elif fmt == "sparse-conv" and isinstance(module, nn.Conv2d):
+            check_supported(module)
+            sparse_conv[name] = {"values": p.detach()[masks[name]]}
+        elif fmt not in (None, "dense"):
+            raise ValueError(f"{name}: format {fmt!r} does not fit {module}")
         else:
             state[name] = (p.detach() * masks[name]) if name in masks else p.detach().clone()
     payload = {
@@ -610,6 +825,7 @@ def export_for_inference(
         "arch": spec,
         "state": state,
         "csr": csr,
+        "sparse_conv": sparse_conv,
         "masks": {name: m.clone() for name, m in masks.items()},
         "layer_formats": dict(formats),
     }
@@ -627,11 +843,13 @@ def read_export(path: str | Path) -> dict:
 
 def load_for_inference(path: str | Path) -> nn.Module:
     """A runnable module (eval mode, no gradients) from an `export_for_inference` file,
-    with its CSR layers as `SparseLinear`. The masks are in `read_export(path)["masks"]`."""
+    with its CSR layers as `SparseLinear` and its "sparse-conv" layers as `SparseConv2d`
+    (dense convolutions with the same weights where the kernels do not run here). The
+    masks are in `read_export(path)["masks"]`."""
     payload = read_export(path)
     model = _build_from_spec(payload["arch"])
     loaded = model.load_state_dict(payload["state"], strict=False)
-    missing = set(loaded.missing_keys) - set(payload["csr"])
+    missing = set(loaded.missing_keys) - set(payload["csr"]) - set(payload.get("sparse_conv", {}))
     if missing or loaded.unexpected_keys:
         raise ValueError(
             f"{path} does not fit its architecture: missing {sorted(missing)}, "
@@ -647,6 +865,20 @@ def load_for_inference(path: str | Path) -> nn.Module:
         ):
             raise ValueError(f"{path}: the CSR structure of {weight_name} does not match its mask")
         _set_submodule(model, module_name, layer)
+    for weight_name, parts in payload.get("sparse_conv", {}).items():
+        module_name = weight_name.rpartition(".")[0]
+        conv = model.get_submodule(module_name)
+        mask = payload["masks"].get(weight_name)
+        if not isinstance(conv, nn.Conv2d) or mask is None or mask.shape != conv.weight.shape:
+            raise ValueError(f"{path}: {weight_name} is not a convolution with a fitting mask")
+        # SparseConv2d checks that the values match the mask's count.
+        layer = SparseConv2d(
+            mask.to(torch.bool), parts["values"], conv.bias, padding=conv_padding(conv)
+        )
+        if sparse_conv_available():
+            _set_submodule(model, module_name, layer)
+        else:  # the kernels do not run here (logged once): the same weights, dense
+            layer.to_conv(conv)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()

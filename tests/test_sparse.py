@@ -229,7 +229,10 @@ def test_export_and_load_give_identical_outputs(tmp_path, formats):
     model, masks = masked_small_cnn(0.1)
     path = tmp_path / "model.pt"
     chosen = export_for_inference(model, masks, path, formats=formats)
-    assert set(chosen) == {"fc1.weight", "fc2.weight"} and set(chosen.values()) <= {"csr", "dense"}
+    # Measured, every prunable layer gets a format (convolutions: dense or sparse-conv).
+    expected_names = set(masks) if formats is None else set(formats)
+    assert set(chosen) == expected_names
+    assert set(chosen.values()) <= {"csr", "dense", "sparse-conv"}
     loaded = load_for_inference(path)
     assert isinstance(loaded.fc1, SparseLinear) == (chosen["fc1.weight"] == "csr")
     x = toy_data(7).x
