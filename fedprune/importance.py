@@ -115,14 +115,15 @@ class ImportanceCollector:
         return RoundPlan(track=True, keep=True)
 
     # ----------------------------------------------------------------- collecting
-    def add(self, importance: Mapping[str, torch.Tensor], fixed: float) -> None:
-        """Add one valid upload (already weighted by the node's samples)."""
+    def add(self, importance: Mapping[str, torch.Tensor], fixed: float, uploads: int = 1) -> None:
+        """Add one valid upload (already weighted by the node's samples), or what a robust
+        rule made of a round's `uploads` of them (`fedprune.aggregate.robust_importance`)."""
         if self.sum is None:
             self.sum = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in importance.items()}
         for name, g in importance.items():
             self.sum[name].add_(g)
         self.fixed += fixed
-        self.uploads += 1
+        self.uploads += uploads
 
     def end_round(
         self, plan: RoundPlan, aggregated: bool
