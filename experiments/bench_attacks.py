@@ -24,6 +24,7 @@ resumes.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import subprocess
@@ -75,10 +76,14 @@ def run_arm(
         recorded.write_text(full)
     summary = json.loads((run_dir / "summary.json").read_text())
     wall = run_dir / "bench_wall_s.txt"
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
     return {
         "accuracy": float(summary["final_accuracy"]),
         "masks": from_prune_state(torch.load(run_dir / "mask.pt")),
         "wall_s": float(wall.read_text()) if wall.exists() else float("nan"),
+        "dropped": sum(int(r["dropped"]) for r in rows),
+        "skipped": sum(int(r["replies"]) == 0 for r in rows[1:]),
     }
 
 
@@ -106,13 +111,17 @@ def bench(args: argparse.Namespace) -> dict:
     honest = results["honest-off"]
     rows = []
     for label, _, defence in arms:
-        r = results[f"{label}-{defence}"]
+        r, same = results[f"{label}-{defence}"], results[f"honest-{defence}"]
         rows.append(
             {
                 "attack": label,
                 "defence": defence,
                 "accuracy": r["accuracy"],
+                "accuracy_vs_same_defence": r["accuracy"] - same["accuracy"],
                 "jaccard": jaccard(r["masks"], honest["masks"]),
+                "jaccard_same_defence": jaccard(r["masks"], same["masks"]),
+                "dropped": r["dropped"],
+                "skipped_rounds": r["skipped"],
                 "density": sum(int(m.sum()) for m in r["masks"].values())
                 / sum(m.numel() for m in r["masks"].values()),
                 "wall_s": r["wall_s"],
@@ -157,16 +166,23 @@ def markdown(result: dict) -> str:
         f"- defence on: `examples-from-split = true` (the default) and `aggregation = "
         f"{s['defence']}`; off: `aggregation = mean`, `examples-from-split = false`",
         "- mask agreement: Jaccard index of the final mask's kept positions with the honest "
-        "run's (honest, defence off); identity attacks have no off switch",
+        "run's: the honest run with the defence off (the default settings), and the honest "
+        "run with the same defence (the attack's own effect); identity attacks have no off "
+        "switch",
+        "- dropped: replies the server refused over the run (non-finite values after the "
+        "model blew up, say); skipped: rounds without a valid reply",
         f"- {len(result['rows'])} runs, {result['seconds'] / 60:.0f} min of wall time in all",
         "",
-        "| attack | defence | final accuracy | mask agreement | final density | wall s |",
-        "|---|---|---|---|---|---|",
+        "| attack | defence | final accuracy | vs honest, same defence | mask agreement | "
+        "same defence | final density | dropped | skipped | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['attack']} | {r['defence']} | {r['accuracy']:.4f} | {r['jaccard']:.4f} | "
-            f"{r['density']:.4f} | {r['wall_s']:.0f} |"
+            f"| {r['attack']} | {r['defence']} | {r['accuracy']:.4f} | "
+            f"{r['accuracy_vs_same_defence']:+.4f} | {r['jaccard']:.4f} | "
+            f"{r['jaccard_same_defence']:.4f} | {r['density']:.4f} | {r['dropped']} | "
+            f"{r['skipped_rounds']} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,7 @@ Attacks (`fedprune.settings.ATTACKS`), each a reply that passes every format che
 - `client-id`: its identity claims another node's client id (partition 0, or 1 for 0);
 - `num-examples`: its train and evaluate replies claim CLAIMED_EXAMPLES examples, and its
   importance is scaled to match (a consistent lie: the node acts as if it held them);
-- `values`: its kept values are multiplied by POISON_SCALE (finite, and huge);
+- `values`: its kept values are multiplied by POISON_SCALE (finite, huge, sign flipped);
 - `importance`: its importance is POISON_IMPORTANCE on the STEER_FRACTION of each layer's
   positions that its own honest importance ranks lowest, and 0 elsewhere: it tries to make
   the server keep what the data says is useless.
@@ -39,7 +39,7 @@ from fedprune.settings import Settings, parse_attacks
 
 HUGE_NUM_PARTITIONS = 1_000_000
 CLAIMED_EXAMPLES = 999_999_999  # the most that the reply checks alone believe (10^9)
-POISON_SCALE = 1e6
+POISON_SCALE = -1e6  # sign flipped: a positively scaled ReLU net keeps its argmax
 POISON_IMPORTANCE = 1e20
 STEER_FRACTION = 0.05
 

@@ -67,9 +67,9 @@ def test_a_huge_num_examples_claim_is_bounded(sim):
 
 def test_huge_kept_values_are_outvoted(sim):
     lost, agreement = moved(sim, "values", DEFENCE)
-    assert abs(lost) < 0.05 and agreement > 0.95
+    assert lost < 0.1 and agreement > 0.95  # see tests/test_attacks.py
     off_lost, _ = moved(sim, "values", "off")
-    assert off_lost > 0.2
+    assert off_lost > 0.3
 
 
 def test_importance_that_steers_the_mask_is_outvoted(sim):

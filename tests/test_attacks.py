@@ -119,12 +119,23 @@ def test_a_huge_sample_count_is_bounded_by_the_nodes_partition(aggregation, capl
     assert off_lost > 0.1  # the hostile node's own model became the global one
 
 
-@pytest.mark.parametrize("aggregation", ["clipped-mean", "trimmed-mean", "median"])
+@pytest.mark.parametrize("aggregation", ["trimmed-mean", "median"])
 def test_huge_kept_values_are_outvoted(aggregation):
+    """Within 0.1: with 4 honest nodes the rules also drop or re-weigh honest values, which
+    moves this 4-round run by a few points either way (measured -0.04 to +0.07)."""
     lost, agreement = moved(run("values", aggregation=aggregation), run(aggregation=aggregation))
-    assert lost < 0.05 and agreement > 0.95
+    assert lost < 0.1 and agreement > 0.95
     off_lost, _ = moved(run("values", **OFF), run())
-    assert off_lost > 0.2  # with the mean, the model is wrecked
+    assert off_lost > 0.3  # with the mean, the model is wrecked (chance is 0.1)
+
+
+def test_clipping_bounds_huge_values_but_does_not_remove_them():
+    """The clipped update (2 x the median norm, towards the negated model) still counts
+    with its samples: a fifth of each round's mean here."""
+    clipped = run("values", aggregation="clipped-mean")
+    lost, agreement = moved(clipped, run(aggregation="clipped-mean"))
+    off_lost, _ = moved(run("values", **OFF), run())
+    assert 0 < lost < off_lost / 2 and agreement > 0.95
 
 
 @pytest.mark.parametrize("aggregation", ["trimmed-mean", "median"])
