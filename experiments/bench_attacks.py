@@ -171,7 +171,9 @@ def markdown(result: dict) -> str:
         "switch",
         "- dropped: replies the server refused over the run (non-finite values after the "
         "model blew up, say); skipped: rounds without a valid reply",
-        f"- {len(result['rows'])} runs, {result['seconds'] / 60:.0f} min of wall time in all",
+        f"- {len(result['rows'])} runs, one after the other, "
+        f"{sum(r['wall_s'] for r in result['rows']) / 60:.0f} min of wall time in all "
+        "(runs finished by an earlier, interrupted invocation are read back, not repeated)",
         "",
         "| attack | defence | final accuracy | vs honest, same defence | mask agreement | "
         "same defence | final density | dropped | skipped | wall s |",

@@ -60,9 +60,9 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     kind = msg.metadata.message_type
     if kind == f"{MessageType.QUERY}.{P.IDENTIFY_ACTION}":
         lie_about_identity(reply, attacks, context)
-    elif kind == "train":
+    elif kind == MessageType.TRAIN:
         poison_train_reply(reply, attacks, context)
-    elif kind == "evaluate" and "num-examples" in attacks:
+    elif kind == MessageType.EVALUATE and "num-examples" in attacks:
         reply.content[P.METRICS][P.NUM_EXAMPLES] = CLAIMED_EXAMPLES
     return reply
 
@@ -89,7 +89,7 @@ def poison_train_reply(reply: Message, attacks: tuple[str, ...], context: Contex
     _, masks = held_mask(context, shapes)
     record, metrics = reply.content[P.ARRAYS], reply.content[P.METRICS]
     arrays = {key: record[key].numpy() for key in record}
-    has_importance = any(key.startswith("g/") for key in arrays)
+    has_importance = P.FIXED_IMPORTANCE in metrics  # sent with every importance upload
     try:
         params, importance = decode_update(arrays, shapes, masks, has_importance)
     except CodecError:
