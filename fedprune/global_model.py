@@ -66,6 +66,14 @@ class GlobalModel:
             self._kept_index[name] = torch.nonzero(self.masks[name].reshape(-1)).squeeze(1)
         return self._kept_index[name]
 
+    def kept_values(self) -> dict[str, torch.Tensor]:
+        """The values the nodes are sent, per parameter (1-D, wire order): the kept ones of
+        a prunable parameter, the whole flattened tensor otherwise."""
+        return {
+            k: v.reshape(-1)[self.kept_index(k)] if k in self.masks else v.reshape(-1).clone()
+            for k, v in self.params.items()
+        }
+
     def masked_params(self) -> dict[str, torch.Tensor]:
         """The model as the nodes see it: exact zeros at pruned positions."""
         return {

@@ -129,12 +129,13 @@ class ImportanceCollector:
         return RoundPlan(track=True, keep=True)
 
     # ----------------------------------------------------------------- collecting
-    def add(self, importance: Mapping[str, Any], fixed: float) -> None:
+    def add(self, importance: Mapping[str, Any], fixed: float, uploads: int = 1) -> None:
         """Add one valid upload (already weighted by the node's samples): per prunable
-        weight a dense tensor or a coded `ImportanceUpload`."""
+        weight a dense tensor or a coded `ImportanceUpload`; or what a robust rule made of
+        a round's `uploads` of them (`fedprune.aggregate.robust_importance`)."""
         self.sum.add(importance)
         self.fixed += fixed
-        self.uploads += 1
+        self.uploads += uploads
 
     def end_round(
         self, plan: RoundPlan, aggregated: bool

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedprune.aggregate import AGGREGATIONS
 from fedprune.costs import PROFILES
 from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import model_factory
@@ -25,6 +26,11 @@ from fedprune.models import model_factory
 # the server accumulate it; "auto" picks "reconfig" when all nodes take part, else
 # "every-round".
 IMPORTANCE_UPLOADS = ("auto", "reconfig", "every-round")
+
+
+# TEST ONLY: what a hostile node plays in `simulate-attacks` (only the hostile ClientApp of
+# `experiments.hostile` reads it; the project's own ClientApp ignores it).
+ATTACKS = ("num-partitions", "client-id", "num-examples", "values", "importance")
 
 
 class SettingsError(ValueError):
@@ -89,6 +95,19 @@ def parse_ids(text: str) -> set[int]:
     return ids
 
 
+def parse_attacks(text: str) -> dict[int, tuple[str, ...]]:
+    """TEST ONLY. "attack@partition-id" pairs, comma-separated ("values@3, importance@3"),
+    as partition id -> its attacks (names in ATTACKS); "" gives {}. ValueError on a bad
+    entry."""
+    attacks: dict[int, tuple[str, ...]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, _, pid = entry.partition("@")
+        if name not in ATTACKS or not pid.strip().isdigit():
+            raise ValueError(f"{entry!r} is not attack@partition-id with an attack of {ATTACKS}")
+        attacks[int(pid)] = (*attacks.get(int(pid), ()), name)
+    return attacks
+
+
 @dataclass(frozen=True)
 class Settings:
     """All settings of a run. Field `foo_bar` is run-config key `foo-bar`."""
@@ -111,6 +130,14 @@ class Settings:
     )
     node_auth: bool = _opt(False)  # the SuperLink authenticates nodes: bind client ids for good
     importance_code: str = _opt("coded", *_in({"coded", "exact"}))
+    # --- what the server believes of the nodes (docs/threat-model.md)
+    examples_from_split: bool = _opt(True)  # nodes hold the configured split: bound by it
+    max_examples_per_node: int = _opt(
+        0, _non_negative, "a non-negative number of examples (0: no bound below 10^9)"
+    )
+    aggregation: str = _opt("mean", *_in(AGGREGATIONS))
+    clip_multiple: float = _opt(2.0, _positive, "a positive multiple of the median norm")
+    trim_fraction: float = _opt(0.2, lambda v: 0 <= v < 0.5, "in [0, 0.5)")
     importance_window: int = _opt(
         0, _non_negative, "a non-negative number of rounds (0: every round since the last update)"
     )
@@ -162,6 +189,12 @@ class Settings:
     )
     simulate_failures: str = _opt(
         "", _parses(parse_ids), "comma-separated partition ids whose training raises (empty: none)"
+    )
+    # TEST ONLY: hostile nodes for the attack bench (read by experiments.hostile's ClientApp)
+    simulate_attacks: str = _opt(
+        "",
+        _parses(parse_attacks),
+        f"comma-separated attack@partition-id, attacks one of {list(ATTACKS)} (empty: none)",
     )
     # --- the method (prunefl, or a baseline of the paper's comparison)
     # Checked against the registered methods by the server (strategies.methods).

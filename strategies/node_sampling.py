@@ -117,14 +117,18 @@ class NodeSampler:
     # ------------------------------------------------------------------ population
     def federation(self, grid: Grid, sample_size: int, count: CountFn) -> dict[int, int]:
         """The whole federation, before any work: wait (up to `wait_s`) until as many
-        nodes as it has are identified (less those that answered but cannot take part);
+        nodes as it has are identified (less those that answered but cannot take part or
+        contest a client id);
         a RuntimeError that says what to start or change otherwise. Where no node reports
         the federation's size and `num_clients` is 0, it waits for `sample_size` nodes."""
         ids, deadline = self.identities, time.monotonic() + self.wait_s
         while True:
             connected = sorted(grid.get_node_ids())
             population = self._current(grid, connected, 0, count)
-            unusable = len(ids.without_data) + len(ids.refused)
+            # Nodes in an unresolved client-id conflict are not sampled either: one node
+            # claiming another's id must not stall the start (it is logged instead).
+            contested = sum(len(rivals) for rivals in ids.conflicts.values())
+            unusable = len(ids.without_data) + len(ids.refused) + contested
             if ids.without_data and not population and all(ids.known(n) for n in connected):
                 self._no_data_error()
             size = ids.federation_size()

@@ -29,9 +29,11 @@ from fedprune.data import data_shape, heldout_split, server_share
 from fedprune.importance import ImportanceCollector
 from fedprune.models import build_model, count_parameters, prunable_names
 from fedprune.reconfigure import stability_delta
+from fedprune.sample_counts import ExampleBounds
 from fedprune.settings import Settings, SettingsError
 from fedprune.training import evaluate
 from strategies.accounting import RoundStats
+from strategies.expected_examples import example_bounds
 from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
 from strategies.node_sampling import NodeSampler
@@ -186,6 +188,14 @@ def build_strategy(settings: Settings, method, start: Start, masks, sampler=None
         importance_window=settings.importance_window,
         node_wait_s=settings.node_wait_s,
         sampler=sampler,
+        aggregation=settings.aggregation,
+        clip_multiple=settings.clip_multiple,
+        trim_fraction=settings.trim_fraction,
+        example_bounds=(
+            example_bounds(settings, sampler.identities)
+            if sampler is not None
+            else ExampleBounds(limit=settings.max_examples_per_node)
+        ),
         **method.options(settings),
     )
 

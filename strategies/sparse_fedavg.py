@@ -28,9 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from flwr.supercore.differential_privacy import clip_inputs_inplace
 
 from fedprune import protocol as P
-from fedprune.aggregate import KeptMean, WeightedScalar
+from fedprune.aggregate import (
+    KeptMean,
+    Kernels,
+    RobustKept,
+    RobustRule,
+    WeightedScalar,
+    robust_importance,
+)
 from fedprune.costs import CostProfile
 from fedprune.global_model import GlobalModel
 from fedprune.importance import ImportanceCollector, RoundPlan
@@ -44,6 +53,7 @@ from fedprune.replies import (
     check_evaluate_reply,
     check_train_reply,
 )
+from fedprune.sample_counts import ExampleBounds, counted_importance
 from strategies.accounting import RoundStats, content_bytes
 from strategies.messages import ModelPayloads, query_profiles, reply_parts
 from strategies.method import PruningMethod
@@ -54,6 +64,13 @@ SKIPPED = (
     "global model is unchanged"
 )
 NEW_MASK = "round %d: new mask: +%d -%d parameters, density %.4f, mask version %d"
+CLIPPED_COUNT = (
+    "round %d: node %d (client id %s) claims %d examples, the server expects at most %d: "
+    "counted as %d"
+)
+# The robust rules' kernels are Flower's own (FedTrimmedAvg's trimmed mean, the DP
+# wrappers' norm clipping); fedprune.aggregate explains where Flower's strategies fit.
+FLOWER_KERNELS = Kernels(trim_mean=trim_mean, clip_inplace=clip_inputs_inplace)
 
 
 class SparseFedAvg(FedAvg, PruningMethod):
@@ -95,6 +112,14 @@ class SparseFedAvg(FedAvg, PruningMethod):
     sampler : NodeSampler, optional
         One that already knows the federation (the ServerApp checks it before any work);
         by default a new one from `seed`, `num_clients` and `node_wait_s`.
+    aggregation : "mean" | "clipped-mean" | "trimmed-mean" | "median" (default: "mean")
+        How a round's kept values and importance uploads are combined
+        (`fedprune.aggregate`); "mean" streams, the others hold the round's replies.
+    clip_multiple, trim_fraction : float (default: 2.0, 0.2)
+        The robust rules' parameters (`fedprune.aggregate.RobustRule`).
+    example_bounds : ExampleBounds, optional
+        The most examples counted per node (`fedprune.sample_counts`); by default only
+        the codec's 10^9.
     """
 
     def __init__(
@@ -116,6 +141,10 @@ class SparseFedAvg(FedAvg, PruningMethod):
         measure_costs: bool = False,
         query_timeout_s: float = 600.0,
         sampler: NodeSampler | None = None,
+        aggregation: str = "mean",
+        clip_multiple: float = 2.0,
+        trim_fraction: float = 0.2,
+        example_bounds: ExampleBounds | None = None,
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -147,6 +176,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
         # What the round in progress sent: the importance plan, and per message kind the
         # nodes asked and the mask version they were sent.
         self._plan, self._sent = RoundPlan(), {"train": (set(), 0), "evaluate": (set(), 0)}
+        self.rule = RobustRule(aggregation, FLOWER_KERNELS, clip_multiple, trim_fraction)
+        self.example_bounds = example_bounds or ExampleBounds()
 
     # ------------------------------------------------------------------ views
     @property
@@ -309,7 +340,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check each reply, average kept values by samples, maybe change the mask."""
-        stats, mean, loss = self.stats[server_round], KeptMean(), WeightedScalar()
+        stats, loss = self.stats[server_round], WeightedScalar()
+        robust = self.rule.name != "mean"
+        mean = RobustKept(self.rule, self.model.kept_values()) if robust else KeptMean()
         for update in self._valid_updates(server_round, replies):
             mean.add(update.num_examples, update.values)
             loss.add(update.num_examples, update.loss)
@@ -318,6 +351,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         aggregated = stats.replies >= max(self.min_replies, 1)
         if aggregated:
             self.model.set_kept(mean.mean())
+            if getattr(mean, "clipped", 0):
+                log(INFO, "round %d: %s clipped %d of %d updates", server_round,
+                    self.rule.name, mean.clipped, mean.count)  # fmt: skip
         else:
             log(WARNING, SKIPPED, server_round, stats.replies, self.min_replies)
         self._update_mask(server_round, *self.importance.end_round(self._plan, aggregated))
@@ -335,7 +371,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         stats, (sent_to, version) = self.stats[server_round], self._sent["train"]
         covers = self._plan.covers if self._plan.send else 0
         expected = Expected(version, self.model.shapes, self.model.masks, covers)
-        answered = set()
+        answered, uploads = set(), []
         for msg in self._in_order(replies):
             stats.count_reply(msg)
             node_id = msg.metadata.src_node_id
@@ -344,15 +380,40 @@ class SparseFedAvg(FedAvg, PruningMethod):
             except ReplyError as exc:
                 self._drop(server_round, node_id, str(exc))
                 continue
+            self._count_examples(server_round, node_id, update)
             if update.importance_note:
                 log(WARNING, "round %d: node %d: %s", server_round, node_id, update.importance_note)
-            if update.importance is not None:
-                self.importance.add(update.importance, update.fixed_importance)
+            if update.importance is not None and self.rule.name == "mean":
+                self.importance.add(update.importance, update.fixed_importance)  # streaming
+            elif update.importance is not None:
+                uploads.append((update.num_examples, update.importance, update.fixed_importance))
             stats.device_round_s = max(stats.device_round_s, update.compute_s)
             answered.add(node_id)
             yield update
+        if uploads:  # a robust rule: the round's uploads at once, per coordinate
+            importance, fixed, clipped = robust_importance(self.rule, uploads, self.model.shapes)
+            self.importance.add(importance, fixed, uploads=len(uploads))
+            if clipped:
+                log(INFO, "round %d: %s clipped %d of %d importance uploads", server_round,
+                    self.rule.name, clipped, len(uploads))  # fmt: skip
         self._answered(sent_to, answered, version)
         stats.replies = len(answered)
+
+    def _count_examples(self, server_round: int, node_id: int, update: TrainUpdate) -> None:
+        """Bound the examples the reply claims by what the server expects of the node; its
+        importance then weighs as much as the count used (`fedprune.sample_counts`)."""
+        client_id = self.sampler.client_ids.get(node_id)
+        claimed = update.num_examples
+        counted = self.example_bounds.count(client_id, claimed)
+        if counted == claimed:
+            return
+        bound = self.example_bounds.bound(client_id)
+        log(WARNING, CLIPPED_COUNT, server_round, node_id, client_id, claimed, bound, counted)
+        update.num_examples = counted
+        if update.importance is not None:
+            update.importance, update.fixed_importance = counted_importance(
+                update.importance, update.fixed_importance, counted, claimed
+            )
 
     def _parts(self, msg: Message, sent_to: set[int], train: bool) -> tuple[dict, dict]:
         if msg.metadata.src_node_id not in sent_to:
@@ -394,6 +455,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
             except ReplyError as exc:
                 self._drop(server_round, msg.metadata.src_node_id, f"evaluate: {exc}")
                 continue
+            # a claimed count weighs the federated accuracy too: bounded alike (not logged)
+            n = self.example_bounds.count(self.sampler.client_ids.get(msg.metadata.src_node_id), n)
             answered.add(msg.metadata.src_node_id)
             accuracy.add(n, acc)
             loss.add(n, lo)
