@@ -7,15 +7,20 @@ changes, and `strategies/methods.py` registers it (docs/extending.md).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from logging import INFO
 from typing import ClassVar
 
 import torch
+from flwr.common.logger import log
 
 from fedprune.costs import CostProfile
 from fedprune.data import Examples
+from fedprune.initial_pruning import warm_start
 from fedprune.masks import Masks, full_masks
 from fedprune.settings import Settings
+from fedprune.training import evaluate
 
 
 @dataclass
@@ -50,14 +55,16 @@ class PruningMethod:
     @classmethod
     def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
         """(masks of round 1, a summary of how they were found); the weights are
-        `start.model`'s afterwards. The default: the dense model."""
-        return full_masks(start.model), {"enabled": False}
+        `start.model`'s afterwards. The default: the dense model, trained on the server's
+        share first with `warm-start` (`server_warm_start`)."""
+        return full_masks(start.model), {"enabled": False, **server_warm_start(settings, start)}
 
     @classmethod
     def comparison_arms(cls) -> dict[str, dict]:
         """The arms `experiments.compare` runs for this method: arm name -> settings
-        beyond `method` ("@density" / "@mask": PruneFL's final density / mask, same seed)."""
-        return {cls.name: {}}
+        beyond `method` ("@density" / "@mask": PruneFL's final density / mask, same seed).
+        By default the paper's (cold) start and the equal server phase ("-warm")."""
+        return {cls.name: {}, f"{cls.name}-warm": {"warm-start": True}}
 
     def wants_importance(self, server_round: int) -> bool:
         """Whether the mask update at the end of this round uses the clients' importance."""
@@ -68,3 +75,33 @@ class PruningMethod:
     ) -> Masks | None:
         """The mask after this round (None: unchanged). Called after averaging."""
         return None
+
+
+def server_warm_start(settings: Settings, start: Start) -> dict:
+    """With `warm-start`, train `start.model` dense on the server's share for PruneFL's
+    phase-1 budget (`ip-max-iterations`, same data, batches, learning rate and seed as
+    `fedprune.initial_pruning.initial_prune`), so that every method starts where PruneFL's
+    server phase would have, without its pruning. Returns the summary's "warm_start"
+    entry (empty without the setting)."""
+    if not settings.warm_start:
+        return {}
+    t0 = time.time()
+    iterations = warm_start(
+        start.model,
+        start.server_data,
+        iterations=settings.ip_max_iterations,
+        lr=settings.learning_rate,
+        batch_size=settings.batch_size,
+        local_steps=settings.local_steps,
+        seed=settings.seed,
+    )
+    _, train_acc = evaluate(start.model, start.server_data)
+    info = {
+        "iterations": iterations,
+        "train_accuracy": train_acc,
+        "wall_time_s": round(time.time() - t0, 3),
+    }
+    log(INFO, "[fedprune] warm start: %d dense iterations on the server's %d examples "
+        "(train accuracy %.3f, %.1f s)", iterations, len(start.server_data), train_acc,
+        info["wall_time_s"])  # fmt: skip
+    return {"warm_start": info}
