@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import compression
 from clients.node_state import (
     drop_importance,
     held_mask,
@@ -42,6 +43,8 @@ def train(msg: Message, context: Context) -> Message:
     settings, model, masks, version = receive(msg, context)
     data = local_data(settings, context)
     config = msg.content[P.CONFIG]
+    # The compression-only reference replies with a top-k update (clients/compression.py).
+    received = compression.snapshot(model) if P.TOPK_VALUES in config else None
     partition_id = int(context.node_config.get(P.PARTITION_ID, 0))  # seeds batches only
     if partition_id in parse_ids(settings.simulate_failures):
         # Fault injection: this device "crashes" in training; Flower turns the exception
@@ -69,8 +72,12 @@ def train(msg: Message, context: Context) -> Message:
             )
     if not keep:
         drop_importance(context)
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    arrays = ArrayRecord({k: Array(v) for k, v in encode_update(state, masks, uploaded).items()})
+    if received is not None:
+        arrays = compression.topk_reply(context, received, model, int(config[P.TOPK_VALUES]))
+    else:
+        state = {name: p.detach() for name, p in model.named_parameters()}
+        encoded = encode_update(state, masks, uploaded)
+        arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 

@@ -19,6 +19,7 @@ from fedprune.costs import CostProfile
 from fedprune.data import Examples
 from fedprune.initial_pruning import warm_start
 from fedprune.masks import Masks, full_masks
+from fedprune.replies import Expected, TrainUpdate, check_train_reply
 from fedprune.settings import Settings
 from fedprune.training import evaluate
 
@@ -65,6 +66,12 @@ class PruningMethod:
         beyond `method` ("@density" / "@mask": PruneFL's final density / mask, same seed).
         By default the paper's (cold) start and the equal server phase ("-warm")."""
         return {cls.name: {}, f"{cls.name}-warm": {"warm-start": True}}
+
+    def check_train_reply(self, arrays, metrics, expected: Expected) -> TrainUpdate:
+        """A train reply's parts (untrusted) as a `TrainUpdate`, or ReplyError saying why.
+        The default: kept values as `fedprune.codec` lays them out; a method whose nodes
+        reply in another form (top-k updates) decodes that here."""
+        return check_train_reply(arrays, metrics, expected)
 
     def wants_importance(self, server_round: int) -> bool:
         """Whether the mask update at the end of this round uses the clients' importance."""
