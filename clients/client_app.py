@@ -51,14 +51,16 @@ def train(msg: Message, context: Context) -> Message:
         # into an error reply, which the server must drop without stopping the run.
         raise RuntimeError(f"simulated failure of partition {partition_id} (simulate-failures)")
     send, keep = bool(config[P.SEND_IMPORTANCE]), bool(config[P.ACCUMULATE_IMPORTANCE])
+    votes = float(config[P.TOP_GRADIENTS]) if P.TOP_GRADIENTS in config else None  # FedRTS
+    track = send or keep or votes is not None
     t0 = time.perf_counter()
-    local = train_locally(settings, context, model, masks, data, config, partition_id, send or keep)
+    local = train_locally(settings, context, model, masks, data, config, partition_id, track)
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
         P.COMPUTE_S: time.perf_counter() - t0,
-        P.IMPORTANCE_TRACKED: int(send or keep),
+        P.IMPORTANCE_TRACKED: int(track),
     }
     uploaded = None
     if send or keep:
@@ -78,6 +80,9 @@ def train(msg: Message, context: Context) -> Message:
         state = {name: p.detach() for name, p in model.named_parameters()}
         encoded = encode_update(state, masks, uploaded)
         arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    if votes is not None:
+        for key, array in compression.vote_arrays(local.importance, masks, votes).items():
+            arrays[key] = array
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 

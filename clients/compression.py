@@ -1,8 +1,12 @@
-"""The device side of the compression-only reference (`strategies.compression`): reply with
-a top-k sparsified update and keep the rest as error memory in `context.state`.
+"""Sparse uploads beyond the kept values, on the device side.
 
-The ClientApp trains as always; when the server's config carries `protocol.TOPK_VALUES`,
-its reply is `topk_reply` instead of the kept values.
+- The compression-only reference (`strategies.compression`): reply with a top-k sparsified
+  update and keep the rest as error memory in `context.state`. When the server's config
+  carries `protocol.TOPK_VALUES`, the ClientApp's reply is `topk_reply` instead of the kept
+  values.
+- FedRTS (`strategies.fedrts`): when the config carries `protocol.TOP_GRADIENTS`, the reply
+  also holds the positions of the node's largest gradients among pruned links
+  (`vote_arrays`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context
 
 from fedprune import protocol as P
+from fedprune.thompson import encode_votes, top_gradient_positions
 from fedprune.topk import encode_sparse, topk_step
 
 
@@ -43,3 +48,12 @@ def topk_reply(
         {name: Array(e.numpy()) for name, e in new_error.items()}
     )
     return ArrayRecord({key: Array(a) for key, a in encode_sparse(sent).items()})
+
+
+def vote_arrays(
+    importance: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], fraction: float
+) -> dict[str, Array]:
+    """FedRTS's upload: per layer, the positions of the pruned links with the largest
+    gradients (`fedprune.thompson.top_gradient_positions`), as wire arrays."""
+    positions = top_gradient_positions(importance, masks, fraction)
+    return {key: Array(a) for key, a in encode_votes(positions).items()}

@@ -20,6 +20,9 @@ LEARNING_RATE = "lr"
 # The compression-only reference (`fedprune.topk`): reply with at most this many entries of
 # (update + error memory) and their positions instead of the kept values
 TOPK_VALUES = "topk-values"
+# FedRTS (`fedprune.thompson`): also reply with the positions of this fraction of each
+# layer's kept count of pruned links with the largest gradients
+TOP_GRADIENTS = "top-gradients"
 
 # MetricRecord keys, client -> server
 NUM_EXAMPLES = "num-examples"  # Flower's aggregation weight key

@@ -152,6 +152,20 @@ def decode_positions(key: str, data: np.ndarray, count: int, numel: int) -> np.n
     return positions
 
 
+def decode_position_list(key: str, data: np.ndarray, max_count: int, numel: int) -> np.ndarray:
+    """Positions as `decode_positions`, however many the data holds up to `max_count`
+    (checked on the data's length before any work); CodecError naming `key` otherwise."""
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 1:
+        got = getattr(data, "dtype", type(data).__name__)
+        raise CodecError(f"{key!r}: expected a 1-D uint8 array, got {got}")
+    if data.size > _MAX_VARINT_BYTES * max_count:
+        raise CodecError(f"{key!r}: {data.size} bytes, more than {max_count} positions take")
+    count = int(np.count_nonzero((data & 0x80) == 0))
+    if count > max_count:
+        raise CodecError(f"{key!r}: {count} positions, at most {max_count} expected")
+    return decode_positions(key, data, count, numel)
+
+
 # ------------------------------------------------------------------ a sparse update
 
 

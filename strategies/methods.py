@@ -12,6 +12,7 @@ import difflib
 from fedprune.settings import Settings, SettingsError
 from strategies.baselines import FedAvgDense, FedDST, IterativeMagnitude, Lottery, Snip
 from strategies.compression import TopKCompression
+from strategies.fedrts import FedRTS
 from strategies.prunefl import PruneFL
 from strategies.sparse_fedavg import SparseFedAvg
 
@@ -23,6 +24,7 @@ REGISTERED: tuple[type[SparseFedAvg], ...] = (
     FedDST,
     Lottery,
     TopKCompression,
+    FedRTS,
 )
 METHODS: dict[str, type[SparseFedAvg]] = {cls.name: cls for cls in REGISTERED}
 
