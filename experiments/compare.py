@@ -8,11 +8,12 @@ SuperLink, with the same data, seeds, cost model and byte accounting. Results go
 
 - `runs/<arm>-seed<k>-<key>/`: each run's own outputs (metrics.csv, summary.json, ...,
   and run.json: what the run is), and `runs/<arm>-seed<k>-<key>.log`, what `flwr run`
-  printed. The key is a digest of the run's whole configuration (the preset, the arm's
-  settings, what it took from PruneFL's run, the seed, the number of nodes) and of the
-  code (commit and a digest of the sources): a run is reused only by the very same
-  configuration at the very same code, so a `--rounds 5` trial is never taken for a full
-  run, and an interrupted comparison resumes where it stopped;
+  printed. The key is a digest of the run's whole configuration (every setting, defaults
+  included, as the preset, the arm and PruneFL's run of the seed make it, and the number
+  of nodes) and of the code (the digest of the sources it runs; summary.json also records
+  the commit): a run is reused only by the very same configuration at the very same code,
+  so a `--rounds 5` trial is never taken for a full run, a commit that changes code never
+  reuses older runs, and an interrupted comparison resumes where it stopped;
 - `summary.csv` / `summary.md`: per arm and seed (this configuration and code only),
   final accuracy and density, total bytes, modelled time (the cost model) and measured
   device time (the nodes' own compute), and the modelled time, device time and bytes to
@@ -22,6 +23,9 @@ SuperLink, with the same data, seeds, cost model and byte accounting. Results go
   `layer_density.png` (each arm's final density per layer).
 
 `python -m experiments.report` turns the summary.csv files into RESULTS.md's tables.
+
+The warm arms of one seed train the same server phase: the first trains it and keeps it in
+`runs/warm-start-cache/` (setting `warm-start-cache`), the others load it.
 
 Baselines that prune to a density (snip, iterative, feddst, fedrts, topk's upload budget)
 get PruneFL's final density on the same seed, and the lottery-ticket runs its final mask:
@@ -132,7 +136,8 @@ def full_config(values: dict[str, Any]) -> dict[str, Any]:
     pyproject = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
     defaults = pyproject["tool"]["flwr"]["app"]["config"]
     config = Settings.from_run_config({**defaults, **values}).to_run_config()
-    for key in ("output-dir", "run-name"):  # where it goes, not what it is
+    # Where it goes and where the shared warm start is kept, not what the run is.
+    for key in ("output-dir", "run-name", "warm-start-cache"):
         config.pop(key)
     return config
 
@@ -477,6 +482,8 @@ def execute(link, run: Run, runs_dir: Path, num_supernodes: int, progress: Progr
     shutil.rmtree(folder, ignore_errors=True)  # a half-finished run
     folder.mkdir(parents=True)
     values = {**run.values, "output-dir": str(runs_dir), "run-name": run.name}
+    # The warm arms of a seed share one server phase (fedprune: warm-start-cache).
+    values["warm-start-cache"] = str(runs_dir / "warm-start-cache")
     about = {"arm": run.arm, "seed": run.seed, "key": run.key, "values": run.values}
     about["num-supernodes"] = num_supernodes
     (folder / "run.json").write_text(json.dumps(about, indent=2) + "\n")

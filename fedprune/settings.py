@@ -137,6 +137,9 @@ class Settings:
     # Equal starting points: every method trains the dense model on the server's share for
     # PruneFL's phase-1 budget (ip-max-iterations) first; PruneFL's phase 1 is its own.
     warm_start: bool = _opt(False)
+    warm_start_cache: str = _opt(
+        "", None, "a folder for warm-started models, reused by equal server phases (empty: none)"
+    )
     # --- phase 2: reconfiguration during federated training
     reconfigure: bool = _opt(True)
     reconfig_interval: int = _opt(10, _positive, "a positive number of rounds")

@@ -7,9 +7,14 @@ changes, and `strategies/methods.py` registers it (docs/extending.md).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
 from logging import INFO
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -93,22 +98,57 @@ def server_warm_start(settings: Settings, start: Start) -> dict:
     if not settings.warm_start:
         return {}
     t0 = time.time()
-    iterations = warm_start(
-        start.model,
-        start.server_data,
-        iterations=settings.ip_max_iterations,
-        lr=settings.learning_rate,
-        batch_size=settings.batch_size,
-        local_steps=settings.local_steps,
-        seed=settings.seed,
-    )
+    cached = warm_start_file(settings) if settings.warm_start_cache else None
+    from_cache = cached is not None and cached.is_file()
+    if from_cache:
+        start.model.load_state_dict(torch.load(cached))
+        iterations = settings.ip_max_iterations
+    else:
+        iterations = warm_start(
+            start.model,
+            start.server_data,
+            iterations=settings.ip_max_iterations,
+            lr=settings.learning_rate,
+            batch_size=settings.batch_size,
+            local_steps=settings.local_steps,
+            seed=settings.seed,
+        )
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(start.model.state_dict(), partial)
+            partial.replace(cached)  # atomic: a reader never sees half a file
     _, train_acc = evaluate(start.model, start.server_data)
     info = {
         "iterations": iterations,
         "train_accuracy": train_acc,
         "wall_time_s": round(time.time() - t0, 3),
+        "cached": from_cache,
     }
     log(INFO, "[fedprune] warm start: %d dense iterations on the server's %d examples "
-        "(train accuracy %.3f, %.1f s)", iterations, len(start.server_data), train_acc,
-        info["wall_time_s"])  # fmt: skip
+        "(train accuracy %.3f, %.1f s%s)", iterations, len(start.server_data), train_acc,
+        info["wall_time_s"], ", from the cache" if info["cached"] else "")  # fmt: skip
     return {"warm_start": info}
+
+
+def warm_start_file(settings: Settings) -> Path:
+    """Where `warm-start-cache` keeps this run's warm-started model: named by a digest of
+    everything the server phase depends on (model and initialisation, data split, seed,
+    iterations, batch, learning rate, local steps, the sources, torch and its threads)."""
+    from strategies.results import source_digest  # strategies.results imports Flower parts
+
+    what = {
+        "model": settings.model,
+        "data": dataclasses.asdict(settings.data_spec()),
+        "seed": settings.seed,
+        "iterations": settings.ip_max_iterations,
+        "lr": settings.learning_rate,
+        "batch": settings.batch_size,
+        "local_steps": settings.local_steps,
+        "sources": source_digest(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    name = f"warm-{settings.model}-seed{settings.seed}-{digest}.pt"
+    return Path(settings.warm_start_cache) / name

@@ -78,3 +78,17 @@ def test_without_warm_start_the_baselines_start_cold():
 def test_lottery_refuses_a_warm_start():
     with pytest.raises(SettingsError, match="'warm-start'"):
         method_of(Settings(**{**BASE, "method": "lottery", "mask_path": "x.pt"}, warm_start=True))
+
+
+def test_an_equal_server_phase_is_loaded_from_the_cache(tmp_path):
+    cache = str(tmp_path / "cache")
+    fresh, info = start_of("fedavg", warm_start=True)
+    assert not info["warm_start"]["cached"]
+    first, info = start_of("snip", warm_start=True, warm_start_cache=cache)
+    assert not info["warm_start"]["cached"] and len(list((tmp_path / "cache").iterdir())) == 1
+    again, info = start_of("feddst", warm_start=True, warm_start_cache=cache)
+    assert info["warm_start"]["cached"]
+    assert same(first, fresh) and same(again, fresh)
+    # Another server phase (here: another seed) is another entry, not this one.
+    _, info = start_of("fedavg", warm_start=True, warm_start_cache=cache, seed=4)
+    assert not info["warm_start"]["cached"] and len(list((tmp_path / "cache").iterdir())) == 2
