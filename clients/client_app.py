@@ -74,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
             )
     if not keep:
         drop_importance(context)
+    t1 = time.perf_counter()  # what the node computes for its reply is device time too
     if received is not None:
         arrays = compression.topk_reply(context, received, model, int(config[P.TOPK_VALUES]))
     else:
@@ -83,6 +84,8 @@ def train(msg: Message, context: Context) -> Message:
     if votes is not None:
         for key, array in compression.vote_arrays(local.importance, masks, votes).items():
             arrays[key] = array
+    if received is not None or votes is not None:
+        metrics[P.COMPUTE_S] += time.perf_counter() - t1
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 

@@ -96,7 +96,7 @@ def top_gradient_positions(
 ) -> dict[str, torch.Tensor]:
     """What a FedRTS client uploads: per layer, the flat positions (ascending, int64) of the
     `swap_count` pruned links with the largest importance (squared summed gradient, so the
-    largest |gradient|); ties to the lower position."""
+    largest |gradient|)."""
     out = {}
     for name, mask in masks.items():
         flat = mask.reshape(-1)
@@ -105,8 +105,8 @@ def top_gradient_positions(
             continue
         g = importance[name].reshape(-1).to(torch.float64)
         g = torch.where(flat, torch.tensor(-math.inf, dtype=torch.float64), g)
-        chosen = torch.sort(g, descending=True, stable=True).indices[:n]
-        out[name] = torch.sort(chosen).values
+        # topk, not a full sort: this runs on the device (fc1: 0.2 s against 1.2 s).
+        out[name] = torch.sort(torch.topk(g, n, sorted=False).indices).values
     return out
 
 
