@@ -211,6 +211,24 @@ class Plan:
         return code.get("source_sha256") == self.code["source_sha256"]
 
 
+def earlier_runs(out: Path, runs: list[Run], plan: Plan) -> list[Run]:
+    """The runs of the folder's summary.csv that this invocation did not name and that are
+    still valid (finished by this very code), so that a second invocation (other arms,
+    e.g. the ablations after the headline) adds to the table instead of replacing it."""
+    path = out / "summary.csv"
+    if not path.is_file():
+        return []
+    named = {(r.arm, r.seed) for r in runs}
+    kept = []
+    for row in csv.DictReader(path.open()):
+        if row.get("method") not in ARMS or "key" not in row:
+            continue
+        run = Run(row["method"], int(row["seed"]), {}, row["key"])
+        if (run.arm, run.seed) not in named and plan.finished(run):
+            kept.append(run)
+    return kept
+
+
 def time_to_target(rows: list[dict[str, str]], target: float) -> tuple[str, str, str]:
     """(modelled seconds, device seconds, bytes) when test accuracy first reached
     `target`; blanks if never."""
@@ -589,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[compare] {reused} of {len(jobs)} runs done already (same configuration and code)")
     if failed:
         return 1
+    runs = earlier_runs(out, runs, plan) + runs
+    order = {arm: i for i, arm in enumerate([*harness.get("methods", []), *ARMS])}
+    runs.sort(key=lambda r: (order.get(r.arm, len(order)), r.arm, r.seed))
     rows = summarise(runs_dir, runs, targets)
     write_tables(out, rows, targets)
     plot(out, rows, targets)

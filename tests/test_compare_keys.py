@@ -58,3 +58,20 @@ def test_the_accuracy_axis_follows_the_runs():
     low, high = compare.accuracy_limits(curves, [0.9])
     assert low < 0.7 and 0.93 < high <= 1.0
     assert low > 0.1  # round 0's chance accuracy does not squash the axis
+
+
+def test_a_second_invocation_adds_to_the_table(tmp_path):
+    plan = compare.Plan({"num-server-rounds": 30}, tmp_path / "runs", 10, CODE)
+    old, stale = plan.run("fedavg", 0), plan.run("fedavg-warm", 0)
+    for run, code in ((old, CODE), (stale, {**CODE, "source_sha256": "0"})):
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"code": code}))
+    (tmp_path / "summary.csv").write_text(
+        f"method,seed,key\nfedavg,0,{old.key}\nfedavg-warm,0,{stale.key}\nfedavg,1,{old.key}\n"
+    )
+    kept = compare.earlier_runs(tmp_path, [], plan)
+    # The finished run at this code stays; one by other code, or without a folder, does not.
+    assert [(r.arm, r.seed, r.key) for r in kept] == [("fedavg", 0, old.key)]
+    # An arm this invocation runs again is not taken from the old table.
+    assert compare.earlier_runs(tmp_path, [old], plan) == []
