@@ -356,7 +356,10 @@ def plot(out: Path, rows, targets: list[float]) -> None:
 
     curves = mean_curves(rows)
     arms = list(curves)
-    colors = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(arms)}
+    # One colour per method: its warm and cold arms differ by line style only.
+    methods = list(dict.fromkeys(arm.removesuffix("-warm") for arm in arms))
+    palette = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colors = {arm: palette[arm.removesuffix("-warm")] for arm in arms}
     acc_limits = accuracy_limits(curves, targets)
     specs = [
         ("accuracy_vs_modelled_time.png", "modelled time (s, the paper's cost model)",
@@ -447,10 +450,14 @@ class Progress:
     time elapsed and an estimate of the time left (mean run time so far)."""
 
     def __init__(self, total: int, done: int, rounds: int) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RichProgress
 
         self.rounds, self.durations, self.total, self.done = rounds, [], total, done
+        console = Console()
+        if not console.is_terminal:  # a log file: whole lines, not 80 columns
+            console = Console(width=240)
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -459,6 +466,7 @@ class Progress:
             TimeElapsedColumn(),
             TextColumn("{task.fields[left]}"),
             refresh_per_second=2,
+            console=console,
         )
         self.task = self.bar.add_task("starting", total=total, completed=done, left="")
         self.console = self.bar.console
@@ -608,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         return 1
     runs = earlier_runs(out, runs, plan) + runs
-    order = {arm: i for i, arm in enumerate([*harness.get("methods", []), *ARMS])}
+    order: dict[str, int] = {}
+    for arm in [*harness.get("methods", []), *ARMS]:  # the preset's order, then the rest
+        order.setdefault(arm, len(order))
     runs.sort(key=lambda r: (order.get(r.arm, len(order)), r.arm, r.seed))
     rows = summarise(runs_dir, runs, targets)
     write_tables(out, rows, targets)
