@@ -404,12 +404,19 @@ def plot(out: Path, rows, targets: list[float]) -> None:
 
 
 def plot_layer_density(out: Path, rows, colors) -> None:
-    """Each arm's final density per prunable layer (mean over seeds), grouped by layer."""
+    """Each pruning arm's final density per prunable layer (mean over seeds), grouped by
+    layer."""
     import matplotlib.pyplot as plt
 
     per_arm: dict[str, list[dict[str, float]]] = {}
     for row, _, summary in rows:
         per_arm.setdefault(row["method"], []).append(summary.get("layer_densities", {}))
+    # Arms that never prune (fedavg, topk) would only draw bars at 1.
+    per_arm = {
+        arm: seeds
+        for arm, seeds in per_arm.items()
+        if any(d < 1.0 for s in seeds for d in s.values())
+    }
     layers = list(next(iter(per_arm.values()))[0]) if per_arm else []
     fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(layers)), 5))
     width = 0.8 / max(len(per_arm), 1)
