@@ -37,6 +37,7 @@ REFERENCE = "fedavg-warm"  # the issue's goals are judged against warm-started F
 RIVALS = ("snip-warm", "iterative-warm", "feddst-warm", "fedrts-warm", "topk-warm")
 TIME_RATIO_GOAL = 1 / 3  # PruneFL's modelled time to target at most a third of FedAvg's
 ACCURACY_GOAL = 0.005  # final accuracy within 0.5 points of FedAvg's
+ABLATION = "prunefl-ip-only"  # PruneFL without reconfiguration: does reconfiguring pay?
 
 
 @dataclass
@@ -167,6 +168,8 @@ def goals(rows: list[dict[str, str]]) -> list[str]:
             f"({'met' if met else f'missed by {100 * (-gap - ACCURACY_GOAL):.2f} points'}).",
             "",
         ]
+    if ABLATION in arms:
+        lines += reconfiguration(ours, arms[ABLATION], targets_of(rows))
     rivals = [a for a in RIVALS if a in arms]
     if rivals:
         lines += [
@@ -187,6 +190,30 @@ def goals(rows: list[dict[str, str]]) -> list[str]:
                 cells.append(f"{r} ({'met' if faster else 'missed'})")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def paired(ours: list[dict[str, str]], theirs: list[dict[str, str]], column: str) -> Stat:
+    """Per seed that both have a value for, ours minus theirs."""
+    mine = {r["seed"]: r[column] for r in ours if r.get(column, "") != ""}
+    other = {r["seed"]: r[column] for r in theirs if r.get(column, "") != ""}
+    seeds = sorted(set(mine) & set(other))
+    return Stat([float(mine[s]) - float(other[s]) for s in seeds], len(ours))
+
+
+def reconfiguration(ours, ablation, targets: list[str]) -> list[str]:
+    """Does reconfiguration pay? PruneFL against itself without it, paired by seed."""
+    acc = paired(ours, ablation, "final_accuracy")
+    lines = [
+        f"Reconfiguration: PruneFL minus `{ABLATION}` (paired by seed): final accuracy "
+        f"{Stat([100 * v for v in acc.values], acc.of).show(2)} points; final density "
+        f"{paired(ours, ablation, 'final_density').show(4)}; modelled time to "
+        + ", ".join(
+            f"{t}: {paired(ours, ablation, f'time_to_{t}_s').show(1)} s" for t in targets
+        )
+        + ".",
+        "",
+    ]
     return lines
 
 

@@ -76,3 +76,12 @@ def test_splice_keeps_the_prose_around_the_markers():
 def test_the_committed_tables_are_what_the_committed_csvs_give():
     assert report.presets(), "no summary.csv committed under experiments/results"
     assert report.main(["--check"]) == 0
+
+
+def test_reconfiguration_is_judged_against_initial_pruning_alone_paired_by_seed(tmp_path):
+    rows = [row("prunefl", s, acc, 10.0 + s, 1.0, 1e6) for s, acc in ((0, 0.95), (1, 0.93))]
+    rows += [row("prunefl-ip-only", s, acc, 12.0, 1.0, 1e6) for s, acc in ((0, 0.94), (1, 0.94))]
+    text = report.render(write(tmp_path, rows))
+    # Seed 0: +1 point, seed 1: -1 point; time 10 - 12 and 11 - 12 seconds.
+    assert "final accuracy 0.00 ± 1.41 points" in text
+    assert "0.9: -1.5 ± 0.7 s" in text
