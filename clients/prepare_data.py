@@ -2,12 +2,13 @@
 
     python -m clients.prepare_data --out data --num-partitions 3
 
-writes `data/partition-0/`, `data/partition-1/`, ... each with `data.npz` (`x`: N 28x28
-uint8 images, `y`: N labels) and `meta.json` (how the partition was made). Copy
+writes `data/partition-0/`, `data/partition-1/`, ... each with `data.npz` (`x`: N images,
+uint8 where the pixels allow, `y`: N labels) and `meta.json` (how the partition was made,
+and the class count and image shape the model is built for). Copy
 `partition-<i>` to device i and start its SuperNode with
 `--node-config 'partition-id=<i> num-partitions=<N> data-path="/path/to/partition-<i>"'`:
 the ClientApp then reads that folder instead of cutting its partition out of the data set
-embedded in the package.
+(the embedded digits, or `--source`), and a device needs no copy of the data source.
 
 The partitions are exactly those a node would take by partition id with the same split
 settings (`--dataset`, `--partitioner`, `--seed`, ... must match the run config's
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 from clients.partitions import client_partition
-from fedprune.data import DATASETS, PARTITIONERS, DataSpec, save_folder
+from fedprune.data import DATASETS, PARTITIONERS, DataSpec, data_shape, save_folder
 
 
 def prepare(out: Path, num_partitions: int, spec: DataSpec | None = None) -> list[Path]:
@@ -32,6 +33,7 @@ def prepare(out: Path, num_partitions: int, spec: DataSpec | None = None) -> lis
     spec = spec or DataSpec()
     if num_partitions < 1:
         raise ValueError("num-partitions must be at least 1")
+    num_classes, input_shape = data_shape(spec)
     folders = []
     for pid in range(num_partitions):
         part = client_partition(spec, pid, num_partitions)
@@ -47,6 +49,8 @@ def prepare(out: Path, num_partitions: int, spec: DataSpec | None = None) -> lis
             "server-fraction": spec.server_fraction,
             "seed": spec.seed,
             "source": spec.source,
+            "num-classes": num_classes,
+            "input-shape": list(input_shape),
         }
         folders.append(save_folder(Path(out) / f"partition-{pid}", part, meta))
     return folders
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--source",
         default=d.source,
-        help="femnist / cifar10 only: a local copy of the data set (the run's data-source)",
+        help="a local copy of the data set (the run's data-source; needed for 'local')",
     )
     args = parser.parse_args(argv)
     spec = DataSpec(

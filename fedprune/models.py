@@ -1,19 +1,28 @@
-"""Models of the paper, plus a small one for fast tests.
+"""Models of the paper, a small one for fast tests, and a user's own by import path.
 
-Every model takes images shaped (batch, channels, height, width), given at construction
-as `input_shape` (the data set's `fedprune.data.INPUT_SHAPE`; MNIST and FEMNIST are
-(1, 28, 28), CIFAR-10 (3, 32, 32)). Which parameters can be pruned is decided here, once,
-by layer type: the weights of convolutions and fully connected layers. Biases and
-normalisation layers are never pruned (PruneFL keeps them dense: they are few and cheap).
+Every model is built as `factory(num_classes, input_shape)` for images shaped (batch,
+channels, height, width), with `input_shape` = (channels, height, width) and
+`num_classes` from the data (`fedprune.data.data_shape`: MNIST and FEMNIST are
+(1, 28, 28), CIFAR-10 (3, 32, 32), a local data set whatever its images are).
 
-A model's state is its parameters alone (no buffers): that is what the server and the
-clients exchange. ResNet-18's batch norm therefore normalises with batch statistics and
-keeps no running averages.
+`model` names one of `MODELS`, or an import path "package.module:factory" to a user's
+factory of an `nn.Module` (docs/extending-data-and-models.md). Which parameters can be
+pruned is decided here, once, by layer type: the weights of `nn.Conv2d` and `nn.Linear`
+modules (and their subclasses). Biases, normalisation layers and every other layer are
+never pruned: they are trained and exchanged dense (PruneFL keeps them dense: they are
+few and cheap).
+
+A model's state must be its parameters alone (no buffers): only parameters travel
+between the server and the clients, so a buffer (batch norm's running statistics) would
+differ on every node, never be aggregated, and break loading the server's state.
+ResNet-18's batch norm therefore normalises with batch statistics and keeps no running
+averages.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -139,22 +148,114 @@ MODELS: dict[str, Callable[[int, Shape], nn.Module]] = {
 }
 
 
+IMPORT_PATH_HELP = (
+    'an import path "package.module:factory" to a function factory(num_classes, '
+    "input_shape) -> nn.Module, importable on the server and every node"
+)
+
+
+@functools.lru_cache(maxsize=16)
+def model_factory(name: str) -> Callable[[int, Shape], nn.Module]:
+    """The factory `name` names: one of MODELS, or an import path "package.module:factory"
+    (the attribute may be dotted: "package.module:Class.build"). Raises ValueError saying
+    why it cannot be used (unknown name, module not importable, not callable)."""
+    if name in MODELS:
+        return MODELS[name]
+    module_name, sep, attribute = name.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(
+            f"unknown model {name!r}; choose one of {sorted(MODELS)}, or give {IMPORT_PATH_HELP}"
+        )
+    try:
+        target = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the user's module failing as it imports
+        raise ValueError(
+            f"cannot import module {module_name!r} of model {name!r}: "
+            f"{type(exc).__name__}: {exc}. Put the module in the app's folder (the one "
+            "with pyproject.toml) or install it, and give " + IMPORT_PATH_HELP
+        ) from exc
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"module {module_name!r} has no {attribute!r} (model {name!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(
+            f"model {name!r} is a {type(target).__name__}, not callable; give {IMPORT_PATH_HELP}"
+        )
+    return target
+
+
+def check_model(model: nn.Module, num_classes: int, input_shape: Shape, name: str = "") -> None:
+    """Raise ValueError unless `model` fits fedprune: an nn.Module whose state is its
+    parameters (no buffers), with a prunable layer, mapping a batch of `input_shape`
+    images to `num_classes` outputs. Runs one forward pass on two blank images."""
+    label = f"model {name!r}" if name else "the model"
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{label} built a {type(model).__name__}, not a torch.nn.Module")
+    extra = sorted(set(model.state_dict()) - {n for n, _ in model.named_parameters()})
+    if extra:
+        raise ValueError(
+            f"{label} has state that is not a parameter: {extra[:5]}. Only parameters "
+            "travel between the server and the clients, so buffers (e.g. batch norm's "
+            "running statistics) would differ on every node; use "
+            "nn.BatchNorm2d(..., track_running_stats=False), GroupNorm or LayerNorm, and "
+            "no register_buffer (or persistent=False for constants)"
+        )
+    if not prunable_names(model):
+        raise ValueError(f"{label} has no nn.Conv2d or nn.Linear layer: nothing to prune")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as exc:
+        raise ValueError(
+            f"{label} fails on a batch of images of shape {tuple(input_shape)} "
+            f"(channels, height, width): {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        found = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"{label} maps 2 images to {found}, not (2, {num_classes}): its output layer "
+            f"must have num_classes = {num_classes} outputs (one logit per class)"
+        )
+
+
+# Import-path models already checked in this process, by (name, classes, shape).
+_CHECKED: set[tuple[str, int, Shape]] = set()
+
+
 def build_model(
     name: str,
     num_classes: int = 10,
     seed: int | None = None,
     input_shape: Shape = MNIST_SHAPE,
 ) -> nn.Module:
-    """Build a model by name for images of `input_shape` (channels, height, width);
-    with `seed`, its initial weights are reproducible."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+    """Build model `name` (one of MODELS, or an import path, see `model_factory`) for
+    images of `input_shape` (channels, height, width) and `num_classes` classes; with
+    `seed`, its initial weights are reproducible. A user's model is checked
+    (`check_model`) the first time this process builds it for a shape."""
+    factory = model_factory(name)
     input_shape = tuple(input_shape)
-    if seed is None:
-        return MODELS[name](num_classes, input_shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return MODELS[name](num_classes, input_shape)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if name in MODELS:
+            return factory(num_classes, input_shape)
+        try:
+            model = factory(num_classes, input_shape)
+        except Exception as exc:
+            raise ValueError(
+                f"model {name!r} fails to build as {name.partition(':')[2]}(num_classes="
+                f"{num_classes}, input_shape={input_shape}): {type(exc).__name__}: {exc}"
+            ) from exc
+    key = (name, num_classes, input_shape)
+    if key not in _CHECKED:
+        check_model(model, num_classes, input_shape, name)
+        _CHECKED.add(key)
+    return model
 
 
 def prunable_names(model: nn.Module) -> list[str]:

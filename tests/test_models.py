@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES
+from fedprune.data import DataSpec, data_shape
 from fedprune.models import MODELS, build_model, count_parameters, prunable_names
+from fedprune.settings import Settings, SettingsError
 
 # (model, data set) -> parameters; the paper's counts for its three models.
 PARAMETERS = {
@@ -16,7 +17,8 @@ PAIRS = [*PARAMETERS, ("small-cnn", "cifar10"), ("resnet18", "mnist")]
 
 
 def _build(name, dataset, seed=None):
-    return build_model(name, NUM_CLASSES[dataset], seed=seed, input_shape=INPUT_SHAPE[dataset])
+    num_classes, input_shape = data_shape(DataSpec(dataset=dataset))
+    return build_model(name, num_classes, seed=seed, input_shape=input_shape)
 
 
 @pytest.mark.parametrize(("name", "dataset"), list(PARAMETERS))
@@ -27,9 +29,10 @@ def test_parameter_counts_are_the_papers(name, dataset):
 @pytest.mark.parametrize(("name", "dataset"), PAIRS)
 def test_forward_pass_takes_the_data_sets_images(name, dataset):
     model = _build(name, dataset, seed=0)
-    x = torch.rand(2, *INPUT_SHAPE[dataset])
+    num_classes, input_shape = data_shape(DataSpec(dataset=dataset))
+    x = torch.rand(2, *input_shape)
     model.train()
-    assert model(x).shape == (2, NUM_CLASSES[dataset])
+    assert model(x).shape == (2, num_classes)
     model.eval()
     with torch.no_grad():
         assert torch.isfinite(model(x)).all()
@@ -70,3 +73,48 @@ def test_seeded_models_are_reproducible():
 def test_vgg11_refuses_images_it_would_pool_away():
     with pytest.raises(ValueError, match="32x32"):
         _build("vgg11", "mnist")
+
+
+def test_the_named_data_sets_fix_classes_and_shape():
+    assert data_shape(DataSpec(dataset="mnist")) == (10, (1, 28, 28))
+    assert data_shape(DataSpec(dataset="femnist")) == (62, (1, 28, 28))
+    assert data_shape(DataSpec(dataset="cifar10")) == (10, (3, 32, 32))
+
+
+# ------------------------------------------------------------ a model by import path
+TINY = "tests.tiny_model:build"
+
+
+def test_a_model_by_import_path_is_built_for_the_data():
+    model = build_model(TINY, 7, seed=1, input_shape=(3, 64, 64))
+    assert model[-1].out_features == 7 and model[0].in_channels == 3
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 7)
+    again = build_model(TINY, 7, seed=1, input_shape=(3, 64, 64))
+    pairs = zip(model.parameters(), again.parameters(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    assert Settings.from_run_config({"model": TINY, "cost-profile": "paper-uniform"}).model == TINY
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("resnet-9000", "one of .*import path"),
+        ("tests.no_such_module:build", "cannot import module 'tests.no_such_module'"),
+        ("tests.tiny_model:nothing", "has no 'nothing'"),
+        ("tests.tiny_model:NOT_A_FACTORY", "not callable"),
+        ("tests.tiny_model:", "import path"),
+    ],
+)
+def test_a_model_that_cannot_be_used_is_refused_at_settings_time(model, message):
+    with pytest.raises(SettingsError, match=message) as info:
+        Settings.from_run_config({"model": model})
+    assert "'model'" in str(info.value)
+
+
+def test_a_user_model_with_buffers_or_the_wrong_output_is_refused():
+    with pytest.raises(ValueError, match=r"running statistics.*track_running_stats=False"):
+        build_model("tests.tiny_model:with_buffers", 10, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match=r"2 images to \(2, 5\), not \(2, 10\)"):
+        build_model("tests.tiny_model:five_outputs", 10, input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="fails to build as Linear"):
+        build_model("torch.nn:Linear", 10, input_shape=(1, 28, 28))

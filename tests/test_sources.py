@@ -1,4 +1,4 @@
-"""FEMNIST and CIFAR-10 loading, splitting and partitioning, on tiny in-memory look-alikes.
+"""FEMNIST and CIFAR-10 sources: loading, splitting, partitioning, on tiny look-alikes.
 
 No test touches the network: local sources are written to temporary folders, and the hub
 path is only checked for failing fast with advice on local sources.
@@ -20,18 +20,19 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 
 from clients.partitions import _partitioner, client_partition
-from fedprune import hub_data
+from fedprune import sources
 from fedprune.costs import named_profile
 from fedprune.data import (
-    INPUT_SHAPE,
-    NUM_CLASSES,
     DataSpec,
+    data_shape,
     heldout_split,
     server_share,
+    split_indices,
+    split_rows,
 )
-from fedprune.hub_data import DataSourceError, load_source, split_rows
 from fedprune.models import build_model, prunable_names
 from fedprune.settings import Settings, SettingsError
+from fedprune.sources import KNOWN, DataSourceError, load_splits, open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer"]
@@ -129,7 +130,7 @@ def test_femnist_test_split_is_a_fixed_share_of_each_writer():
 def test_femnist_clients_are_groups_of_whole_writers(femnist):
     folder, pixels, labels, writers = femnist
     spec = DataSpec(dataset="femnist", source=str(folder), partitioner="writers", test_fraction=0.2)
-    test, server, pool = hub_data._split(spec)
+    test, server, pool = split_indices(spec)
     partitioner = _partitioner(spec, 4)
     parts = [np.asarray(partitioner.load_partition(i)["index"]) for i in range(4)]
     everything = np.concatenate(parts)
@@ -152,7 +153,7 @@ def test_femnist_clients_are_groups_of_whole_writers(femnist):
 def test_writers_that_cannot_make_exact_client_groups_are_an_error(femnist):
     folder = femnist[0]
     spec = DataSpec(dataset="femnist", source=str(folder), partitioner="writers")
-    n = len(set(femnist[3][hub_data._split(spec)[2]]))  # 22 client writers
+    n = len(set(femnist[3][split_indices(spec)[2]]))  # 22 client writers
     assert _partitioner(spec, n).num_partitions == n  # one writer each
     with pytest.raises(ValueError, match="cannot be grouped"):
         _partitioner(spec, 10)
@@ -163,7 +164,7 @@ def test_writers_that_cannot_make_exact_client_groups_are_an_error(femnist):
 def test_femnist_can_also_be_split_iid_over_its_client_writers(femnist):
     spec = DataSpec(dataset="femnist", source=str(femnist[0]), partitioner="iid")
     sizes = [len(client_partition(spec, i, 3)) for i in range(3)]
-    assert sum(sizes) == len(hub_data._split(spec)[2]) and max(sizes) - min(sizes) <= 1
+    assert sum(sizes) == len(split_indices(spec)[2]) and max(sizes) - min(sizes) <= 1
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet"])
@@ -172,7 +173,7 @@ def test_cifar_partitions_are_disjoint_from_each_other_and_the_server(cifar, par
     spec = DataSpec(
         dataset="cifar10", source=str(folder), partitioner=partitioner, dirichlet_alpha=0.1
     )
-    test, server, pool = hub_data._split(spec)
+    test, server, pool = split_indices(spec)
     assert len(test) == 0 and len(server) == 12 and len(pool) == 108  # own test split
     partitioner_ = _partitioner(spec, 4)
     parts = [np.asarray(partitioner_.load_partition(i)["index"]) for i in range(4)]
@@ -191,9 +192,9 @@ def test_cifar_uses_its_own_test_split_and_standardises_pixels(cifar):
     spec = DataSpec(dataset="cifar10", source=str(folder))
     test = heldout_split(spec)
     pixels, labels = raw["test"]
-    assert test.x.shape == (30, *INPUT_SHAPE["cifar10"]) and test.x.dtype == torch.float32
+    assert test.x.shape == (30, 3, 32, 32) and test.x.dtype == torch.float32
     assert torch.equal(test.y, torch.from_numpy(labels))
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in hub_data.STANDARDISE["cifar10"])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in KNOWN["cifar10"].standardise)
     restored = torch.round((test.x * std + mean) * 255).to(torch.uint8)
     assert torch.equal(restored, torch.from_numpy(pixels).permute(0, 3, 1, 2))
     share = server_share(spec)
@@ -232,7 +233,7 @@ def _write_source(kind, folder: Path):
 )
 def test_every_local_source_gives_the_same_femnist(kind, tmp_path):
     source, pixels, labels, _ = _write_source(kind, tmp_path / "src")
-    splits = load_source("femnist", str(source))
+    splits = load_splits("femnist", str(source))
     assert list(splits) == ["train"] and splits["train"].num_rows == len(labels)
     spec = DataSpec(dataset="femnist", source=str(source), partitioner="writers")
     parts = [client_partition(spec, i, 2) for i in range(2)]
@@ -255,7 +256,7 @@ def test_cifar_image_folder_with_class_folders_and_a_test_split(tmp_path):
             folder = tmp_path / split / CIFAR_NAMES[y]
             folder.mkdir(parents=True, exist_ok=True)
             PILImage.fromarray(p, "RGB").save(folder / f"{i}.png")
-    splits = load_source("cifar10", str(tmp_path))
+    splits = load_splits("cifar10", str(tmp_path))
     assert sorted(splits) == ["test", "train"]
     # Class folders sort alphabetically, which is CIFAR-10's label order.
     assert splits["train"].features["label"].names == CIFAR_NAMES
@@ -270,16 +271,16 @@ def test_integer_class_folders_keep_their_numbers(tmp_path):
         for i in range(2):
             pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
             PILImage.fromarray(pixels, "RGB").save(tmp_path / "train" / str(y) / f"{i}.png")
-    src = hub_data._source("cifar10", str(tmp_path))
+    src = open_source("cifar10", str(tmp_path))
     assert sorted(src.labels["train"].tolist()) == [0, 0, 3, 3, 9, 9]
     # Sorted as text, "10" < "11" < "2": the names, not the positions, are the labels.
-    assert hub_data._label_ids(ClassLabel(names=["10", "11", "2"])).tolist() == [10, 11, 2]
-    assert hub_data._label_ids(ClassLabel(names=CIFAR_NAMES)) is None
+    assert sources._label_ids(ClassLabel(names=["10", "11", "2"])).tolist() == [10, 11, 2]
+    assert sources._label_ids(ClassLabel(names=CIFAR_NAMES)) is None
 
 
 def test_a_bad_local_source_says_what_is_wrong(tmp_path):
     with pytest.raises(DataSourceError, match="does not exist"):
-        load_source("cifar10", str(tmp_path / "nowhere"))
+        load_splits("cifar10", str(tmp_path / "nowhere"))
     small = Dataset.from_dict(
         {"img": [PILImage.new("RGB", (16, 16))] * 3, "label": [0, 1, 2]},
         features=Features({"img": Image(), "label": Value("int64")}),
@@ -309,7 +310,7 @@ def test_an_unreachable_hub_fails_fast_and_points_to_local_sources(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     start = time.monotonic()
     with pytest.raises(DataSourceError) as info:
-        load_source("femnist", "", hub_timeout_s=2.0)
+        load_splits("femnist", "", hub_timeout_s=2.0)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "flwrlabs/femnist" in message and "save_to_disk" in message
@@ -346,8 +347,8 @@ def test_offline_mode_fails_fast_in_a_fresh_process(tmp_path):
 def test_settings_refuse_writers_and_sources_where_they_do_not_apply():
     with pytest.raises(SettingsError, match="'partitioner'"):
         Settings.from_run_config({"dataset": "cifar10", "partitioner": "writers"})
-    with pytest.raises(SettingsError, match="'data-source'"):
-        Settings.from_run_config({"data-source": "/data/mnist"})
+    # Every data set takes a data source now (mnist: e.g. the full 70,000 digits).
+    assert Settings.from_run_config({"data-source": "/data/mnist"}).data_source == "/data/mnist"
     s = Settings.from_run_config(
         {"dataset": "femnist", "partitioner": "writers", "data-source": "/data/femnist"}
     )
@@ -373,11 +374,8 @@ def test_a_preset_is_valid_run_config(path):
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert set(preset) <= set(pyproject["tool"]["flwr"]["app"]["config"])
     settings = Settings.from_run_config(preset)
-    model = build_model(
-        settings.model,
-        NUM_CLASSES[settings.dataset],
-        input_shape=INPUT_SHAPE[settings.dataset],
-    )
+    num_classes, input_shape = data_shape(settings.data_spec())
+    model = build_model(settings.model, num_classes, input_shape=input_shape)
     named_profile(settings.cost_profile, prunable_names(model))  # the profile fits the model
     if path.stem not in PAPER:
         return
