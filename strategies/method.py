@@ -139,7 +139,7 @@ def warm_start_file(settings: Settings) -> Path:
 
     what = {
         "model": settings.model,
-        "data": dataclasses.asdict(settings.data_spec()),
+        "data": dataclasses.asdict(settings.server_data_spec()),
         "seed": settings.seed,
         "iterations": settings.ip_max_iterations,
         "lr": settings.learning_rate,
