@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -27,6 +28,7 @@ from fedprune.masks import Masks, full_masks
 from fedprune.replies import Expected, TrainUpdate, check_train_reply
 from fedprune.settings import Settings
 from fedprune.training import evaluate
+from strategies.results import source_digest
 
 
 @dataclass
@@ -135,8 +137,6 @@ def warm_start_file(settings: Settings) -> Path:
     """Where `warm-start-cache` keeps this run's warm-started model: named by a digest of
     everything the server phase depends on (model and initialisation, data split, seed,
     iterations, batch, learning rate, local steps, the sources, torch and its threads)."""
-    from strategies.results import source_digest  # strategies.results imports Flower parts
-
     what = {
         "model": settings.model,
         "data": dataclasses.asdict(settings.server_data_spec()),
@@ -150,5 +150,6 @@ def warm_start_file(settings: Settings) -> Path:
         "threads": torch.get_num_threads(),
     }
     digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-    name = f"warm-{settings.model}-seed{settings.seed}-{digest}.pt"
+    model = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.model)  # may be "package.module:factory"
+    name = f"warm-{model}-seed{settings.seed}-{digest}.pt"
     return Path(settings.warm_start_cache) / name
