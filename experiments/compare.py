@@ -624,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     runs = earlier_runs(out, runs, plan) + runs
     order: dict[str, int] = {}
-    for arm in [*harness.get("methods", []), *ARMS]:  # the preset's order, then the rest
+    # PruneFL, then the preset's order, then arms added on the command line, then the rest.
+    for arm in ["prunefl", *harness.get("methods", []), *arms, *ARMS]:
         order.setdefault(arm, len(order))
     runs.sort(key=lambda r: (order.get(r.arm, len(order)), r.arm, r.seed))
     rows = summarise(runs_dir, runs, targets)
