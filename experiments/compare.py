@@ -360,7 +360,6 @@ def plot(out: Path, rows, targets: list[float]) -> None:
     methods = list(dict.fromkeys(arm.removesuffix("-warm") for arm in arms))
     palette = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
     colors = {arm: palette[arm.removesuffix("-warm")] for arm in arms}
-    acc_limits = accuracy_limits(curves, targets)
     specs = [
         ("accuracy_vs_modelled_time.png", "modelled time (s, the paper's cost model)",
          "sim_time_s", "accuracy"),
@@ -369,34 +368,40 @@ def plot(out: Path, rows, targets: list[float]) -> None:
         ("accuracy_vs_bytes.png", "bytes moved (MB, cumulative, down + up)", "mb", "accuracy"),
         ("density_vs_round.png", "round", "round", "density"),
     ]  # fmt: skip
+    warm = [arm for arm in arms if is_warm(arm)]
     for filename, xlabel, xkey, ykey in specs:
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for arm in arms:
-            ax.plot(
-                curves[arm][xkey],
-                curves[arm][ykey],
-                color=colors[arm],
-                linestyle="-" if is_warm(arm) else "--",
-                linewidth=1.4,
-                label=arm,
-            )
-        if ykey == "accuracy":
-            ax.set_ylim(*acc_limits)
-            for t in targets:
-                ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
-            ax.set_ylabel("test accuracy (mean over seeds)")
-        else:
-            ax.set_ylim(0, 1.05)
-            ax.set_ylabel("density (kept fraction, mean over seeds)")
-        if xkey != "round":
-            # Methods differ by orders of magnitude; linear below 1 so that round 0 shows.
-            ax.set_xscale("symlog", linthresh=1.0)
-            ax.set_xlim(left=0)
-        ax.set_xlabel(xlabel)
-        ax.set_title("solid: equal server phase (warm / PruneFL); dashed: cold start",
-                     fontsize=9)  # fmt: skip
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        # Accuracy: all arms, and beside them the equal-start arms on their own axis (the
+        # headline, whose curves the cold ones would squash).
+        panels = [(arms, "all arms: solid equal server phase, dashed cold start")]
+        if ykey == "accuracy" and warm and len(warm) < len(arms):
+            panels.append((warm, "equal server phase (warm arms and PruneFL)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5), squeeze=False)
+        for ax, (shown, title) in zip(axes[0], panels, strict=True):
+            for arm in shown:
+                ax.plot(
+                    curves[arm][xkey],
+                    curves[arm][ykey],
+                    color=colors[arm],
+                    linestyle="-" if is_warm(arm) else "--",
+                    linewidth=1.4,
+                    label=arm,
+                )
+            if ykey == "accuracy":
+                ax.set_ylim(*accuracy_limits({a: curves[a] for a in shown}, targets))
+                for t in targets:
+                    ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
+                ax.set_ylabel("test accuracy (mean over seeds)")
+            else:
+                ax.set_ylim(0, 1.05)
+                ax.set_ylabel("density (kept fraction, mean over seeds)")
+            if xkey != "round":
+                # Methods differ by orders of magnitude; linear below 1 so round 0 shows.
+                ax.set_xscale("symlog", linthresh=1.0)
+                ax.set_xlim(left=0)
+            ax.set_xlabel(xlabel)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / filename, dpi=110)
         plt.close(fig)
