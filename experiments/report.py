@@ -152,9 +152,13 @@ def goals(rows: list[dict[str, str]]) -> list[str]:
             device = ratio(stat(ours, f"device_time_to_{t}_s"), stat(ref, f"device_time_to_{t}_s"))
             if mine.values and theirs.values:
                 met = mine.mean <= TIME_RATIO_GOAL * theirs.mean
-                verdict = "met" if met else (
-                    f"missed: {mine.mean / theirs.mean / TIME_RATIO_GOAL:.2f}x the allowed time"
-                )  # fmt: skip
+                if met:
+                    verdict = "met"
+                elif theirs.mean == 0:
+                    verdict = f"missed: `{REFERENCE}` starts at or above it"
+                else:
+                    excess = mine.mean / theirs.mean / TIME_RATIO_GOAL
+                    verdict = f"missed: {excess:.2f}x the allowed time"
             else:
                 verdict = "met" if mine.values else "missed"
             if len(mine.values) < len(ours) or len(theirs.values) < len(ref):

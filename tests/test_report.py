@@ -85,3 +85,11 @@ def test_reconfiguration_is_judged_against_initial_pruning_alone_paired_by_seed(
     # Seed 0: +1 point, seed 1: -1 point; time 10 - 12 and 11 - 12 seconds.
     assert "final accuracy 0.00 ± 1.41 points" in text
     assert "0.9: -1.5 ± 0.7 s" in text
+
+
+def test_a_reference_already_at_the_target_is_said_not_divided_by(tmp_path):
+    rows = [row("prunefl", s, 0.95, 5.0, 1.0, 1e6) for s in (0, 1, 2)] + [
+        row("fedavg-warm", s, 0.95, 0.0, 0.0, 0) for s in (0, 1, 2)
+    ]
+    text = report.render(write(tmp_path, rows))
+    assert "| 0.9 | – | – | missed: `fedavg-warm` starts at or above it |" in text
