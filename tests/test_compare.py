@@ -28,6 +28,7 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     preset = tmp_path / "tiny.toml"
     preset.write_text(TINY)
     out = tmp_path / "results"
+    code = compare.code_version()  # what the harness passes on to the runs
     # snip needs PruneFL's density on the same seed: the harness adds and runs it first.
     assert (
         compare.main(
@@ -37,7 +38,6 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     )
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["method"] for r in rows] == ["prunefl", "fedavg", "snip"]
-    code = compare.code_version()
     for r in rows:
         # The table holds each run's own last evaluation and traffic, not a copy of another.
         run = out / "runs" / f"{r['method']}-seed0-{r['key']}"
