@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import compression
 from clients.node_state import (
     drop_importance,
     held_mask,
@@ -44,20 +45,24 @@ def train(msg: Message, context: Context) -> Message:
     settings, model, masks, version = receive(msg, context)
     data = local_data(settings, context)
     config = msg.content[P.CONFIG]
+    # The compression-only reference replies with a top-k update (clients/compression.py).
+    received = compression.snapshot(model) if P.TOPK_VALUES in config else None
     partition_id = int(context.node_config.get(P.PARTITION_ID, 0))  # seeds batches only
     if partition_id in parse_ids(settings.simulate_failures):
         # Fault injection: this device "crashes" in training; Flower turns the exception
         # into an error reply, which the server must drop without stopping the run.
         raise RuntimeError(f"simulated failure of partition {partition_id} (simulate-failures)")
     send, keep = bool(config[P.SEND_IMPORTANCE]), bool(config[P.ACCUMULATE_IMPORTANCE])
+    votes = float(config[P.TOP_GRADIENTS]) if P.TOP_GRADIENTS in config else None  # FedRTS
+    track = send or keep or votes is not None
     t0 = time.perf_counter()
-    local = train_locally(settings, context, model, masks, data, config, partition_id, send or keep)
+    local = train_locally(settings, context, model, masks, data, config, partition_id, track)
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
         P.COMPUTE_S: time.perf_counter() - t0,
-        P.IMPORTANCE_TRACKED: int(send or keep),
+        P.IMPORTANCE_TRACKED: int(track),
     }
     uploaded = None
     if send or keep:
@@ -71,10 +76,19 @@ def train(msg: Message, context: Context) -> Message:
             )
     if not keep:
         drop_importance(context)
-    state = {name: p.detach() for name, p in model.named_parameters()}
-    code = ImportanceCode() if settings.importance_code == "coded" else None
-    update = encode_update(state, masks, uploaded, importance_code=code)
-    arrays = ArrayRecord({k: Array(v) for k, v in update.items()})
+    t1 = time.perf_counter()  # what the node computes for its reply is device time too
+    if received is not None:
+        arrays = compression.topk_reply(context, received, model, int(config[P.TOPK_VALUES]))
+    else:
+        state = {name: p.detach() for name, p in model.named_parameters()}
+        code = ImportanceCode() if settings.importance_code == "coded" else None
+        encoded = encode_update(state, masks, uploaded, importance_code=code)
+        arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
+    if votes is not None:
+        for key, array in compression.vote_arrays(local.importance, masks, votes).items():
+            arrays[key] = array
+    if received is not None or votes is not None:
+        metrics[P.COMPUTE_S] += time.perf_counter() - t1
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 

@@ -257,7 +257,7 @@ def slowest(profiles: Iterable[CostProfile], name: str = "measured") -> CostProf
     )
 
 
-def paper_conv2(prunable: Sequence[str]) -> CostProfile:
+def paper_conv2(prunable: Sequence[str], positions: Mapping[str, int] | None = None) -> CostProfile:
     """The paper's measured Conv-2 constants, mapped onto the model's four prunable layers."""
     if len(prunable) != len(PAPER_CONV2_COMPUTE_S_PER_PARAM):
         raise ValueError(
@@ -273,7 +273,9 @@ def paper_conv2(prunable: Sequence[str]) -> CostProfile:
     )
 
 
-def paper_uniform(prunable: Sequence[str]) -> CostProfile:
+def paper_uniform(
+    prunable: Sequence[str], positions: Mapping[str, int] | None = None
+) -> CostProfile:
     """Any model: every layer costs the paper's fc1 slope, with the paper's link and
     fixed cost. For models the paper did not measure (the small test CNN)."""
     return CostProfile(
@@ -285,10 +287,50 @@ def paper_uniform(prunable: Sequence[str]) -> CostProfile:
     )
 
 
-PROFILES = {"paper-conv2": paper_conv2, "paper-uniform": paper_uniform}
+# Conv-2's conv2 computes on 14x14 positions per image (28x28 input, one 2x2 pool before).
+PAPER_CONV2_CONV_POSITIONS = 14 * 14
 
 
-def named_profile(name: str, prunable: Sequence[str]) -> CostProfile:
+def paper_scaled(
+    prunable: Sequence[str], positions: Mapping[str, int] | None = None
+) -> CostProfile:
+    """Any model, per layer type from the paper's Conv-2 constants: a fully connected
+    weight at fc1's slope (1.93e-7 s); a convolution weight at conv2's slope (7.1e-6 s, 37x
+    fc1's) times its output positions per image over conv2's 14 x 14 (a convolution weight
+    does one multiply-add per output position, a fully connected one per example), with
+    the paper's link and fixed cost.
+
+    positions: per prunable weight, the output positions (height x width) per image of
+    its convolution, 0 for a fully connected layer (`fedprune.models.output_positions`).
+    """
+    if positions is None or set(positions) != set(prunable):
+        raise ValueError("the paper-scaled profile needs each prunable layer's output positions")
+    conv, fc = PAPER_CONV2_COMPUTE_S_PER_PARAM[1], PAPER_CONV2_COMPUTE_S_PER_PARAM[2]
+    return CostProfile(
+        name="paper-scaled",
+        compute_s_per_param={
+            name: conv * positions[name] / PAPER_CONV2_CONV_POSITIONS if positions[name] else fc
+            for name in prunable
+        },
+        comm_s_per_param=PAPER_COMM_S_PER_PARAM,
+        fixed_s=PAPER_CONV2_FIXED_S,
+        source="PruneFL paper's Conv-2 constants per layer type, convolutions scaled by "
+        "output positions",
+    )
+
+
+PROFILES = {
+    "paper-conv2": paper_conv2,
+    "paper-uniform": paper_uniform,
+    "paper-scaled": paper_scaled,
+}
+
+
+def named_profile(
+    name: str, prunable: Sequence[str], positions: Mapping[str, int] | None = None
+) -> CostProfile:
+    """The profile `name` for a model with these prunable weights (`positions`: their
+    output positions per image, which `paper-scaled` needs)."""
     if name not in PROFILES:
         raise ValueError(f"unknown cost profile {name!r}; choose one of {sorted(PROFILES)}")
-    return PROFILES[name](prunable)
+    return PROFILES[name](prunable, positions)

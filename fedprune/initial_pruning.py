@@ -1,5 +1,9 @@
 """Phase 1 of PruneFL: the server trains the full model on its own data and prunes it.
 
+`warm_start` is the same server phase without pruning: the baselines' equal starting point
+(setting `warm-start`), drawing the very same batches as `initial_prune` until its first
+reconfiguration.
+
 Every `interval` iterations, once training accuracy is above chance (1.5 / classes), the
 server reconfigures the mask with removals only. It stops when the kept size changed by at
 most `tolerance` (relative) over the last `window` reconfigurations, or at
@@ -46,6 +50,38 @@ def size_converged(sizes: list[int], window: int, tolerance: float) -> bool:
         return False
     before, recent = sizes[-1 - window], sizes[-window:]
     return max(abs(s - before) for s in recent) <= tolerance * max(before, 1)
+
+
+def warm_start(
+    model: nn.Module,
+    data: Examples,
+    *,
+    iterations: int,
+    lr: float,
+    batch_size: int,
+    local_steps: int,
+    seed: int = 0,
+) -> int:
+    """Train `model` (dense) in place on the server's data for `iterations` SGD steps, in
+    blocks of `local_steps` as `initial_prune` trains, with the same seeded batches and
+    no importance; returns the iterations done."""
+    masks = full_masks(model)
+    generator = torch.Generator().manual_seed(seed)
+    done = 0
+    while done < iterations:
+        steps = min(local_steps, iterations - done)
+        train_masked(
+            model,
+            masks,
+            data,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            generator=generator,
+            track_importance=False,
+        )
+        done += steps
+    return done
 
 
 def initial_prune(

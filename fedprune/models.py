@@ -274,3 +274,29 @@ def param_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def output_positions(model: nn.Module, input_shape: Shape) -> dict[str, int]:
+    """Per prunable weight, the output positions (height x width) per image of its
+    convolution, 0 for a fully connected layer: a convolution weight does one multiply-add
+    per output position (`fedprune.costs.paper_scaled`). One forward pass of one image."""
+    found: dict[str, int] = {}
+    hooks = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            name = f"{module_name}.weight" if module_name else "weight"
+
+            def record(_m, _inputs, out, name=name) -> None:
+                found[name] = int(out.shape[-2] * out.shape[-1])
+
+            hooks.append(module.register_forward_hook(record))
+    training = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return {name: found.get(name, 0) for name in prunable_names(model)}

@@ -20,6 +20,12 @@ SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated sin
 # full participation: nodes accumulate, and upload only when the server reconfigures)
 ACCUMULATE_IMPORTANCE = "accumulate-importance"
 LEARNING_RATE = "lr"
+# The compression-only reference (`fedprune.topk`): reply with at most this many entries of
+# (update + error memory) and their positions instead of the kept values
+TOPK_VALUES = "topk-values"
+# FedRTS (`fedprune.thompson`): also reply with the positions of this fraction of each
+# layer's kept count of pruned links with the largest gradients
+TOP_GRADIENTS = "top-gradients"
 
 # MetricRecord keys, client -> server
 NUM_EXAMPLES = "num-examples"  # Flower's aggregation weight key
@@ -36,6 +42,7 @@ STATE_MASK = "fedprune-mask"  # ArrayRecord: the mask the node holds, packed
 STATE_META = "fedprune-meta"  # ConfigRecord: its version
 STATE_IMPORTANCE = "fedprune-importance"  # ArrayRecord: importance accumulated so far
 STATE_IMPORTANCE_META = "fedprune-importance-meta"  # ConfigRecord: over how many rounds
+STATE_TOPK_ERROR = "fedprune-topk-error"  # ArrayRecord: top-k error memory, per parameter
 
 # Node config and query replies: the node's stable client id
 PARTITION_ID = "partition-id"

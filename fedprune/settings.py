@@ -167,6 +167,12 @@ class Settings:
     ip_max_iterations: int = _opt(1000, _non_negative, "a non-negative number of iterations")
     ip_stop_window: int = _opt(5, _positive, "a positive number of reconfigurations")
     ip_stop_tolerance: float = _opt(0.1, _non_negative, "a non-negative fraction")
+    # Equal starting points: every method trains the dense model on the server's share for
+    # PruneFL's phase-1 budget (ip-max-iterations) first; PruneFL's phase 1 is its own.
+    warm_start: bool = _opt(False)
+    warm_start_cache: str = _opt(
+        "", None, "a folder for warm-started models, reused by equal server phases (empty: none)"
+    )
     # --- phase 2: reconfiguration during federated training
     reconfigure: bool = _opt(True)
     reconfig_interval: int = _opt(10, _positive, "a positive number of rounds")

@@ -33,7 +33,8 @@ class TargetDensity(SparseFedAvg):
 
     @classmethod
     def comparison_arms(cls) -> dict[str, dict]:
-        return {cls.name: {"target-density": "@density"}}
+        density = {"target-density": "@density"}
+        return {cls.name: density, f"{cls.name}-warm": {**density, "warm-start": True}}
 
     @classmethod
     def check_settings(cls, settings: Settings) -> None:
@@ -125,12 +126,13 @@ class FedDST(TargetDensity):
 
     @classmethod
     def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
+        _, info = super().starting_point(settings, start)  # the warm start, if set
         params = dict(start.model.named_parameters())
         names = prunable_names(start.model)
         shapes = {n: tuple(params[n].shape) for n in names}
         densities = policies.erk_densities(shapes, settings.target_density)
         generator = torch.Generator().manual_seed(settings.seed)
-        return policies.random_masks(shapes, densities, generator), {"enabled": False}
+        return policies.random_masks(shapes, densities, generator), info
 
     def wants_importance(self, server_round: int) -> bool:
         return self.interval > 0 and server_round % self.interval == 0
@@ -165,6 +167,11 @@ class Lottery(SparseFedAvg):
             raise SettingsError(
                 "setting 'mask-path' is empty: method 'lottery' trains a mask found by an "
                 "earlier run; give the path of its mask.pt"
+            )
+        if settings.warm_start:
+            raise SettingsError(
+                "setting 'warm-start' = true: method 'lottery' tests an initialisation (the "
+                "original or a fresh one), which a server phase would replace; set it false"
             )
 
     @classmethod

@@ -11,6 +11,8 @@ import difflib
 
 from fedprune.settings import Settings, SettingsError
 from strategies.baselines import FedAvgDense, FedDST, IterativeMagnitude, Lottery, Snip
+from strategies.compression import TopKCompression
+from strategies.fedrts import FedRTS
 from strategies.prunefl import PruneFL
 from strategies.sparse_fedavg import SparseFedAvg
 
@@ -21,6 +23,8 @@ REGISTERED: tuple[type[SparseFedAvg], ...] = (
     IterativeMagnitude,
     FedDST,
     Lottery,
+    TopKCompression,
+    FedRTS,
 )
 METHODS: dict[str, type[SparseFedAvg]] = {cls.name: cls for cls in REGISTERED}
 

@@ -11,7 +11,7 @@ import torch
 from flwr.common.logger import log
 
 from fedprune.initial_pruning import initial_prune
-from fedprune.masks import Masks, full_masks, model_density
+from fedprune.masks import Masks, model_density
 from fedprune.reconfigure import reconfigure, stability_delta
 from fedprune.settings import Settings
 from strategies.method import Start
@@ -61,9 +61,11 @@ class PruneFL(SparseFedAvg):
 
     @classmethod
     def starting_point(cls, settings: Settings, start: Start) -> tuple[Masks, dict]:
-        """Phase 1: train and prune on the server's own data (unless turned off)."""
+        """Phase 1: train and prune on the server's own data (unless turned off; then the
+        dense model, warm-started as every method's with `warm-start`). Phase 1 is the
+        server phase `warm-start` gives the others, so that setting changes nothing here."""
         if not (settings.initial_pruning and settings.ip_max_iterations):
-            return full_masks(start.model), {"enabled": False}
+            return super().starting_point(settings, start)
         return initial_pruning(settings, start)
 
     @classmethod
@@ -72,6 +74,7 @@ class PruneFL(SparseFedAvg):
             "prunefl": {},
             "prunefl-ip-only": {"reconfigure": False},
             "prunefl-reconfig-only": {"initial-pruning": False},
+            "prunefl-reconfig-only-warm": {"initial-pruning": False, "warm-start": True},
         }
 
     def wants_importance(self, server_round: int) -> bool:

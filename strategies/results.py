@@ -7,9 +7,11 @@ its metrics so far on disk.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from logging import INFO
 from pathlib import Path
@@ -49,6 +51,47 @@ COLUMNS = [
 # Read off a clock, so no two runs share them; every other column is a function of the
 # seed and settings (tests/test_determinism.py).
 MEASURED_COLUMNS = ("wall_time_s", "device_round_s", "device_time_s")
+
+
+# The packages whose code a run executes: their sources identify the code of a run.
+SOURCE_PACKAGES = ("fedprune", "strategies", "clients")
+# Set by experiments.compare for the SuperLink it starts: the commit it runs (a ServerApp
+# runs from an unpacked app bundle, outside the git checkout).
+COMMIT_ENV = "FEDPRUNE_COMMIT"
+
+
+def source_digest(root: Path | None = None) -> str:
+    """sha256 over the paths and contents of the `SOURCE_PACKAGES`' .py files under
+    `root` (default: this checkout or app bundle): equal digests, equal code."""
+    root = root or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for package in SOURCE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+            digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """HEAD's commit of the git checkout at `root`, with "-dirty" if the code (the
+    `SOURCE_PACKAGES`, pyproject.toml) differs from it; None outside a checkout."""
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no", "--", *SOURCE_PACKAGES, "pyproject.toml"],
+                               capture_output=True, text=True, timeout=10, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def code_version() -> dict[str, str]:
+    """The code a run ran: its commit (from the harness's environment, else git, else
+    "unknown") and the digest of its sources (`source_digest`), for summary.json."""
+    commit = os.environ.get(COMMIT_ENV) or git_commit() or "unknown"
+    return {"commit": commit, "source_sha256": source_digest()}
 
 
 def inference_summary(
@@ -186,6 +229,7 @@ class RunRecorder:
             "total_wall_time_s": last["wall_time_s"],
             "dropped_replies": sum(r["dropped"] for r in self.rows),
             "machine": machine(),
+            "code": code_version(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             **summary_extra,
         }

@@ -27,7 +27,7 @@ from fedprune import protocol as P
 from fedprune.costs import PAPER_CONV2_COMPUTE_S_PER_PARAM, CostProfile, named_profile
 from fedprune.data import data_shape, heldout_split, server_share
 from fedprune.importance import ImportanceCollector
-from fedprune.models import build_model, count_parameters, prunable_names
+from fedprune.models import build_model, count_parameters, output_positions, prunable_names
 from fedprune.reconfigure import stability_delta
 from fedprune.sample_counts import ExampleBounds
 from fedprune.settings import Settings, SettingsError
@@ -122,23 +122,24 @@ def starting_inputs(settings: Settings) -> Start:
         raise SettingsError(
             f"setting 'model' = {settings.model!r} does not fit dataset {settings.dataset!r}: {exc}"
         ) from exc
-    profile = prior_profile(settings, prunable_names(model))
+    profile = prior_profile(settings, model, input_shape)
     return Start(model, profile, server_share(spec), num_classes, input_shape)
 
 
-def prior_profile(settings: Settings, prunable: list[str]) -> CostProfile:
+def prior_profile(settings: Settings, model: torch.nn.Module, input_shape) -> CostProfile:
     """The named cost profile; with `cost-profile = measured`, the paper's profile that
-    fits the model, used for initial pruning and until the first node has been profiled."""
-    name = settings.cost_profile
+    fits the model (Conv-2's own, else its constants per layer type), used for initial
+    pruning and until the first node has been profiled."""
+    name, prunable = settings.cost_profile, prunable_names(model)
     if name == "measured":
         fits_conv2 = len(prunable) == len(PAPER_CONV2_COMPUTE_S_PER_PARAM)
-        name = "paper-conv2" if fits_conv2 else "paper-uniform"
+        name = "paper-conv2" if fits_conv2 else "paper-scaled"
     try:
-        return named_profile(name, prunable)
+        return named_profile(name, prunable, output_positions(model, input_shape))
     except ValueError as exc:
         raise SettingsError(
             f"setting 'cost-profile' = {settings.cost_profile!r}: {exc}. Use "
-            "cost-profile='paper-uniform' (the paper's fc1 slope for every layer) or "
+            "cost-profile='paper-scaled' (the paper's Conv-2 constants per layer type) or "
             "'measured' (each node's own profile)"
         ) from exc
 

@@ -51,7 +51,6 @@ from fedprune.replies import (
     ReplyError,
     TrainUpdate,
     check_evaluate_reply,
-    check_train_reply,
 )
 from fedprune.sample_counts import ExampleBounds, counted_importance
 from strategies.accounting import RoundStats, content_bytes
@@ -376,7 +375,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
             stats.count_reply(msg)
             node_id = msg.metadata.src_node_id
             try:
-                update = check_train_reply(*self._parts(msg, sent_to, train=True), expected)
+                update = self.check_train_reply(*self._parts(msg, sent_to, train=True), expected)
             except ReplyError as exc:
                 self._drop(server_round, node_id, str(exc))
                 continue

@@ -1,6 +1,7 @@
 """The harness runs two methods for 2 rounds on a tiny preset and writes all its files."""
 
 import csv
+import json
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     preset = tmp_path / "tiny.toml"
     preset.write_text(TINY)
     out = tmp_path / "results"
+    code = compare.code_version()  # what the harness passes on to the runs
     # snip needs PruneFL's density on the same seed: the harness adds and runs it first.
     assert (
         compare.main(
@@ -38,19 +40,27 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["prunefl", "fedavg", "snip"]
     for r in rows:
         # The table holds each run's own last evaluation and traffic, not a copy of another.
-        run = out / "runs" / f"{r['method']}-seed0"
+        run = out / "runs" / f"{r['method']}-seed0-{r['key']}"
         last = list(csv.DictReader((run / "metrics.csv").open()))[-1]
         assert float(r["final_accuracy"]) == pytest.approx(float(last["accuracy"]))
         assert int(r["total_bytes"]) > 0
-        assert r["time_to_0.999_s"] == ""  # never reached: blank, not zero
+        assert r["time_to_0.999_s"] == r["device_time_to_0.999_s"] == ""  # never: blank
+        device = float(last["device_time_s"])
+        assert float(r["total_device_time_s"]) == pytest.approx(device, abs=0.005)
+        # The run recorded the code it ran: this checkout's sources, and its commit.
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["code"]["source_sha256"] == code["source_sha256"]
+        assert summary["code"]["commit"] == code["commit"] != "unknown"
     assert float(rows[0]["final_accuracy"]) > 0.3  # PruneFL after initial pruning; chance 0.1
     assert float(rows[1]["final_density"]) == 1.0  # fedavg stays dense
     assert abs(float(rows[2]["final_density"]) - float(rows[0]["final_density"])) < 0.02
     for name in (
         "summary.md",
-        "accuracy_vs_time.png",
+        "accuracy_vs_modelled_time.png",
+        "accuracy_vs_device_time.png",
         "accuracy_vs_bytes.png",
         "density_vs_round.png",
+        "layer_density.png",
     ):
         assert (out / name).stat().st_size > 0, name
     # A second call resumes: nothing is run again.
@@ -61,4 +71,4 @@ def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
         )
         == 0
     )
-    assert "(3 done already)" in capsys.readouterr().out
+    assert "3 of 3 runs done already" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from fedprune.costs import (
     named_profile,
     slowest,
 )
-from fedprune.models import build_model, prunable_names
+from fedprune.models import build_model, output_positions, prunable_names
 
 
 def test_paper_profile_reproduces_the_papers_dense_round():
@@ -144,3 +144,25 @@ def test_check_rejects_bad_layer_costs():
         replace(p, layer_costs={**p.layer_costs, "fc.weight": bad}).check()
     with pytest.raises(ValueError, match="does not have"):
         replace(p, layer_costs={**p.layer_costs, "x.weight": p.layer_costs["fc.weight"]}).check()
+
+
+def test_paper_scaled_prices_layers_by_type_and_output_positions():
+    model = build_model("conv2")
+    positions = output_positions(model, (1, 28, 28))
+    assert positions == {"conv1.weight": 784, "conv2.weight": 196, "fc1.weight": 0,
+                         "fc2.weight": 0}  # fmt: skip
+    profile = named_profile("paper-scaled", prunable_names(model), positions)
+    # On Conv-2 itself: conv2 at the paper's conv2 slope, 37x fc1's; fc layers at fc1's.
+    assert profile.compute_s_per_param["conv2.weight"] == pytest.approx(7.1e-6)
+    assert profile.compute_s_per_param["fc1.weight"] == pytest.approx(1.93e-7)
+    assert profile.compute_s_per_param["fc2.weight"] == pytest.approx(1.93e-7)
+    vgg = build_model("vgg11", input_shape=(3, 32, 32))
+    names = prunable_names(vgg)
+    vgg_positions = output_positions(vgg, (3, 32, 32))
+    scaled = named_profile("paper-scaled", names, vgg_positions)
+    # VGG-11's first convolution sees 32x32 positions, its last 2x2; the head is fc.
+    assert vgg_positions[names[0]] == 1024 and vgg_positions[names[7]] == 4
+    assert scaled.compute_s_per_param[names[0]] == pytest.approx(7.1e-6 * 1024 / 196)
+    assert scaled.compute_s_per_param[names[-1]] == pytest.approx(1.93e-7)
+    with pytest.raises(ValueError, match="output positions"):
+        named_profile("paper-scaled", names)

@@ -15,7 +15,7 @@ import strategies.prunefl as prunefl_module
 from fedprune import protocol as P
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP, named_profile
 from fedprune.masks import full_masks, kept_counts
-from fedprune.models import build_model, prunable_names
+from fedprune.models import build_model
 from fedprune.profiler import profile_device
 from fedprune.settings import Settings, SettingsError
 from fedprune.sparse import load_for_inference
@@ -84,7 +84,7 @@ def test_new_settings_are_validated_with_their_key():
 def test_measured_uses_a_paper_prior_and_turns_on_the_query():
     settings = Settings(**BASE)
     model = build_model("small-cnn")
-    prior = prior_profile(settings, prunable_names(model))
+    prior = prior_profile(settings, model, (1, 28, 28))
     assert prior.name == "paper-conv2"
     start = starting_inputs(settings)
     strategy = build_strategy(settings, METHODS["prunefl"], start, full_masks(model))
