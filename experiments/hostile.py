@@ -33,7 +33,8 @@ import clients.client_app as honest
 from clients.node_state import held_mask
 from fedprune import protocol as P
 from fedprune.codec import CodecError, decode_update, encode_update
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES
+from fedprune.data import data_shape
+from fedprune.importance_code import ImportanceCode, ImportanceUpload
 from fedprune.models import build_model, param_shapes
 from fedprune.settings import Settings, parse_attacks
 
@@ -82,10 +83,8 @@ def poison_train_reply(reply: Message, attacks: tuple[str, ...], context: Contex
     if not {"values", "importance", "num-examples"} & set(attacks):
         return
     settings = Settings.from_run_config(context.run_config)
-    model = build_model(
-        settings.model, NUM_CLASSES[settings.dataset], input_shape=INPUT_SHAPE[settings.dataset]
-    )
-    shapes = param_shapes(model)
+    num_classes, input_shape = data_shape(settings.data_spec())
+    shapes = param_shapes(build_model(settings.model, num_classes, input_shape=input_shape))
     _, masks = held_mask(context, shapes)
     record, metrics = reply.content[P.ARRAYS], reply.content[P.METRICS]
     arrays = {key: record[key].numpy() for key in record}
@@ -94,6 +93,13 @@ def poison_train_reply(reply: Message, attacks: tuple[str, ...], context: Contex
         params, importance = decode_update(arrays, shapes, masks, has_importance)
     except CodecError:
         return  # its honest training already went wrong (a model the attack blew up)
+    if importance is not None:  # coded on the wire: the attack edits its dense values
+        importance = {
+            name: torch.from_numpy(g.dense()).reshape(shapes[name])
+            if isinstance(g, ImportanceUpload)
+            else g
+            for name, g in importance.items()
+        }
     if "values" in attacks:
         params = {name: p * POISON_SCALE for name, p in params.items()}
     if importance is not None and "importance" in attacks:
@@ -104,7 +110,8 @@ def poison_train_reply(reply: Message, attacks: tuple[str, ...], context: Contex
         if importance is not None:
             importance = {name: g * scale for name, g in importance.items()}
             metrics[P.FIXED_IMPORTANCE] = float(metrics[P.FIXED_IMPORTANCE]) * scale
-    encoded = encode_update(params, masks, importance)
+    code = ImportanceCode() if settings.importance_code == "coded" else None
+    encoded = encode_update(params, masks, importance, importance_code=code)
     reply.content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})
 
 

@@ -226,7 +226,8 @@ def robust_importance(
     """The importance uploads of one round combined by `rule`, on the scale of their sum.
 
     uploads: (examples the node is counted for, its importance per prunable parameter
-    (dense tensors or coded uploads) and its fixed importance, both already weighted by those examples, as `mean` sums them).
+    (dense tensors or coded uploads) and its fixed importance, both already weighted by
+    those examples, as `mean` sums them).
     The rule acts on each node's importance per example (a node holding more data is no
     outlier for it), the fixed importance as one more coordinate; the result is multiplied
     by the examples counted in all, so it replaces the plain sum. Returns (importance per

@@ -226,6 +226,12 @@ class ImportanceUpload:
             return 0.0
         return float(self.sent_values.min())
 
+    def scaled(self, factor: float) -> ImportanceUpload:
+        """The same upload with every value multiplied by `factor` (a node's importance
+        reweighted when the server counts fewer of its examples than it claimed)."""
+        f = np.float32(factor)
+        return ImportanceUpload(self.kept, self.kept_values * f, self.sent, self.sent_values * f)
+
     def dense(self) -> np.ndarray:
         """Dense flat float32 importance, 0.0 where nothing was sent."""
         out = np.zeros(self.size, dtype=np.float32)

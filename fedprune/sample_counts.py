@@ -17,8 +17,7 @@ the count the server used for its values.
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import Any
 
 from fedprune.replies import MAX_NUM_EXAMPLES
 
@@ -55,13 +54,16 @@ class ExampleBounds:
 
 
 def counted_importance(
-    importance: dict[str, torch.Tensor], fixed: float, counted: int, claimed: int
-) -> tuple[dict[str, torch.Tensor], float]:
+    importance: dict[str, Any], fixed: float, counted: int, claimed: int
+) -> tuple[dict[str, Any], float]:
     """A node's importance (weighted by the `claimed` examples it was computed with) as if
-    weighted by the `counted` ones: scaled by counted / claimed, in place."""
+    weighted by the `counted` ones: scaled by counted / claimed. Per layer a dense tensor
+    (scaled in place) or a coded upload (`fedprune.importance_code.ImportanceUpload`,
+    replaced by its scaled copy)."""
     if counted == claimed:
         return importance, fixed
     scale = counted / claimed
-    for g in importance.values():
-        g.mul_(scale)
-    return importance, fixed * scale
+    out = {}
+    for name, g in importance.items():
+        out[name] = g.scaled(scale) if hasattr(g, "scaled") else g.mul_(scale)
+    return out, fixed * scale

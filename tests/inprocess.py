@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 import clients.client_app as client_app
@@ -73,18 +74,30 @@ class Federation:
     def grid(self) -> FakeGrid:
         return FakeGrid(list(self.contexts), self.deliver)
 
+    errors_as_replies = False
+
     def deliver(self, messages) -> list[Message]:
         """Run each message's handler on its node and collect the replies."""
         replies = []
         for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node_id
             handler = HANDLERS[msg.metadata.message_type]
-            try:
-                replies.append(handler(msg, self.contexts[node_id]))
-            finally:
-                TaskIdentity.node_id = 0
+            replies.append(self.call(handler, msg, msg.metadata.dst_node_id))
         return replies
+
+    def call(self, handler, msg: Message, node_id: int) -> Message:
+        """`handler`'s reply on node `node_id`. With `errors_as_replies` an exception
+        becomes an error reply, as Flower's ClientApp runner turns it into one; else it
+        propagates, for tests that check the ClientApp refuses something."""
+        TaskIdentity.node_id = node_id
+        try:
+            return handler(msg, self.contexts[node_id])
+        except Exception as exc:
+            if not self.errors_as_replies:
+                raise
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc))
+            return Message(error, reply_to=msg)
+        finally:
+            TaskIdentity.node_id = 0
 
     def train_round(self, strategy, server_round: int, tamper=None):
         """One training round; `tamper(replies)` may corrupt replies before aggregation."""

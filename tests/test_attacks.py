@@ -14,10 +14,9 @@ import logging
 
 import flwr_datasets.partitioner
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 import experiments.hostile as hostile
-from fedprune.data import INPUT_SHAPE, NUM_CLASSES, DataSpec, heldout_split, partition_sizes
+from fedprune.data import DataSpec, data_shape, heldout_split, partition_sizes
 from fedprune.models import build_model
 from fedprune.settings import Settings
 from fedprune.training import evaluate
@@ -40,18 +39,14 @@ OFF = dict(aggregation="mean", examples_from_split=False)
 
 
 class HostileFederation(Federation):
-    """Every node runs `experiments.hostile.app` (the honest handlers behind the mod)."""
+    """Every node runs `experiments.hostile.app` (the honest handlers behind the mod). A
+    node whose training diverges on a wrecked model raises (its importance is not finite),
+    which Flower turns into an error reply that the strategy drops."""
+
+    errors_as_replies = True
 
     def deliver(self, messages):
-        replies = []
-        for msg in messages:
-            node_id = msg.metadata.dst_node_id
-            TaskIdentity.node_id = node_id
-            try:
-                replies.append(hostile.app(msg, self.contexts[node_id]))
-            finally:
-                TaskIdentity.node_id = 0
-        return replies
+        return [self.call(hostile.app, msg, msg.metadata.dst_node_id) for msg in messages]
 
 
 @functools.cache
@@ -69,7 +64,8 @@ def run(attack: str = "", federation=HostileFederation, **settings_kw):
     strategy.importance.num_rounds = ROUNDS
     for r in range(1, ROUNDS + 1):
         fed.train_round(strategy, r)
-    model = build_model(settings.model, NUM_CLASSES["mnist"], input_shape=INPUT_SHAPE["mnist"])
+    num_classes, input_shape = data_shape(settings.data_spec())
+    model = build_model(settings.model, num_classes, input_shape=input_shape)
     model.load_state_dict(strategy.masked_params())
     _, accuracy = evaluate(model, heldout_split(settings.data_spec()))
     return accuracy, strategy.masks, strategy.sampled_clients
