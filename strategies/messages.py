@@ -7,6 +7,7 @@ the checks in `fedprune.replies`, which know nothing of Flower.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from logging import WARNING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -34,6 +35,32 @@ def reply_parts(msg: Message) -> tuple[dict | None, dict]:
     record = msg.content.get(P.ARRAYS)
     arrays = {k: record[k].numpy() for k in record} if isinstance(record, ArrayRecord) else None
     return arrays, dict(metrics)
+
+
+@dataclass
+class SentRound:
+    """What a round sent: the mask version and the messages themselves (Flower fills in
+    their ids when it pushes them)."""
+
+    version: int = 0
+    messages: list[Message] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> set[int]:
+        return {msg.metadata.dst_node_id for msg in self.messages}
+
+    def node_of(self, reply: Message) -> int | None:
+        """The node a reply is about: its sender, if this round asked it. An error the
+        SuperLink writes on a node's behalf (Node Unavailable when the node missed its
+        heartbeats) comes from the SuperLink, so it is matched to the node by the message
+        it answers. None for a reply this round did not ask for."""
+        src = reply.metadata.src_node_id
+        if src in self.nodes:
+            return src
+        if reply.has_error():
+            asked = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in self.messages}
+            return asked.get(reply.metadata.reply_to_message_id)
+        return None
 
 
 class ModelPayloads:

@@ -54,7 +54,7 @@ from fedprune.replies import (
 )
 from fedprune.sample_counts import ExampleBounds, counted_importance
 from strategies.accounting import RoundStats, content_bytes
-from strategies.messages import ModelPayloads, query_profiles, reply_parts
+from strategies.messages import ModelPayloads, SentRound, query_profiles, reply_parts
 from strategies.method import PruningMethod
 from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
 
@@ -174,7 +174,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self.payloads = ModelPayloads(self.model)
         # What the round in progress sent: the importance plan, and per message kind the
         # nodes asked and the mask version they were sent.
-        self._plan, self._sent = RoundPlan(), {"train": (set(), 0), "evaluate": (set(), 0)}
+        self._plan, self._sent = RoundPlan(), {"train": SentRound(), "evaluate": SentRound()}
         self.rule = RobustRule(aggregation, FLOWER_KERNELS, clip_multiple, trim_fraction)
         self.example_bounds = example_bounds or ExampleBounds()
 
@@ -308,7 +308,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
                 Message(content=content, message_type=message_type, dst_node_id=node_id)
             )
         kind = "train" if message_type == MessageType.TRAIN else "evaluate"
-        self._sent[kind] = (set(node_ids), version)
+        self._sent[kind] = SentRound(version, messages)
         return messages
 
     def _round_profile(self, server_round: int, node_ids: list[int], grid: Grid) -> CostProfile:
@@ -323,10 +323,13 @@ class SparseFedAvg(FedAvg, PruningMethod):
         return profile or self.profiles.prior
 
     # ------------------------------------------------------------------ receiving
-    def _drop(self, server_round: int, node_id: int, reason: str) -> None:
+    def _drop(self, server_round: int, node_id: int | None, reason: str, msg: Message) -> None:
+        if node_id is None:  # nobody we asked: name the sender, forget no one
+            node_id = msg.metadata.src_node_id
+        else:
+            self.nodes.forget([node_id])  # it may hold a mask we no longer know about
         log(WARNING, "round %d: dropped reply from node %d: %s", server_round, node_id, reason)
         self.stats[server_round].dropped += 1
-        self.nodes.forget([node_id])  # it may hold a mask we no longer know about
 
     def _in_order(self, replies: Iterable[Message]) -> list[Message]:
         def key(msg: Message) -> tuple[int, int]:
@@ -367,17 +370,18 @@ class SparseFedAvg(FedAvg, PruningMethod):
     ) -> Iterator[TrainUpdate]:
         """The valid train replies' updates, in client order, one at a time (their
         importance summed on the way); afterwards the node records follow who answered."""
-        stats, (sent_to, version) = self.stats[server_round], self._sent["train"]
+        stats, sent = self.stats[server_round], self._sent["train"]
+        version = sent.version
         covers = self._plan.covers if self._plan.send else 0
         expected = Expected(version, self.model.shapes, self.model.masks, covers)
         answered, uploads = set(), []
         for msg in self._in_order(replies):
             stats.count_reply(msg)
-            node_id = msg.metadata.src_node_id
+            node_id = sent.node_of(msg)
             try:
-                update = self.check_train_reply(*self._parts(msg, sent_to, train=True), expected)
+                update = self.check_train_reply(*self._parts(msg, node_id, train=True), expected)
             except ReplyError as exc:
-                self._drop(server_round, node_id, str(exc))
+                self._drop(server_round, node_id, str(exc), msg)
                 continue
             self._count_examples(server_round, node_id, update)
             if update.importance_note:
@@ -395,7 +399,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
             if clipped:
                 log(INFO, "round %d: %s clipped %d of %d importance uploads", server_round,
                     self.rule.name, clipped, len(uploads))  # fmt: skip
-        self._answered(sent_to, answered, version)
+        self._answered(sent.nodes, answered, version)
         stats.replies = len(answered)
 
     def _count_examples(self, server_round: int, node_id: int, update: TrainUpdate) -> None:
@@ -414,8 +418,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
                 update.importance, update.fixed_importance, counted, claimed
             )
 
-    def _parts(self, msg: Message, sent_to: set[int], train: bool) -> tuple[dict, dict]:
-        if msg.metadata.src_node_id not in sent_to:
+    def _parts(self, msg: Message, node_id: int | None, train: bool) -> tuple[dict, dict]:
+        if node_id is None:
             raise ReplyError("a reply from a node this round did not ask")
         arrays, metrics = reply_parts(msg)
         if train and arrays is None:
@@ -445,21 +449,22 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Weighted mean of the nodes' local evaluation; bad replies are dropped."""
-        stats, (sent_to, version) = self.stats[server_round], self._sent["evaluate"]
+        stats, sent = self.stats[server_round], self._sent["evaluate"]
         accuracy, loss, answered = WeightedScalar(), WeightedScalar(), set()
         for msg in self._in_order(replies):
             stats.count_reply(msg)
+            node_id = sent.node_of(msg)
             try:
-                n, acc, lo = check_evaluate_reply(self._parts(msg, sent_to, False)[1], version)
+                n, acc, lo = check_evaluate_reply(self._parts(msg, node_id, False)[1], sent.version)
             except ReplyError as exc:
-                self._drop(server_round, msg.metadata.src_node_id, f"evaluate: {exc}")
+                self._drop(server_round, node_id, f"evaluate: {exc}", msg)
                 continue
             # a claimed count weighs the federated accuracy too: bounded alike (not logged)
-            n = self.example_bounds.count(self.sampler.client_ids.get(msg.metadata.src_node_id), n)
-            answered.add(msg.metadata.src_node_id)
+            n = self.example_bounds.count(self.sampler.client_ids.get(node_id), n)
+            answered.add(node_id)
             accuracy.add(n, acc)
             loss.add(n, lo)
-        self._answered(sent_to, answered, version)
+        self._answered(sent.nodes, answered, sent.version)
         if not answered:
             return None
         return MetricRecord({P.EVAL_ACCURACY: accuracy.mean(), P.EVAL_LOSS: loss.mean()})

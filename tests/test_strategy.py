@@ -494,3 +494,29 @@ def test_a_mask_change_is_refused_by_a_node_without_its_base_version():
     assert all(P.MASK_BASE_VERSION in m.content[P.CONFIG] for m in requests)
     with pytest.raises(RuntimeError, match="a mask change from mask version 0"):
         fed.deliver(requests[:1])
+
+
+def test_a_node_unavailable_error_from_the_superlink_is_that_nodes_dropped_reply(caplog):
+    """When a node misses its heartbeats, the SuperLink answers its message itself (the
+    error reply comes from the SuperLink, not the node). The strategy matches it to the
+    node by the message it answers: logged with the node's id and Flower's reason, and the
+    node is forgotten, so it gets the whole mask when it is next sampled."""
+    from flwr.server.superlink.linkstate.utils import (
+        create_message_error_unavailable_res_message,
+    )
+
+    fed, strategy = Federation(SETTINGS, 3), make_strategy()
+    fed.train_round(strategy, 1)
+    msgs = list(strategy.configure_train(2, None, _config(), fed.grid))
+    for msg in msgs:  # what Flower's Grid does when it pushes them
+        msg.metadata.__dict__["_message_id"] = msg.object_id
+    victim = msgs[0].metadata.dst_node_id
+    error = create_message_error_unavailable_res_message(msgs[0].metadata, "node_unavail")
+    assert error.metadata.src_node_id != victim
+    with caplog.at_level(logging.WARNING):
+        _, metrics = strategy.aggregate_train(2, [error, *fed.deliver(msgs[1:])])
+    assert metrics["replies"] == 2 and metrics["dropped"] == 1
+    [line] = [r.getMessage() for r in caplog.records if "dropped reply" in r.getMessage()]
+    assert f"from node {victim}: client error: Error: Node Unavailable" in line
+    assert victim not in strategy.nodes.mask_version
+    assert all(n in strategy.nodes.mask_version for n in fed.contexts if n != victim)
