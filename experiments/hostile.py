@@ -8,8 +8,9 @@ control could. The project's own ClientApp is untouched and ignores the setting.
 Attacks (`fedprune.settings.ATTACKS`), each a reply that passes every format check:
 - `num-partitions`: its identity claims a federation of HUGE_NUM_PARTITIONS nodes;
 - `client-id`: its identity claims another node's client id (partition 0, or 1 for 0);
-- `num-examples`: its train and evaluate replies claim CLAIMED_EXAMPLES examples, and its
-  importance is scaled to match (a consistent lie: the node acts as if it held them);
+- `num-examples`: its train and evaluate replies claim CLAIMED_EXAMPLES examples (its
+  importance is left as it is: an honest node scales importance by the samples its round
+  processed, K x B, whatever data it holds, so the count does not weigh it);
 - `values`: its kept values are multiplied by POISON_SCALE (finite, huge, sign flipped);
 - `importance`: its importance is POISON_IMPORTANCE on the STEER_FRACTION of each layer's
   positions that its own honest importance ranks lowest, and 0 elsewhere: it tries to make
@@ -105,11 +106,7 @@ def poison_train_reply(reply: Message, attacks: tuple[str, ...], context: Contex
     if importance is not None and "importance" in attacks:
         importance = {name: steering_importance(g) for name, g in importance.items()}
     if "num-examples" in attacks:
-        scale = CLAIMED_EXAMPLES / int(metrics[P.NUM_EXAMPLES])
         metrics[P.NUM_EXAMPLES] = CLAIMED_EXAMPLES
-        if importance is not None:
-            importance = {name: g * scale for name, g in importance.items()}
-            metrics[P.FIXED_IMPORTANCE] = float(metrics[P.FIXED_IMPORTANCE]) * scale
     code = ImportanceCode() if settings.importance_code == "coded" else None
     encoded = encode_update(params, masks, importance, importance_code=code)
     reply.content[P.ARRAYS] = ArrayRecord({k: Array(v) for k, v in encoded.items()})

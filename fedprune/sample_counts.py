@@ -1,23 +1,21 @@
 """How many examples the server believes a node holds: what it claims, bounded by what the
 server expects of it.
 
-A reply's `num-examples` weighs the node's kept values in the mean, and its importance
-(squared gradients times the node's own count, `fedprune.training`) in the mask update. A
-node that claims more than it holds would steer both, so the count used is
+A reply's `num-examples` weighs the node's kept values in the mean (its importance is
+scaled by the samples its round processed, K x B, not by this count: `fedprune.training`).
+A node that claims more than it holds would steer the mean, so the count used is
 
     min(claimed, the node's expected size, max-examples-per-node, MAX_NUM_EXAMPLES)
 
 where the expected size is known when the nodes hold the configured split (simulation, or
 `clients.prepare_data` folders): then it is the size of the node's own partition, which the
 server computes from the same split (`fedprune.data.partition_sizes`), never what a node
-reports. The node's importance is rescaled by counted / claimed, so it weighs as much as
-the count the server used for its values.
+reports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from fedprune.replies import MAX_NUM_EXAMPLES
 
@@ -51,19 +49,3 @@ class ExampleBounds:
     def count(self, client_id: int | None, claimed: int) -> int:
         """The examples a reply claiming `claimed` is counted for."""
         return min(claimed, self.bound(client_id))
-
-
-def counted_importance(
-    importance: dict[str, Any], fixed: float, counted: int, claimed: int
-) -> tuple[dict[str, Any], float]:
-    """A node's importance (weighted by the `claimed` examples it was computed with) as if
-    weighted by the `counted` ones: scaled by counted / claimed. Per layer a dense tensor
-    (scaled in place) or a coded upload (`fedprune.importance_code.ImportanceUpload`,
-    replaced by its scaled copy)."""
-    if counted == claimed:
-        return importance, fixed
-    scale = counted / claimed
-    out = {}
-    for name, g in importance.items():
-        out[name] = g.scaled(scale) if hasattr(g, "scaled") else g.mul_(scale)
-    return out, fixed * scale

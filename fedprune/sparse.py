@@ -611,7 +611,7 @@ def _train_loop(
     if grad_sum is not None:
         sparse_values = {f"{name[: -len('.weight')]}.values" for name in sparse}
         importance = {
-            n: grad_sum[n].square_().mul_(len(data)) if n in grad_sum else torch.zeros_like(p)
+            n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
             for n, p in model.named_parameters()
             if n not in sparse_values
         }
@@ -619,7 +619,7 @@ def _train_loop(
             g = layer.dense_grad_sum()
             if g is None:
                 g = torch.zeros(layer.weight_shape)
-            importance[weight_name] = g.square_().mul_(len(data))
+            importance[weight_name] = g.square_().mul_(samples)
     return LocalRound(len(data), steps, samples, loss, importance)
 
 

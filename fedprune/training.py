@@ -42,7 +42,9 @@ class LocalRound:
     steps: SGD steps taken; samples: examples drawn over those steps.
     loss: mean training loss over the steps.
     importance: per parameter (all of them, biases included), the square of the gradient
-        summed over the steps, times num_examples; None if not asked for.
+        summed over the steps, times the samples the round processed (K x B, as the
+        reference code scales it, not the local data set's size, which would weigh
+        large clients more under non-IID splits); None if not asked for.
     formats: per prunable weight name, the format its layer trained in ("dense", "csr",
         "sparse-conv"; see `fedprune.sparse.train_sparse`); None from `train_masked`.
     """
@@ -222,7 +224,7 @@ def train_masked(
     importance = None
     if grad_sum is not None:
         importance = {
-            n: grad_sum[n].square_().mul_(len(data)) if n in grad_sum else torch.zeros_like(p)
+            n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
             for n, p in model.named_parameters()
         }
     return LocalRound(len(data), steps, samples, loss, importance)

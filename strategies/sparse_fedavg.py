@@ -52,7 +52,7 @@ from fedprune.replies import (
     TrainUpdate,
     check_evaluate_reply,
 )
-from fedprune.sample_counts import ExampleBounds, counted_importance
+from fedprune.sample_counts import ExampleBounds
 from strategies.accounting import RoundStats, content_bytes
 from strategies.messages import ModelPayloads, SentRound, query_profiles, reply_parts
 from strategies.method import PruningMethod
@@ -403,8 +403,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         stats.replies = len(answered)
 
     def _count_examples(self, server_round: int, node_id: int, update: TrainUpdate) -> None:
-        """Bound the examples the reply claims by what the server expects of the node; its
-        importance then weighs as much as the count used (`fedprune.sample_counts`)."""
+        """Bound the examples the reply claims by what the server expects of the node
+        (`fedprune.sample_counts`). Its importance does not depend on the count: it is
+        scaled by the samples the round processed (K x B)."""
         client_id = self.sampler.client_ids.get(node_id)
         claimed = update.num_examples
         counted = self.example_bounds.count(client_id, claimed)
@@ -413,10 +414,6 @@ class SparseFedAvg(FedAvg, PruningMethod):
         bound = self.example_bounds.bound(client_id)
         log(WARNING, CLIPPED_COUNT, server_round, node_id, client_id, claimed, bound, counted)
         update.num_examples = counted
-        if update.importance is not None:
-            update.importance, update.fixed_importance = counted_importance(
-                update.importance, update.fixed_importance, counted, claimed
-            )
 
     def _parts(self, msg: Message, node_id: int | None, train: bool) -> tuple[dict, dict]:
         if node_id is None:

@@ -21,7 +21,7 @@ def test_an_unknown_key_names_the_closest_one():
 
 
 def test_a_model_without_the_papers_constants_names_the_profiles_that_fit():
-    with pytest.raises(SettingsError, match=r"'paper-uniform'.*'measured'"):
+    with pytest.raises(SettingsError, match=r"'paper-scaled'.*'measured'"):
         starting_inputs(Settings(model="resnet18"))
     with pytest.raises(SettingsError, match=r"'model' = 'vgg11'.*32x32"):
         starting_inputs(Settings(model="vgg11", cost_profile="paper-uniform"))

@@ -10,7 +10,7 @@ from clients.partitions import client_partition
 from fedprune.aggregate import KeptMean, RobustKept, RobustRule, robust_importance
 from fedprune.data import DataSpec, partition_sizes
 from fedprune.replies import MAX_NUM_EXAMPLES
-from fedprune.sample_counts import ExampleBounds, counted_importance
+from fedprune.sample_counts import ExampleBounds
 from strategies.sparse_fedavg import FLOWER_KERNELS
 
 RULES = ("clipped-mean", "trimmed-mean", "median")
@@ -118,8 +118,6 @@ def test_a_claimed_count_is_bounded_by_the_partition_and_the_setting():
     assert bounds.bound(None) == MAX_NUM_EXAMPLES
     limited = ExampleBounds({0: 360}, limit=300)
     assert limited.count(0, 999) == 300 and limited.count(7, 999) == 300
-    importance, fixed = counted_importance({"w": torch.full((2,), 10.0)}, 4.0, 360, 3600)
-    assert importance["w"].tolist() == [1.0, 1.0] and fixed == pytest.approx(0.4)
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])

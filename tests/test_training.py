@@ -3,7 +3,7 @@ import torch
 from fedprune.data import Examples
 from fedprune.masks import full_masks
 from fedprune.models import build_model
-from fedprune.training import evaluate, train_masked
+from fedprune.training import batches, evaluate, train_masked
 
 
 def toy_data(n=64, seed=0):
@@ -76,7 +76,8 @@ def test_importance_covers_pruned_parameters_and_scales_with_samples():
 def test_importance_is_square_of_summed_gradient_over_steps():
     model, masks = masked_model(2)
     data = toy_data(16)
-    # lr = 0: the same gradient each step, so the sum over K steps is K * g.
+    # lr = 0: the same gradient each step, so the sum over K steps is K * g, and the
+    # importance (K g)^2 * K * B against g^2 * B: 27 times.
     r1 = train_masked(
         model,
         masks,
@@ -95,7 +96,27 @@ def test_importance_is_square_of_summed_gradient_over_steps():
         lr=0.0,
         generator=torch.Generator().manual_seed(0),
     )
-    torch.testing.assert_close(r3.importance["fc2.weight"], 9 * r1.importance["fc2.weight"])
+    torch.testing.assert_close(r3.importance["fc2.weight"], 27 * r1.importance["fc2.weight"])
+
+
+def test_importance_is_scaled_by_the_rounds_samples_not_the_local_data_size():
+    """K x B, as the reference code does: a client holding 48 examples that trains one
+    step of batch 16 weighs its squared gradient by 16, not 48 (which would weigh large
+    clients more under non-IID splits)."""
+    model, masks = masked_model(3)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = toy_data(48)
+    r = train_masked(
+        model, masks, data, steps=1, batch_size=16, lr=0.0,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    [idx] = list(batches(len(data), 1, 16, torch.Generator().manual_seed(0)))
+    model.load_state_dict(state)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(data.x[idx]), data.y[idx]).backward()
+    grad = dict(model.named_parameters())["fc1.weight"].grad
+    assert r.samples == 16 and r.num_examples == 48
+    torch.testing.assert_close(r.importance["fc1.weight"], grad.square() * 16)
 
 
 def test_training_reduces_loss_on_a_learnable_task():
