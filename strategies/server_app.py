@@ -61,8 +61,11 @@ def main(grid: Grid, context: Context) -> None:
         settings.model, f"{count_parameters(start.model):,}", len(start.server_data),
         len(heldout_split(settings.server_data_spec())), out_dir)  # fmt: skip
 
+    split = {"setup": time.time() - t0, "initial_pruning": 0.0}  # wall seconds, by phase
     if resumed is None:
+        t1 = time.time()
         masks, phase1 = method.starting_point(settings, start)
+        split["initial_pruning"] = time.time() - t1
         strategy = build_strategy(settings, method, start, masks, sampler)
     else:
         phase1 = resumed["initial_pruning"]
@@ -71,6 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         set_rng_state(resumed["rng"])
     strategy.stats[0] = round0
     round_end = RoundEnd(settings, strategy, out_dir, t0, phase1, resumed)
+    t2 = time.time()
     strategy.start(
         grid=grid,
         initial_arrays=strategy.global_arrays(),
@@ -80,7 +84,9 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=round_end,
         first_round=resumed["round"] + 1 if resumed else 1,
     )
-    round_end.finish(settings, strategy, start, phase1, resumed)
+    split["rounds"] = time.time() - t2 - round_end.evaluation_s - round_end.checkpoint_s
+    split["evaluation"], split["checkpoints"] = round_end.evaluation_s, round_end.checkpoint_s
+    round_end.finish(settings, strategy, start, phase1, resumed, split)
 
 
 def load_run(context: Context) -> tuple[Settings, dict | None, Path | None]:
@@ -216,15 +222,19 @@ class RoundEnd:
         num_classes, input_shape = data_shape(settings.server_data_spec())
         self.eval_model = build_model(settings.model, num_classes, input_shape=input_shape)
         self.recorder = RunRecorder(out_dir, t0=t0, rows=resumed["rows"] if resumed else None)
+        self.evaluation_s = self.checkpoint_s = 0.0  # wall time inside the round loop
         if resumed is None:
             self(0, strategy.global_arrays())
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if self.recorder.rows and self.recorder.rows[-1]["round"] >= server_round:
             return MetricRecord({})  # round 0 was recorded when the run began
+        t0 = time.time()
         self.eval_model.load_state_dict(arrays.to_torch_state_dict())
         loss, accuracy = evaluate(self.eval_model, self.test_data)
+        self.evaluation_s += time.time() - t0
         self.recorder.add_round(server_round, accuracy, loss, self.strategy)
+        t1 = time.time()
         if self.settings.checkpoint:
             state = {
                 "round": server_round,
@@ -235,12 +245,23 @@ class RoundEnd:
                 "rng": rng_state(),
             }
             write_checkpoint(self.out_dir, state, self.strategy.importance.nodes_hold_importance)
+        self.checkpoint_s += time.time() - t1
         return MetricRecord(
             {"accuracy": accuracy, "loss": loss, "density": self.strategy.density()}
         )
 
-    def finish(self, settings, strategy: SparseFedAvg, start: Start, phase1, resumed) -> None:
-        """Write the run's files and summary."""
+    def finish(
+        self, settings, strategy: SparseFedAvg, start: Start, phase1, resumed, split: dict
+    ) -> None:
+        """Write the run's files and summary; `split`: wall seconds by phase so far (the
+        export for inference is timed here)."""
+        t0 = time.time()
+        inference = final_inference(settings, strategy, start, self.out_dir)
+        split = {
+            key: round(seconds, 2) for key, seconds in {**split, "export": time.time() - t0}.items()
+        }
+        log(INFO, "[fedprune] wall time by phase: %s",
+            ", ".join(f"{key} {seconds:.1f} s" for key, seconds in split.items()))  # fmt: skip
         self.recorder.finish(
             strategy.masked_params(),
             strategy.masks,
@@ -248,7 +269,8 @@ class RoundEnd:
                 "settings": settings.to_run_config(),
                 "cost_profile": strategy.profile.to_dict(),
                 "node_profiles": strategy.profiles.to_dict(),
-                "inference": final_inference(settings, strategy, start, self.out_dir),
+                "inference": inference,
+                "wall_time_split_s": split,
                 "initial_pruning": phase1,
                 "final_delta": stability_delta(
                     settings.num_server_rounds, settings.delta_initial, settings.delta_half_life

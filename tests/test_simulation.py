@@ -37,6 +37,13 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_accuracy"] > 0.3  # ten classes: chance is 0.1
     assert summary["final_density"] < 1.0
+    split = summary["wall_time_split_s"]
+    phases = ["setup", "initial_pruning", "rounds", "evaluation", "checkpoints", "export"]
+    assert list(split) == phases and all(split[p] >= 0 for p in phases)
+    assert split["initial_pruning"] > 0 and split["rounds"] > 0
+    # The phases before the export add up to the wall time of the last round's row.
+    assert abs(sum(split.values()) - split["export"] - summary["total_wall_time_s"]) < 10
+    assert "[fedprune] wall time by phase: setup" in done.stdout + done.stderr
     masks = from_prune_state(torch.load(out / "mask.pt"))
     model = torch.load(out / "model.pt")
     for name, mask in masks.items():
