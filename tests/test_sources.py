@@ -30,7 +30,7 @@ from fedprune.data import (
     split_indices,
     split_rows,
 )
-from fedprune.models import build_model, prunable_names
+from fedprune.models import build_model, output_positions, prunable_names
 from fedprune.settings import Settings, SettingsError
 from fedprune.sources import KNOWN, DataSourceError, load_splits, open_source
 
@@ -376,7 +376,10 @@ def test_a_preset_is_valid_run_config(path):
     settings = Settings.from_run_config(preset)
     num_classes, input_shape = data_shape(settings.data_spec())
     model = build_model(settings.model, num_classes, input_shape=input_shape)
-    named_profile(settings.cost_profile, prunable_names(model))  # the profile fits the model
+    # the profile fits the model
+    named_profile(
+        settings.cost_profile, prunable_names(model), output_positions(model, input_shape)
+    )
     if path.stem not in PAPER:
         return
     # What `flwr run . --run-config <preset>.toml` does with it: no unknown key.
