@@ -5,7 +5,8 @@
 
 Profiles this machine for Conv-2 (K = 5 steps, batch 20, importance tracked) with
 `fedprune.profiler.profile_device`, then times whole local rounds of `train_sparse` (fc
-layers in CSR below the measured crossover, as `sparse-training = true` clients run) on
+layers in CSR below the measured crossover, as clients run with the default
+`layer-format = "measured"`) on
 the masks a PruneFL run goes through, and compares each with the profile's prediction
 `CostProfile.compute_time_s(kept)` (per layer, the cost of the format it trains in at its
 density). Communication is not part of it: in simulation the link is modelled, not
