@@ -179,8 +179,8 @@ def render(trials: list[dict], args) -> str:
         + "; ".join(
             f"{k} "
             + (
-                f"{c.csr_fixed_s * 1e3:.1f} ms + {c.csr_s_per_param:.2e} s / "
-                if c.csr_max_density > 0
+                f"{c.sparse_fixed_s * 1e3:.1f} ms + {c.sparse_s_per_param:.2e} s / "
+                if c.sparse_max_density > 0
                 else ""
             )
             + f"{c.dense_fixed_s * 1e3:.1f} ms + {c.dense_s_per_param:.2e} s"
