@@ -10,10 +10,12 @@ Flower's quickstart: take the model out of the message, train or evaluate, reply
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 
 from clients import compression
 from clients.node_state import (
@@ -31,11 +33,11 @@ from fedprune.data import data_shape, load_folder
 from fedprune.importance_code import ImportanceCode
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profile_cache import cached_profile, profile_key
-from fedprune.profiler import PROFILER_VERSION, csr_max_densities, profile_device
+from fedprune.profiler import PROFILER_VERSION, profile_device, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
-from fedprune.sparse import train_sparse
+from fedprune.sparse import FORMATS, choose_formats, supported_formats, train_sparse
+from fedprune.sparse_conv import check_supported, sparse_conv_unavailable_reason
 from fedprune.training import evaluate as evaluate_model
-from fedprune.training import train_masked
 
 app = ClientApp()
 
@@ -55,14 +57,19 @@ def train(msg: Message, context: Context) -> Message:
     send, keep = bool(config[P.SEND_IMPORTANCE]), bool(config[P.ACCUMULATE_IMPORTANCE])
     votes = float(config[P.TOP_GRADIENTS]) if P.TOP_GRADIENTS in config else None  # FedRTS
     track = send or keep or votes is not None
+    # Chosen before the clock starts: the first call measures the device profile (once per
+    # machine and model, then cached), which is no part of a round's compute.
+    formats = layer_formats(settings, context, model, masks)
     t0 = time.perf_counter()
-    local = train_locally(settings, context, model, masks, data, config, partition_id, track)
+    local = train_locally(settings, model, masks, data, config, partition_id, track, formats)
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
         P.COMPUTE_S: time.perf_counter() - t0,
         P.IMPORTANCE_TRACKED: int(track),
+        # The format each prunable layer trained in, in the model's prunable order.
+        P.LAYER_FORMATS: [FORMATS.index(local.formats[name]) for name in masks],
     }
     uploaded = None
     if send or keep:
@@ -196,8 +203,10 @@ def local_data(settings: Settings, context: Context):
     )
 
 
-def train_locally(settings, context, model, masks, data, config, partition_id, track):
-    """K local SGD steps on the kept parameters (see fedprune.training)."""
+def train_locally(settings, model, masks, data, config, partition_id, track, formats):
+    """K local SGD steps on the kept parameters (see fedprune.training), each prunable
+    layer in its format in `formats` (`layer_formats`); the result's `formats` says what
+    each trained in."""
     server_round = int(config[P.SERVER_ROUND])
     generator = torch.Generator().manual_seed(
         settings.seed * 1_000_003 + server_round * 7919 + partition_id
@@ -211,12 +220,40 @@ def train_locally(settings, context, model, masks, data, config, partition_id, t
         generator=generator,
         track_importance=track,
     )
-    if settings.sparse_training:
-        # Fully connected layers train in CSR below the density where this device
-        # measured CSR to be the faster format.
-        limits = csr_max_densities(device_measurements(settings, context))
-        return train_sparse(model, masks, data, max_csr_density=limits, **kw)
-    return train_masked(model, masks, data, **kw)
+    return train_sparse(model, masks, data, formats=formats, **kw)
+
+
+_said_unavailable = False
+
+
+def layer_formats(settings: Settings, context: Context, model, masks) -> dict[str, str]:
+    """Per prunable weight, the format it trains in this round (`layer-format`): with
+    "measured", the sparse format (CSR for Linear layers, the direct sparse convolution for
+    supported Conv2d layers) where the layer's mask density is at most the crossover this
+    device measured for it (`device_measurements`), else masked dense. Where the compiled
+    kernels do not run, convolutions train masked dense, and the node says so once."""
+    global _said_unavailable
+    if settings.layer_format != "dense" and not _said_unavailable:
+        reason = sparse_conv_unavailable_reason()
+        convs = [name for name, f in supported_formats(model).items() if f == ("dense",)]
+        if reason is not None and any(_conv_supported(model, name) for name in convs):
+            _said_unavailable = True
+            log(WARNING, "sparse convolutions unavailable on this node, they train masked "
+                "dense: %s", reason)  # fmt: skip
+    crossovers = None
+    if settings.layer_format == "measured":
+        crossovers = sparse_crossovers(device_measurements(settings, context))
+    return choose_formats(model, masks, settings.layer_format, crossovers)
+
+
+def _conv_supported(model, weight_name: str) -> bool:
+    """Whether the layer of `weight_name` is a convolution the direct kernels support."""
+    module = model.get_submodule(weight_name.rpartition(".")[0])
+    try:
+        check_supported(module)
+    except ValueError:
+        return False
+    return isinstance(module, torch.nn.Conv2d)
 
 
 def device_measurements(settings: Settings, context: Context) -> dict:

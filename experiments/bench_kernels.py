@@ -18,8 +18,12 @@ each repetition, so that load from other processes hits every variant alike:
     is a whole call as a client makes it, conversion to the formats and back included.
     - "dense": the unpruned model, plain SGD (no masks), torch's default NCHW layout;
     - "masked": at the mask, masked dense (`train_masked`);
-    - "sparse": each layer in its best format (`train_sparse(formats=...)`), chosen as a
-      device profile would (`best_training_formats`);
+    - "sparse": each layer in its best format (`train_sparse(formats=...)`), chosen by
+      timing whole steps here (`best_training_formats`);
+    - "default": what a client runs by default (`layer-format = "measured"`): the formats
+      `fedprune.sparse.choose_formats` picks from this machine's device profile
+      (`fedprune.profiler.profile_device`, K = 5, batch 20, importance tracked, measured
+      at the start of each thread count; its time is reported);
     at the default run's final mask (conv1 0.76, conv2 0.18, fc1 0.039, fc2 0.59) and with
     every layer at 0.1 (random masks at those densities). Rounds with importance tracked
     (`track_importance=True`) as extra columns, and the dense model in channels-last memory
@@ -54,8 +58,10 @@ from torch import nn
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
 from fedprune.models import conv2
+from fedprune.profiler import profile_device, sparse_crossovers
 from fedprune.sparse import (
     SparseLinear,
+    choose_formats,
     fastest_inference_formats,
     supported_formats,
     to_formats,
@@ -313,7 +319,8 @@ def best_training_formats(model, masks, data: Examples, repeats: int, seed: int)
     return {n: best[n] for n in supported}
 
 
-def bench_model(repeats: int, round_repeats: int, seed: int) -> dict:
+def bench_model(repeats: int, round_repeats: int, seed: int, crossovers: dict) -> dict:
+    """Whole Conv-2 (b, c); `crossovers`: this machine's profile (`sparse_crossovers`)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(BATCH, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
@@ -371,10 +378,12 @@ def bench_model(repeats: int, round_repeats: int, seed: int) -> dict:
         masked = copy.deepcopy(base)
         apply_masks(masked, masks)
         formats = best_training_formats(masked, masks, data, max(repeats // 2, 5), seed)
+        default = choose_formats(masked, masks, "measured", crossovers)
         out[case] = {
             "densities": densities,
             "kept": {n: float(m.float().mean()) for n, m in masks.items()},
             "train_formats": formats,
+            "default_formats": default,
             "flop_floor_train": flop_floor(macs, masks, True),
             "flop_floor_infer": flop_floor(macs, masks, False),
         }
@@ -382,6 +391,9 @@ def bench_model(repeats: int, round_repeats: int, seed: int) -> dict:
         to_formats(sparse_model, masks, formats)
         step_tasks[("sparse", case)] = step_fn(sparse_model, masks, data)
         step_tasks[("masked", case)] = step_fn(copy.deepcopy(masked), masks, data)
+        default_model = copy.deepcopy(masked)
+        to_formats(default_model, masks, default)
+        step_tasks[("default", case)] = step_fn(default_model, masks, data)
         for track in ("plain", "importance"):
             on = track == "importance"
             round_tasks[("masked", case, track)] = round_fn(
@@ -389,6 +401,9 @@ def bench_model(repeats: int, round_repeats: int, seed: int) -> dict:
             )
             round_tasks[("sparse", case, track)] = round_fn(
                 train_sparse, copy.deepcopy(masked), masks, on, formats=formats
+            )
+            round_tasks[("default", case, track)] = round_fn(
+                train_sparse, copy.deepcopy(masked), masks, on, formats=default
             )
         for b in (1, BATCH):
             fmts = fastest_inference_formats(masked, masks, batch_size=b)
@@ -417,7 +432,7 @@ def bench_model(repeats: int, round_repeats: int, seed: int) -> dict:
     }
     for case in cases:
         r = out[case]
-        for variant in ("masked", "sparse"):
+        for variant in ("masked", "sparse", "default"):
             key, base_key = (variant, case), ("dense", "-")
             r[f"step_{variant}"] = med[key] / med[base_key]
             r[f"step_{variant}_min"] = low[key] / low[base_key]
@@ -476,6 +491,9 @@ def markdown(result: dict) -> str:
         f"- {result['repeats']} interleaved samples per layer/inference cell, "
         f"{result['round_repeats']} per round cell; ratios are medians (fastest samples in "
         f"brackets); {result['seconds']:.0f} s of timing",
+        "- command: `flock /tmp/fedprune-cpu.lock python -m experiments.bench_kernels "
+        f"--threads {' '.join(str(t) for t in result['threads'])} --repeats "
+        f"{result['repeats']} --round-repeats {result['round_repeats']}`",
         "",
     ]
     for t in result["threads"]:
@@ -502,7 +520,14 @@ def markdown(result: dict) -> str:
             )
         model = run["model"]
         dense = model["dense_ms"]
+        prof = run["profile"]
         lines += [
+            "",
+            f"Device profile (`profile_device(conv2, K=5, B=20)`, {t} thread"
+            f"{'s' if t > 1 else ''}): {prof['seconds']:.1f} s; crossover densities "
+            + ", ".join(
+                f"{n.split('.')[0]} {f} <= {d:.3f}" for n, (f, d) in prof["crossovers"].items()
+            ),
             "",
             f"(b, c) Whole Conv-2. Dense (torch's default NCHW): a step {dense['step']:.2f} ms "
             f"(median of rounds of {LOCAL_STEPS} steps on the model as it is), a round as "
@@ -518,19 +543,22 @@ def markdown(result: dict) -> str:
             "`train_sparse` / `train_masked` as a client calls them (conversion to the "
             "formats and back included).",
             "",
-            "| mask | FLOP floor train / infer | step sparse | step masked | round sparse "
-            "| round masked | round sparse, importance | round masked, importance "
-            "| infer b1 | infer b20 |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| mask | FLOP floor train / infer | step default | step sparse | step masked "
+            "| round default | round sparse | round masked | round default, importance "
+            "| round sparse, importance | round masked, importance | infer b1 | infer b20 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case, label in (("final", "final (0.76/0.18/0.039/0.59)"), ("uniform", "all 0.1")):
             c = model[case]
             lines.append(
                 f"| {label} | {c['flop_floor_train']:.3f} / {c['flop_floor_infer']:.3f} "
+                f"| {c['step_default']:.2f} ({c['step_default_min']:.2f}) "
                 f"| {c['step_sparse']:.2f} ({c['step_sparse_min']:.2f}) "
                 f"| {c['step_masked']:.2f} ({c['step_masked_min']:.2f}) "
+                f"| {c['round_default']:.2f} ({c['round_default_min']:.2f}) "
                 f"| {c['round_sparse']:.2f} ({c['round_sparse_min']:.2f}) "
                 f"| {c['round_masked']:.2f} ({c['round_masked_min']:.2f}) "
+                f"| {c['round_default_importance']:.2f} "
                 f"| {c['round_sparse_importance']:.2f} | {c['round_masked_importance']:.2f} "
                 f"| {c['infer1']:.2f} ({c['infer1_min']:.2f}) "
                 f"| {c['infer20']:.2f} ({c['infer20_min']:.2f}) |"
@@ -539,12 +567,13 @@ def markdown(result: dict) -> str:
         for case in ("final", "uniform"):
             c = model[case]
             lines.append(
-                f"- {case}: training formats {_short(c['train_formats'])}; inference b1 "
+                f"- {case}: default formats (from the profile) {_short(c['default_formats'])}; "
+                f"best timed formats {_short(c['train_formats'])}; inference b1 "
                 f"{_short(c['infer1_formats'])}, b20 {_short(c['infer20_formats'])}; against "
                 f"the channels-last dense model: step {c['step_sparse_vs_dense_cl']:.2f}x, "
                 f"inference b1 {c['infer1_vs_dense_cl']:.2f}x, b20 {c['infer20_vs_dense_cl']:.2f}x"
             )
-        lines += ["", "Goals (issue 12):", *goal_lines(model), ""]
+        lines += ["", "Goals (issue 12), measured side by side:", "", *goal_lines(model), ""]
     return "\n".join(lines)
 
 
@@ -553,23 +582,39 @@ def _short(formats: dict) -> str:
 
 
 def goal_lines(model: dict) -> list[str]:
+    """The issue's goal table with the measured ratios beside it: the default path (formats
+    from the device profile; step on a model in its formats, and a client's whole round
+    with conversion), the best timed formats' step, the FLOP floor, and the fraction of
+    the floor's speed the default step reaches (floor / ratio)."""
     final, uniform = model["final"], model["uniform"]
-    checks = [
-        ("training step, final mask", final["step_sparse"], GOALS["round_final"],
-         final["flop_floor_train"]),
-        ("training step, every layer 0.1", uniform["step_sparse"], GOALS["round_uniform"],
+    rows = [
+        ("training step, final mask (0.76/0.18/0.039/0.59)", "masked ~1.4x; CSR fc ~0.6x",
+         GOALS["round_final"], final["step_default"], final["round_default"],
+         final["step_sparse"], final["flop_floor_train"]),
+        ("training step, every layer 0.1", "0.76x (CSR fc)", GOALS["round_uniform"],
+         uniform["step_default"], uniform["round_default"], uniform["step_sparse"],
          uniform["flop_floor_train"]),
-        ("inference batch 1, every layer 0.1", uniform["infer1"], GOALS["infer1_uniform"],
-         uniform["flop_floor_infer"]),
-        ("masked dense step, final mask", final["step_masked"], GOALS["masked_final"], 1.0),
-        ("masked dense step, every layer 0.1", uniform["step_masked"], GOALS["masked_final"],
-         1.0),
+        ("inference batch 1, every layer 0.1", "0.53x", GOALS["infer1_uniform"],
+         uniform["infer1"], None, uniform["infer1"], uniform["flop_floor_infer"]),
+        ("masked dense step vs plain dense, final mask", "1.3-1.5x", GOALS["masked_final"],
+         final["step_masked"], final["round_masked"], final["step_masked"], 1.0),
+        ("masked dense step vs plain dense, every layer 0.1", "1.3-1.5x",
+         GOALS["masked_final"], uniform["step_masked"], uniform["round_masked"],
+         uniform["step_masked"], 1.0),
     ]  # fmt: skip
-    return [
-        f"- {what}: {got:.2f}x dense (goal <= {goal}x: {'met' if got <= goal else 'missed'}); "
-        f"FLOP floor {floor:.3f}x, so {floor / got:.0%} of the floor's speed-up reached"
-        for what, got, goal, floor in checks
+    lines = [
+        "| case | issue's today | goal | default path: step | default path: client round "
+        "| best timed formats: step | FLOP floor | default step at % of floor's speed | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    for what, today, goal, step, round_, best, floor in rows:
+        verdict = "met" if step <= goal else f"missed by {step / goal - 1:.0%}"
+        lines.append(
+            f"| {what} | {today} | <= {goal}x | {step:.2f}x | "
+            f"{'-' if round_ is None else f'{round_:.2f}x'} | {best:.2f}x | {floor:.3f}x "
+            f"| {floor / step:.0%} | {verdict} |"
+        )
+    return lines
 
 
 def main(argv=None) -> None:
@@ -596,9 +641,14 @@ def main(argv=None) -> None:
     }
     for t in args.threads:
         torch.set_num_threads(t)
+        t0 = time.perf_counter()
+        _, measured = profile_device(conv2(), LOCAL_STEPS, BATCH, 1438848.9, repeats=2)
+        crossovers = sparse_crossovers(measured)
+        profile = {"seconds": time.perf_counter() - t0, "crossovers": crossovers}
         result["runs"][str(t)] = {
+            "profile": profile,
             "layers": bench_layers(args.repeats, args.seed),
-            "model": bench_model(args.repeats, args.round_repeats, args.seed),
+            "model": bench_model(args.repeats, args.round_repeats, args.seed, crossovers),
         }
     result["seconds"] = time.perf_counter() - start
     result["load_after"] = os.getloadavg()[0]

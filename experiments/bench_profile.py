@@ -5,7 +5,8 @@
 
 Profiles this machine for Conv-2 (K = 5 steps, batch 20, importance tracked) with
 `fedprune.profiler.profile_device`, then times whole local rounds of `train_sparse` (fc
-layers in CSR below the measured crossover, as `sparse-training = true` clients run) on
+layers in CSR below the measured crossover, as clients run with the default
+`layer-format = "measured"`) on
 the masks a PruneFL run goes through, and compares each with the profile's prediction
 `CostProfile.compute_time_s(kept)` (per layer, the cost of the format it trains in at its
 density). Communication is not part of it: in simulation the link is modelled, not
@@ -178,8 +179,8 @@ def render(trials: list[dict], args) -> str:
         + "; ".join(
             f"{k} "
             + (
-                f"{c.csr_fixed_s * 1e3:.1f} ms + {c.csr_s_per_param:.2e} s / "
-                if c.csr_max_density > 0
+                f"{c.sparse_fixed_s * 1e3:.1f} ms + {c.sparse_s_per_param:.2e} s / "
+                if c.sparse_max_density > 0
                 else ""
             )
             + f"{c.dense_fixed_s * 1e3:.1f} ms + {c.dense_s_per_param:.2e} s"

@@ -9,8 +9,9 @@ t_l = compute_l + comm_s_per_param as the cost of keeping one parameter of layer
 
 That linear model holds while every layer trains in one format. A measured profile also
 knows, per layer, the format the device trains it in at each density (`LayerCost`): a
-fully connected layer trains in CSR up to a measured crossover density and masked dense
-above it, and the two cost differently (CSR: a small fixed cost plus a time per kept
+layer trains in its sparse format (CSR for a fully connected layer, the direct sparse
+convolution for a convolution) up to a measured crossover density and masked dense above
+it, and the two cost differently (sparse: a small fixed cost plus a time per kept
 parameter; masked dense: about the same at every density). `compute_time_s`, the modelled
 time, follows those pieces; the solver keeps the linear model of the sparse regime,
 which is where a pruned model lives (`compute_l` is the slope of the format a layer trains
@@ -43,30 +44,34 @@ BYTES_PER_VALUE_ROUND_TRIP = 8  # one float32 down plus one float32 up
 class LayerCost:
     """What one prunable layer costs a round of local training, by the format it trains in.
 
-    The layer trains in CSR while its density (kept / numel) is at most `csr_max_density`
-    (as `fedprune.sparse.train_sparse` decides with the profiler's crossovers), in masked
-    dense above it; `csr_max_density` 0 means never in CSR (convolutions, layers where
-    CSR never wins). Each format costs `*_fixed_s + *_s_per_param * kept` seconds per
-    round (K steps): for masked dense the slope is about 0, the whole dense layer is
-    computed whatever the mask.
+    The layer trains in its sparse format `sparse_format` ("csr" for a fully connected
+    layer, "sparse-conv" for a convolution; `fedprune.sparse.FORMATS`) while its density
+    (kept / numel) is at most `sparse_max_density`, as `fedprune.sparse.choose_formats`
+    decides from the profiler's crossovers, and masked dense above it;
+    `sparse_max_density` 0 means never sparse (layers with no sparse kernel here, or where
+    it never wins). Each format costs `*_fixed_s + *_s_per_param * kept` seconds per round
+    (K steps): for masked dense the slope is about 0, the whole dense layer is computed
+    whatever the mask.
     """
 
     numel: int
     dense_s_per_param: float
     dense_fixed_s: float
-    csr_max_density: float = 0.0
-    csr_s_per_param: float = 0.0
-    csr_fixed_s: float = 0.0
+    sparse_max_density: float = 0.0
+    sparse_s_per_param: float = 0.0
+    sparse_fixed_s: float = 0.0
+    sparse_format: str = "csr"
 
     def format_at(self, kept: int) -> str:
-        """ "csr" or "dense": the format the layer trains in with `kept` parameters."""
-        in_csr = self.csr_max_density > 0 and kept <= self.csr_max_density * self.numel
-        return "csr" if in_csr else "dense"
+        """The format the layer trains in with `kept` parameters: `sparse_format` or
+        "dense"."""
+        sparse = self.sparse_max_density > 0 and kept <= self.sparse_max_density * self.numel
+        return self.sparse_format if sparse else "dense"
 
     def seconds(self, kept: int) -> float:
         """Seconds this layer adds to a round with `kept` parameters, in its format then."""
-        if self.format_at(kept) == "csr":
-            return self.csr_fixed_s + self.csr_s_per_param * kept
+        if self.format_at(kept) != "dense":
+            return self.sparse_fixed_s + self.sparse_s_per_param * kept
         return self.dense_fixed_s + self.dense_s_per_param * kept
 
     def scaled(self, factor: float) -> LayerCost:
@@ -75,17 +80,17 @@ class LayerCost:
             self,
             dense_s_per_param=self.dense_s_per_param * factor,
             dense_fixed_s=self.dense_fixed_s * factor,
-            csr_s_per_param=self.csr_s_per_param * factor,
-            csr_fixed_s=self.csr_fixed_s * factor,
+            sparse_s_per_param=self.sparse_s_per_param * factor,
+            sparse_fixed_s=self.sparse_fixed_s * factor,
         )
 
     def values(self) -> tuple[float, ...]:
         return (
             self.dense_s_per_param,
             self.dense_fixed_s,
-            self.csr_max_density,
-            self.csr_s_per_param,
-            self.csr_fixed_s,
+            self.sparse_max_density,
+            self.sparse_s_per_param,
+            self.sparse_fixed_s,
         )
 
     def to_dict(self) -> dict:
@@ -93,20 +98,28 @@ class LayerCost:
             "numel": self.numel,
             "dense_s_per_param": self.dense_s_per_param,
             "dense_fixed_s": self.dense_fixed_s,
-            "csr_max_density": self.csr_max_density,
-            "csr_s_per_param": self.csr_s_per_param,
-            "csr_fixed_s": self.csr_fixed_s,
+            "sparse_max_density": self.sparse_max_density,
+            "sparse_s_per_param": self.sparse_s_per_param,
+            "sparse_fixed_s": self.sparse_fixed_s,
+            "sparse_format": self.sparse_format,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping) -> LayerCost:
+        """From `to_dict`'s output; also reads the "csr_*" keys written before sparse
+        convolutions were measured (summary.json and checkpoints of older runs)."""
+
+        def get(name: str) -> float:
+            return float(d.get(f"sparse_{name}", d.get(f"csr_{name}", 0.0)))
+
         return cls(
             numel=int(d["numel"]),
             dense_s_per_param=float(d["dense_s_per_param"]),
             dense_fixed_s=float(d["dense_fixed_s"]),
-            csr_max_density=float(d.get("csr_max_density", 0.0)),
-            csr_s_per_param=float(d.get("csr_s_per_param", 0.0)),
-            csr_fixed_s=float(d.get("csr_fixed_s", 0.0)),
+            sparse_max_density=get("max_density"),
+            sparse_s_per_param=get("s_per_param"),
+            sparse_fixed_s=get("fixed_s"),
+            sparse_format=str(d.get("sparse_format", "csr")),
         )
 
 
@@ -222,9 +235,10 @@ def slowest(profiles: Iterable[CostProfile], name: str = "measured") -> CostProf
     round waits for its slowest node.
 
     Layer costs are kept for the layers every profile has them for: each cost the largest,
-    and the CSR crossover the lowest (above it at least one node trains the layer masked
-    dense, whose cost is then at least what the nodes still in CSR pay, just below their
-    own crossover). For nodes that differ only by a speed factor (the simulation's
+    and the sparse crossover the lowest (above it at least one node trains the layer
+    masked dense, whose cost is then at least what the nodes still sparse pay, just below
+    their own crossover); where the nodes' sparse formats differ, the layer counts as
+    dense. For nodes that differ only by a speed factor (the simulation's
     heterogeneity) this is exactly the slowest node's profile; for different devices an
     upper bound on each layer's cost.
     """
@@ -236,13 +250,15 @@ def slowest(profiles: Iterable[CostProfile], name: str = "measured") -> CostProf
         costs = [p.layer_costs.get(k) for p in profiles]
         if any(c is None for c in costs):
             continue
+        same_format = len({c.sparse_format for c in costs}) == 1
         layer_costs[k] = LayerCost(
             numel=costs[0].numel,
             dense_s_per_param=max(c.dense_s_per_param for c in costs),
             dense_fixed_s=max(c.dense_fixed_s for c in costs),
-            csr_max_density=min(c.csr_max_density for c in costs),
-            csr_s_per_param=max(c.csr_s_per_param for c in costs),
-            csr_fixed_s=max(c.csr_fixed_s for c in costs),
+            sparse_max_density=min(c.sparse_max_density for c in costs) if same_format else 0.0,
+            sparse_s_per_param=max(c.sparse_s_per_param for c in costs),
+            sparse_fixed_s=max(c.sparse_fixed_s for c in costs),
+            sparse_format=costs[0].sparse_format,
         )
     return CostProfile(
         name=name,

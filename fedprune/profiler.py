@@ -4,16 +4,20 @@ For each prunable layer of a model, the profiler times one round of local traini
 layer alone (K steps of forward, backward and the masked SGD update at batch B, as
 `train_sparse` runs it, importance included), in each format the layer can train in:
 - "dense": masked dense (every layer);
-- "csr": `fedprune.sparse.SparseLinear` (Linear layers), including the conversion from
-  and back to dense that a round of `train_sparse` pays;
+- its sparse format, including the conversion from and back to dense that a round of
+  `train_sparse` pays: "csr" (`fedprune.sparse.SparseLinear`) for a Linear layer,
+  "sparse-conv" (`fedprune.sparse_conv.SparseConv2d`) for a Conv2d layer the direct
+  kernels support where they run on this machine;
 at several densities, and fits seconds = intercept + slope * kept parameters by least
 squares (slope and intercept kept non-negative) through the fastest of a few rounds per
-density. It reports which format was fastest at each density and, per Linear layer, the
-density below which CSR is the faster one (interpolated between measured densities).
+density. It reports which format was fastest at each density and, per layer with a sparse
+format, the density below which that format is the faster one (interpolated between
+measured densities).
 
 The cost profile (`fedprune.costs.CostProfile`) is piecewise per layer (`LayerCost`): the
-layer trains in CSR up to its crossover density and masked dense above it, exactly as
-`train_sparse` decides from `csr_max_densities`, and each format costs its fitted line
+layer trains in its sparse format up to its crossover density and masked dense above it,
+exactly as `fedprune.sparse.choose_formats` decides from `sparse_crossovers`, and each
+format costs its fitted line
 (masked dense: a constant, the mean of its cells, since it runs the same kernels whatever
 the mask). The solver's linear slope of a layer is the one of its format at low density.
 
@@ -47,13 +51,24 @@ from torch import nn
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP, CostProfile, LayerCost
 from fedprune.data import Examples
 from fedprune.models import MNIST_SHAPE, prunable_names
-from fedprune.sparse import restore_dense, sparse_layers, to_sparse, train_sparse
+from fedprune.sparse import (
+    choose_formats,
+    restore_dense,
+    sparse_layers,
+    supported_formats,
+    to_formats,
+    train_sparse,
+)
+from fedprune.sparse_conv import sparse_conv_unavailable_reason
 
 DEFAULT_DENSITIES = (1.0, 0.5, 0.3, 0.1, 0.05, 0.01)
-# CSR is measured at these densities and below only: above, it is several times slower
-# than dense on a CPU, and timing it there would only spend the profiler's budget.
-CSR_MAX_MEASURED_DENSITY = 0.5
-FORMATS = ("dense", "csr")
+# Sparse formats are measured at these densities and below only: above, they are several
+# times slower than dense on a CPU, and timing them there would only spend the profiler's
+# budget.
+SPARSE_MAX_MEASURED_DENSITY = 0.5
+CSR_MAX_MEASURED_DENSITY = SPARSE_MAX_MEASURED_DENSITY  # the name before sparse-conv
+FORMATS = ("dense", "csr", "sparse-conv")
+NO_SPARSE_FORMAT = "none"  # "<layer>/sparse_format" of a layer with no sparse kernel here
 # Whole-model rounds per calibration density: they set the profile's level, and on a
 # machine with other work the fastest of a few is what the device itself takes only if
 # some of them ran undisturbed; at least MIN_MODEL_ROUNDS even past the time budget (one
@@ -64,7 +79,8 @@ MIN_MODEL_ROUNDS = 3
 # keeps fc layers in, densities where fc1 is still in CSR, and dense (fc layers masked
 # dense), so that what the mask adds spans its whole range.
 DEFAULT_CALIBRATION_DENSITIES = (0.02, 0.05, 0.1, 1.0)
-PROFILER_VERSION = 2
+# 3: sparse convolutions measured; "<layer>/sparse_format" and "<layer>/sparse_max_density"
+PROFILER_VERSION = 3
 
 
 def fit_line(
@@ -175,7 +191,7 @@ def _time_round(
     mirroring `fedprune.sparse.train_sparse` step for step."""
     masks = {"layer.weight": mask}
     start = time.perf_counter()
-    originals = to_sparse(wrapped, masks, 1.0) if fmt == "csr" else {}
+    originals = to_formats(wrapped, masks, {"layer.weight": fmt}) if fmt != "dense" else {}
     params = dict(wrapped.named_parameters())
     masked = [(params["layer.weight"], mask)] if fmt == "dense" else []
     opt = torch.optim.SGD(wrapped.parameters(), lr=lr)
@@ -202,7 +218,7 @@ def _time_round(
             g.square_()
         for layer in sparse_layers(wrapped).values():
             layer.dense_grad_sum().square_()
-    if fmt == "csr":
+    if fmt != "dense":
         for layer in sparse_layers(wrapped).values():
             layer.track_importance = False
         restore_dense(wrapped, originals)
@@ -217,9 +233,10 @@ def _time_model_round(
     steps: int,
     track_importance: bool,
     lr: float,
-    max_csr_density: float | Mapping[str, float],
+    crossovers: Mapping[str, tuple[str, float]],
 ) -> float:
-    """Seconds for one round of `train_sparse` on the whole model (fixed batch)."""
+    """Seconds for one round of `train_sparse` on the whole model (fixed batch), each
+    layer in the format the crossovers give it at its density."""
     data = Examples(x, y)
     start = time.perf_counter()
     train_sparse(
@@ -231,7 +248,7 @@ def _time_model_round(
         lr=lr,
         generator=torch.Generator().manual_seed(0),
         track_importance=track_importance,
-        max_csr_density=max_csr_density,
+        formats=choose_formats(model, masks, "measured", crossovers),
     )
     return time.perf_counter() - start
 
@@ -258,13 +275,13 @@ def profile_device(
 
     local_steps, batch_size: K and B of a round of local training.
     bandwidth_bytes_per_s: the device's link; one kept value costs 8 bytes (down and up).
-    densities: kept fractions to time each layer at (CSR only up to 0.5).
+    densities: kept fractions to time each layer at (sparse formats only up to 0.5).
     repeats: timed rounds per (layer, format, density); the fastest is used (see
         `statistic`).
     input_shape: (channels, height, width) of one example.
     track_importance: time rounds that accumulate importance, as clients do today.
     calibration_densities: the fixed cost is what whole-model rounds at these densities
-        (uniform random masks, each Linear in the format its crossover gives) take beyond
+        (uniform random masks, each layer in the format its crossover gives) take beyond
         the layer costs (`fit_level`).
     fit_scale: also fit the level of the layer costs to those rounds (`fit_level`);
         False keeps the lone-layer timings as they are and fits the fixed cost only.
@@ -298,6 +315,7 @@ def profile_device(
     modules = dict(model.named_modules())
     batch = torch.rand((batch_size, *input_shape), generator=g)
     inputs = _layer_inputs(model, batch)
+    supported = supported_formats(model)
     out: dict = {
         "profiler_version": PROFILER_VERSION,
         "name": name,
@@ -314,6 +332,8 @@ def profile_device(
         f"{os.cpu_count()} CPUs; torch {torch.__version__}",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    if sparse_conv_unavailable_reason() is not None:  # why convolutions were not timed sparse
+        out["sparse_conv_unavailable"] = sparse_conv_unavailable_reason()
     compute: dict[str, float] = {}
     cells_total = len(inputs) * len(densities)
     cells_done, fewest_repeats = 0, repeats
@@ -321,7 +341,7 @@ def profile_device(
     layer_budget = None if time_budget_s is None else 0.7 * time_budget_s
     for weight_name, (shape, needs_grad) in inputs.items():
         original = modules[weight_name.rpartition(".")[0]]
-        is_linear = isinstance(original, nn.Linear)
+        sparse_format = next((f for f in supported.get(weight_name, ()) if f != "dense"), None)
         layer = _fresh_copy(original, g)
         wrapped = _OneLayer(layer)
         x = torch.randn(shape, generator=g).requires_grad_(needs_grad)
@@ -329,15 +349,17 @@ def profile_device(
             grad_out = torch.randn(wrapped(x).shape, generator=g)
         numel = layer.weight.numel()
         out[f"{weight_name}/numel"] = numel
-        formats = ["dense", "csr"] if is_linear else ["dense"]
+        formats = ["dense", sparse_format] if sparse_format else ["dense"]
         out[f"{weight_name}/formats"] = formats
+        # "none" rather than "": Flower's ConfigRecord cannot count an empty string's bytes.
+        out[f"{weight_name}/sparse_format"] = sparse_format or NO_SPARSE_FORMAT
         masks = {d: _random_mask(layer.weight.shape, d, g) for d in densities}
         kept_at = {d: int(torch.count_nonzero(m)) for d, m in masks.items()}
         cells = [
             (d, f)
             for d in densities
             for f in formats
-            if f == "dense" or d <= CSR_MAX_MEASURED_DENSITY
+            if f == "dense" or d <= SPARSE_MAX_MEASURED_DENSITY
         ]
         for d, f in cells:  # warm-up, untimed: one step per cell, then one whole round
             _time_round(wrapped, masks[d], f, x, grad_out, 1, track_importance, lr)
@@ -389,8 +411,8 @@ def profile_device(
             min(seconds, key=lambda f, d=d: seconds[f].get(d, float("inf"))) for d in densities
         ]
         out[f"{weight_name}/fastest"] = fastest
-        out[f"{weight_name}/csr_max_density"] = (
-            crossover_density(seconds["dense"], seconds["csr"]) if is_linear else 0.0
+        out[f"{weight_name}/sparse_max_density"] = (
+            crossover_density(seconds["dense"], seconds[sparse_format]) if sparse_format else 0.0
         )
         chosen = fastest[-1]
         out[f"{weight_name}/format"] = chosen
@@ -400,7 +422,7 @@ def profile_device(
     out["layer_seconds"] = time.perf_counter() - start
     out["time_budget_s"] = -1.0 if time_budget_s is None else float(time_budget_s)
 
-    # The fixed cost, from whole-model rounds (`train_sparse`, each Linear in the format the
+    # The fixed cost, from whole-model rounds (`train_sparse`, each layer in the format the
     # crossovers give): what the layer costs leave unexplained. Timing layers one by one
     # cannot give it: pooling, activations, the loss, the optimiser and importance over
     # all parameters and per-step overheads belong to no layer, and each lone layer
@@ -409,7 +431,7 @@ def profile_device(
     # dense round checks the masked dense side of each crossover.
     model_copy = copy.deepcopy(model)
     labels = torch.randint(0, 2, (batch_size,), generator=g)
-    csr = csr_max_densities(out)
+    crossovers = sparse_crossovers(out)
     out["fixed_s"] = 0.0
     out["comm_s_per_param"] = BYTES_PER_VALUE_ROUND_TRIP / float(bandwidth_bytes_per_s)
     shape_only = profile_from_measurements(out)  # layer costs, fixed cost still 0
@@ -422,7 +444,7 @@ def profile_device(
             cases.append({"density": float(d), "masks": masks, "kept": kept, "times": []})
         for case in cases:  # warm-up: one step
             _time_model_round(
-                model_copy, case["masks"], batch, labels, 1, track_importance, lr, csr
+                model_copy, case["masks"], batch, labels, 1, track_importance, lr, crossovers
             )
         for r in range(rounds):
             late = time_budget_s is not None and time.perf_counter() - start > until
@@ -438,7 +460,7 @@ def profile_device(
                         local_steps,
                         track_importance,
                         lr,
-                        csr,
+                        crossovers,
                     )
                 )
         for case in cases:
@@ -506,18 +528,20 @@ def _fresh_copy(layer: nn.Module, g: torch.Generator) -> nn.Module:
     return copy
 
 
-def crossover_density(dense: Mapping[float, float], csr: Mapping[float, float]) -> float:
-    """The density below which CSR is the faster format, from seconds per round by density.
+def crossover_density(dense: Mapping[float, float], sparse: Mapping[float, float]) -> float:
+    """The density below which the sparse format (`sparse`: its seconds per round by
+    density) is the faster one, from seconds per round by density.
 
     Going up from the lowest density timed in both formats, it is where the time
     difference, interpolated linearly between the two measured densities that bracket its
-    change of sign, crosses zero; 0.0 if CSR is not faster at the lowest density, and the
-    highest density timed in CSR if CSR is faster at every one (no extrapolation).
+    change of sign, crosses zero; 0.0 if the sparse format is not faster at the lowest
+    density, and the highest density timed sparse if it is faster at every one (no
+    extrapolation).
     """
-    both = sorted(d for d in csr if d in dense)
+    both = sorted(d for d in sparse if d in dense)
     if not both:
         return 0.0
-    diff = [csr[d] - dense[d] for d in both]
+    diff = [sparse[d] - dense[d] for d in both]
     if diff[0] >= 0:
         return 0.0
     for (d0, g0), (d1, g1) in zip(
@@ -528,13 +552,27 @@ def crossover_density(dense: Mapping[float, float], csr: Mapping[float, float]) 
     return both[-1]
 
 
+def sparse_crossovers(measurements: Mapping) -> dict[str, tuple[str, float]]:
+    """Per prunable weight name measured in a sparse format: (that format, the density up
+    to which it trains faster than masked dense; 0.0: never), for
+    `fedprune.sparse.choose_formats`."""
+    return {
+        name: (
+            str(measurements[f"{name}/sparse_format"]),
+            float(measurements[f"{name}/sparse_max_density"]),
+        )
+        for name in measurements["layers"]
+        if measurements.get(f"{name}/sparse_format", NO_SPARSE_FORMAT) != NO_SPARSE_FORMAT
+    }
+
+
 def csr_max_densities(measurements: Mapping) -> dict[str, float]:
     """Per Linear weight name, the density up to which CSR trains faster than masked dense
     (`crossover_density`; 0.0: never), for `train_sparse`'s `max_csr_density`."""
     return {
-        name: float(measurements[f"{name}/csr_max_density"])
-        for name in measurements["layers"]
-        if "csr" in measurements[f"{name}/formats"]
+        name: density
+        for name, (fmt, density) in sparse_crossovers(measurements).items()
+        if fmt == "csr"
     }
 
 
@@ -555,14 +593,22 @@ def layer_costs_from_measurements(measurements: Mapping) -> dict[str, LayerCost]
         formats = measurements.get(f"{name}/formats", [])
         if "dense" not in formats or f"{name}/numel" not in measurements:
             return {}
-        csr = "csr" in formats
+        sparse = str(measurements.get(f"{name}/sparse_format", NO_SPARSE_FORMAT))
+        sparse = "" if sparse == NO_SPARSE_FORMAT else sparse
+        if sparse and sparse not in formats:
+            return {}
         costs[name] = LayerCost(
             numel=int(measurements[f"{name}/numel"]),
             dense_s_per_param=float(measurements[f"{name}/dense/slope_s_per_param"]),
             dense_fixed_s=float(measurements[f"{name}/dense/intercept_s"]),
-            csr_max_density=float(measurements[f"{name}/csr_max_density"]) if csr else 0.0,
-            csr_s_per_param=float(measurements[f"{name}/csr/slope_s_per_param"]) if csr else 0.0,
-            csr_fixed_s=float(measurements[f"{name}/csr/intercept_s"]) if csr else 0.0,
+            sparse_max_density=(
+                float(measurements[f"{name}/sparse_max_density"]) if sparse else 0.0
+            ),
+            sparse_s_per_param=(
+                float(measurements[f"{name}/{sparse}/slope_s_per_param"]) if sparse else 0.0
+            ),
+            sparse_fixed_s=float(measurements[f"{name}/{sparse}/intercept_s"]) if sparse else 0.0,
+            sparse_format=sparse or "csr",
         ).scaled(factor)
     return costs
 
@@ -600,7 +646,8 @@ def format_report(measurements: Mapping) -> str:
             f"  {name} ({measurements[f'{name}/numel']:,} weights): profile uses "
             f"{measurements[f'{name}/format']}, "
             f"{measurements[f'{name}/compute_s_per_param']:.3g} s/param; "
-            f"CSR fastest up to density {measurements.get(f'{name}/csr_max_density', 0.0)}"
+            f"{measurements.get(f'{name}/sparse_format', NO_SPARSE_FORMAT)} fastest up "
+            f"to density {measurements.get(f'{name}/sparse_max_density', 0.0):.3g}"
         )
         for d, fastest in zip(
             measurements["densities"], measurements[f"{name}/fastest"], strict=True

@@ -34,6 +34,9 @@ FIXED_IMPORTANCE = "importance-fixed"  # importance summed over never-pruned par
 IMPORTANCE_ROUNDS = "importance-rounds"  # local rounds the importance was accumulated over
 COMPUTE_S = "compute-s"  # seconds the node computed for this round (measured on the device)
 IMPORTANCE_TRACKED = "importance-tracked"  # 1 if the node computed importance this round
+# Per prunable layer, in the model's prunable order: the format it trained in, as an index
+# into fedprune.sparse.FORMATS (0 masked dense, 1 CSR, 2 direct sparse convolution)
+LAYER_FORMATS = "layer-formats"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 

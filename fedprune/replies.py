@@ -43,6 +43,8 @@ class TrainUpdate:
     fixed_importance: importance summed over the never-pruned parameters.
     importance_rounds: local rounds the importance covers (0 without importance).
     compute_s: the node's measured seconds of local computation this round.
+    formats: per prunable weight, the format its layer trained in (`fedprune.sparse.FORMATS`),
+        or None if the reply does not say.
     """
 
     num_examples: int
@@ -53,6 +55,29 @@ class TrainUpdate:
     importance_rounds: int = 0
     importance_note: str = ""
     compute_s: float = 0.0
+    formats: dict[str, str] | None = None
+
+
+# The formats a layer can train in, by their wire index (P.LAYER_FORMATS); equal to
+# fedprune.sparse.FORMATS, which tests/test_sparse_conv.py checks.
+FORMAT_CODES = ("dense", "csr", "sparse-conv")
+
+
+def layer_formats(metrics: Mapping[str, Any], names: list[str]) -> dict[str, str] | None:
+    """The reply's per-layer training formats (P.LAYER_FORMATS: one index into
+    FORMAT_CODES per prunable weight, in `names` order), or None where it has none;
+    ReplyError unless it is exactly one valid index per layer."""
+    if P.LAYER_FORMATS not in metrics:
+        return None
+    codes = metrics[P.LAYER_FORMATS]
+    if not isinstance(codes, list) or len(codes) != len(names):
+        raise ReplyError(f"{P.LAYER_FORMATS} is not a list of {len(names)} format indices")
+    formats = {}
+    for name, code in zip(names, codes, strict=True):
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code < len(FORMAT_CODES):
+            raise ReplyError(f"{P.LAYER_FORMATS}: {code!r} for {name} is not a format index")
+        formats[name] = FORMAT_CODES[code]
+    return formats
 
 
 @dataclass(frozen=True)
@@ -116,7 +141,8 @@ def check_train_reply(
         )
     except CodecError as exc:
         raise ReplyError(str(exc)) from exc
-    update = TrainUpdate(n, loss, values, compute_s=compute_s)
+    formats = layer_formats(metrics, list(expected.masks))
+    update = TrainUpdate(n, loss, values, compute_s=compute_s, formats=formats)
     if asked:
         update.fixed_importance = _finite(metrics, P.FIXED_IMPORTANCE, 0.0)
         rounds = _integer(metrics, P.IMPORTANCE_ROUNDS)

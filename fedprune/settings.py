@@ -19,6 +19,7 @@ from fedprune.aggregate import AGGREGATIONS
 from fedprune.costs import PROFILES
 from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import model_factory
+from fedprune.sparse import LAYER_FORMATS
 
 # How importance reaches the server: "reconfig" (the paper) has every node accumulate it
 # over the rounds and upload it when the server reconfigures, which needs every node in
@@ -31,6 +32,18 @@ IMPORTANCE_UPLOADS = ("auto", "reconfig", "every-round")
 # TEST ONLY: what a hostile node plays in `simulate-attacks` (only the hostile ClientApp of
 # `experiments.hostile` reads it; the project's own ClientApp ignores it).
 ATTACKS = ("num-partitions", "client-id", "num-examples", "values", "importance")
+
+
+# Keys that were renamed or replaced: a run config that still has one gets told what to
+# write instead (not just "unknown setting").
+REPLACED_KEYS = {
+    "sparse-training": (
+        "'layer-format' replaces it: 'measured' (the default: each layer trains in the format "
+        "the node's own profile measured faster at its density), 'dense' (masked dense "
+        "everywhere, what sparse-training=false did) or 'sparse' (every layer in its sparse "
+        "format, for benchmarks)"
+    ),
+}
 
 
 class SettingsError(ValueError):
@@ -183,7 +196,8 @@ class Settings:
     cost_profile: str = _opt("paper-conv2", *_in({*PROFILES, "measured"}))
     # --- measured device costs, sparse training, simulated heterogeneity
     bandwidth_bytes_per_s: float = _opt(1438848.9, _positive, "positive bytes per second")
-    sparse_training: bool = _opt(False)
+    # Each layer's training format: from the node's measured profile, or forced.
+    layer_format: str = _opt("measured", *_in(LAYER_FORMATS))
     profile_repeats: int = _opt(2, _positive, "a positive number of timed rounds")
     speed_factors: str = _opt(
         "", _parses(parse_factors), "comma-separated positive numbers (empty: all 1)"
@@ -276,6 +290,11 @@ class Settings:
         """
         fields = {cls.key(f.name): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(config) - set(fields))
+        replaced = [key for key in unknown if key in REPLACED_KEYS]
+        if replaced:
+            raise SettingsError(
+                "; ".join(f"setting {key!r} is gone: {REPLACED_KEYS[key]}" for key in replaced)
+            )
         if unknown:
             hints = []
             for key in unknown:

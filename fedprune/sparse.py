@@ -71,6 +71,12 @@ EXPORT_FORMAT = "fedprune-inference/1"
 # The formats a prunable weight can train and run in.
 FORMATS = ("dense", "csr", "sparse-conv")
 
+# How a node picks each layer's format (the `layer-format` setting): "measured" from its
+# own device profile (the sparse format where the layer's density is at most the crossover
+# measured for that layer), "dense" masked dense everywhere, "sparse" every layer in its
+# sparse format where it has one here (for benchmarks).
+LAYER_FORMATS = ("measured", "dense", "sparse")
+
 
 def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row pointers and column indices (int32, which MKL's kernels take without a copy)
@@ -461,7 +467,7 @@ def csr_formats(
         mask = masks.get(weight_name)
         if mask is None:
             continue
-        density = int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
+        density = mask_density(mask)
         if density > _threshold(max_csr_density, weight_name):
             formats[weight_name] = "dense"
             continue
@@ -469,6 +475,53 @@ def csr_formats(
             raise ValueError("the model itself is a Linear layer; wrap it to convert it")
         formats[weight_name] = "csr"
     return formats
+
+
+def mask_density(mask: torch.Tensor) -> float:
+    """Kept fraction of a mask (0.0 for an empty one)."""
+    return int(torch.count_nonzero(mask)) / max(mask.numel(), 1)
+
+
+def choose_formats(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    layer_format: str,
+    crossovers: Mapping[str, tuple[str, float]] | None = None,
+) -> dict[str, str]:
+    """Per weight name in `masks` whose layer can be converted: the format it trains in.
+
+    layer_format: "dense" (masked dense everywhere), "sparse" (each layer in its sparse
+        format where it has one here, `supported_formats`) or "measured": a layer trains
+        in the sparse format `crossovers` gives it (weight name -> (format, density), from
+        `fedprune.profiler.sparse_crossovers`) while its mask density is at most that
+        density, else masked dense; a layer the crossovers do not name, or whose measured
+        format it cannot run here, stays masked dense.
+    """
+    if layer_format not in LAYER_FORMATS:
+        raise ValueError(f"unknown layer format {layer_format!r}; one of {LAYER_FORMATS}")
+    if layer_format == "measured" and crossovers is None:
+        raise ValueError("layer format 'measured' needs the device's crossovers")
+    supported = supported_formats(model)
+    formats = {}
+    for name, mask in masks.items():
+        if name not in supported:
+            continue
+        sparse = [f for f in supported[name] if f != "dense"]
+        fmt = "dense"
+        if layer_format == "sparse" and sparse:
+            fmt = sparse[0]
+        elif layer_format == "measured" and name in crossovers:
+            measured, max_density = crossovers[name]
+            if measured in sparse and mask_density(mask) <= max_density:
+                fmt = measured
+        formats[name] = fmt
+    return formats
+
+
+def compact_formats(formats: Mapping[str, str]) -> str:
+    """One short line for logs and summaries: "conv1:dense,conv2:sparse-conv,fc1:csr"
+    from {"conv1.weight": "dense", ...}."""
+    return ",".join(f"{name.removesuffix('.weight')}:{fmt}" for name, fmt in formats.items())
 
 
 def to_dense(model: nn.Module, originals: Mapping[str, nn.Module] | None = None) -> Masks:

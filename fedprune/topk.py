@@ -35,7 +35,14 @@ import torch
 
 from fedprune import protocol as P
 from fedprune.codec import CodecError
-from fedprune.replies import Expected, ReplyError, TrainUpdate, _finite, check_common
+from fedprune.replies import (
+    Expected,
+    ReplyError,
+    TrainUpdate,
+    _finite,
+    check_common,
+    layer_formats,
+)
 
 VALUES = "tv"
 POSITIONS = "tp"
@@ -251,4 +258,5 @@ def check_topk_reply(
         sparse = decode_sparse(arrays, expected.shapes, k)
     except CodecError as exc:
         raise ReplyError(str(exc)) from exc
-    return TrainUpdate(n, loss, add_sparse(sent, sparse), compute_s=compute_s)
+    formats = layer_formats(metrics, list(expected.masks))
+    return TrainUpdate(n, loss, add_sparse(sent, sparse), compute_s=compute_s, formats=formats)

@@ -33,6 +33,8 @@ class RoundStats:
     mask_changes_sent: int = 0
     reconfigured: bool = False
     per_node_bytes: dict[int, int] = field(default_factory=dict)
+    # Per replying node: the format each prunable layer trained in (weight name -> format).
+    layer_formats: dict[int, dict[str, str]] = field(default_factory=dict)
 
     def count(self, node_id: int, sent: int = 0, received: int = 0) -> None:
         self.bytes_down += sent

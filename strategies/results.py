@@ -21,7 +21,12 @@ import torch
 from flwr.common.logger import log
 
 from fedprune.masks import layer_densities, to_prune_state
-from fedprune.sparse import export_for_inference, inference_latency, load_for_inference
+from fedprune.sparse import (
+    compact_formats,
+    export_for_inference,
+    inference_latency,
+    load_for_inference,
+)
 
 INFERENCE_FILE = "model_inference.pt"
 INFERENCE_BATCHES = (1, 20)
@@ -134,6 +139,28 @@ def inference_summary(
     return block
 
 
+def train_formats_summary(stats: dict) -> dict[str, Any] | None:
+    """The "train_formats" block of summary.json: the format each prunable layer trained
+    in, in the last round whose replies said so (`RoundStats.layer_formats`); a layer that
+    trained in different formats on different nodes lists them joined by "|". None if no
+    reply said."""
+    rounds = [r for r in sorted(stats) if stats[r].layer_formats]
+    if not rounds:
+        return None
+    per_node = stats[rounds[-1]].layer_formats
+    layers: dict[str, set[str]] = {}
+    for formats in per_node.values():
+        for name, fmt in formats.items():
+            layers.setdefault(name, set()).add(fmt)
+    merged = {name: "|".join(sorted(fmts)) for name, fmts in layers.items()}
+    return {
+        "round": rounds[-1],
+        "nodes": len(per_node),
+        "layers": merged,
+        "compact": compact_formats(merged),
+    }
+
+
 class RunRecorder:
     """Collects one row per round and writes the run's files under `out_dir`."""
 
@@ -238,12 +265,14 @@ class RunRecorder:
         plot(self.rows, self.out_dir / "curves.png")
         log(
             INFO,
-            "[fedprune] final accuracy %.4f at density %.4f, %s moved, %.0f s modelled; "
-            "results in %s",
+            "[fedprune] final accuracy %.4f at density %.4f, %s moved, %.0f s modelled, "
+            "%.1f s measured on the devices; layers trained as %s; results in %s",
             summary["final_accuracy"],
             summary["final_density"],
             human_bytes(summary["total_bytes"]),
             summary["total_sim_time_s"],
+            float(summary["total_device_time_s"]),
+            (summary.get("train_formats") or {}).get("compact", "?"),
             self.out_dir,
         )
         return summary

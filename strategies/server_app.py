@@ -37,7 +37,7 @@ from strategies.expected_examples import example_bounds
 from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
 from strategies.node_sampling import NodeSampler
-from strategies.results import RunRecorder, inference_summary
+from strategies.results import RunRecorder, inference_summary, train_formats_summary
 from strategies.run_state import resume_run, rng_state, set_rng_state, write_checkpoint
 from strategies.sparse_fedavg import SparseFedAvg
 
@@ -269,6 +269,7 @@ class RoundEnd:
                 "settings": settings.to_run_config(),
                 "cost_profile": strategy.profile.to_dict(),
                 "node_profiles": strategy.profiles.to_dict(),
+                "train_formats": train_formats_summary(strategy.stats),
                 "inference": inference,
                 "wall_time_split_s": split,
                 "initial_pruning": phase1,

@@ -391,6 +391,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
             elif update.importance is not None:
                 uploads.append((update.num_examples, update.importance, update.fixed_importance))
             stats.device_round_s = max(stats.device_round_s, update.compute_s)
+            if update.formats is not None:
+                stats.layer_formats[node_id] = update.formats
             answered.add(node_id)
             yield update
         if uploads:  # a robust rule: the round's uploads at once, per coordinate

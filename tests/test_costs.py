@@ -63,9 +63,9 @@ def piecewise_profile() -> CostProfile:
                 numel=1000,
                 dense_s_per_param=0.0,
                 dense_fixed_s=0.010,
-                csr_max_density=0.25,
-                csr_s_per_param=1e-6,
-                csr_fixed_s=0.002,
+                sparse_max_density=0.25,
+                sparse_s_per_param=1e-6,
+                sparse_fixed_s=0.002,
             ),
         },
     )
@@ -115,8 +115,8 @@ def test_layer_costs_survive_to_dict_and_json():
 def test_slowest_of_speed_scaled_profiles_is_the_slowest_one():
     p = piecewise_profile()
     slow = p.scaled(3.0)
-    assert slow.layer_costs["fc.weight"].csr_fixed_s == pytest.approx(0.006)
-    assert slow.layer_costs["fc.weight"].csr_max_density == 0.25
+    assert slow.layer_costs["fc.weight"].sparse_fixed_s == pytest.approx(0.006)
+    assert slow.layer_costs["fc.weight"].sparse_max_density == 0.25
     both = slowest([p, slow])
     assert both.layer_costs == slow.layer_costs
     assert both.fixed_s == slow.fixed_s and both.compute_s_per_param == slow.compute_s_per_param
@@ -128,10 +128,10 @@ def test_slowest_of_speed_scaled_profiles_is_the_slowest_one():
         p,
         layer_costs={
             **p.layer_costs,
-            "fc.weight": replace(p.layer_costs["fc.weight"], csr_max_density=0.1),
+            "fc.weight": replace(p.layer_costs["fc.weight"], sparse_max_density=0.1),
         },
     )
-    assert slowest([p, other]).layer_costs["fc.weight"].csr_max_density == 0.1
+    assert slowest([p, other]).layer_costs["fc.weight"].sparse_max_density == 0.1
     # A profile without layer costs makes the slowest one linear.
     assert slowest([p, CostProfile("t", p.compute_s_per_param, 1e-6, 0.0)]).layer_costs == {}
 
@@ -139,7 +139,7 @@ def test_slowest_of_speed_scaled_profiles_is_the_slowest_one():
 def test_check_rejects_bad_layer_costs():
     p = piecewise_profile()
     p.check()
-    bad = replace(p.layer_costs["fc.weight"], csr_fixed_s=float("nan"))
+    bad = replace(p.layer_costs["fc.weight"], sparse_fixed_s=float("nan"))
     with pytest.raises(ValueError, match="finite"):
         replace(p, layer_costs={**p.layer_costs, "fc.weight": bad}).check()
     with pytest.raises(ValueError, match="does not have"):

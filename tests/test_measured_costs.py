@@ -1,5 +1,6 @@
 """Measured device costs and sparse training through the Flower app, in one process:
-the profile query, per-node costs in the strategy, CSR training through the ClientApp,
+the profile query, per-node costs in the strategy, each layer's format through the
+ClientApp,
 and the inference block of summary.json."""
 
 import json
@@ -18,7 +19,7 @@ from fedprune.masks import full_masks, kept_counts
 from fedprune.models import build_model
 from fedprune.profiler import profile_device
 from fedprune.settings import Settings, SettingsError
-from fedprune.sparse import load_for_inference
+from fedprune.sparse import FORMATS, load_for_inference
 from strategies.accounting import content_bytes
 from strategies.methods import METHODS
 from strategies.prunefl import PruneFL
@@ -164,36 +165,53 @@ def test_a_bad_profile_reply_is_dropped_with_a_reason(measurements, caplog):
     assert strategy.profile.compute_s_per_param == measured.compute_s_per_param
 
 
-def test_sparse_training_matches_masked_dense_through_the_client(measurements, monkeypatch):
-    # CSR for the fc layers at any density, so the sparse path is really taken.
+def test_layer_formats_match_masked_dense_through_the_client(measurements, monkeypatch):
+    """The default `layer-format = "measured"` with crossovers forced to 1.0 (every layer
+    in its sparse format at any density), and `sparse`, give masked dense's replies to
+    float tolerance (importance sent exact: coded bytes would differ in rounding); each
+    reply names the formats its layers trained in."""
     forced = dict(measurements)
     for name in measurements["layers"]:
-        if "csr" in measurements[f"{name}/formats"]:
-            forced[f"{name}/csr_max_density"] = 1.0
+        if measurements[f"{name}/sparse_format"] != "none":
+            forced[f"{name}/sparse_max_density"] = 1.0
     calls = []
     real = client_app.train_sparse
 
     def spy(*args, **kw):
-        calls.append(kw["max_csr_density"])
+        calls.append(dict(kw["formats"]))
         return real(*args, **kw)
 
     monkeypatch.setattr(client_app, "train_sparse", spy)
     results = {}
-    for sparse in (False, True):
-        settings = Settings(**BASE, clients_per_round=2, sparse_training=sparse)
+    for layer_format in ("dense", "measured", "sparse"):
+        settings = Settings(
+            **BASE, clients_per_round=2, layer_format=layer_format, importance_code="exact"
+        )
         fed = Federation(settings, 2)
         seed_cache(fed, forced)
         strategy = make_strategy(2, density=0.2, reconfig_interval=1)
         _, replies, _ = fed.train_round(strategy, 1)
-        results[sparse] = (replies, strategy.masked_params())
-    assert len(calls) == 2 and calls[0] == {"fc1.weight": 1.0, "fc2.weight": 1.0}
-    for dense_reply, sparse_reply in zip(results[False][0], results[True][0], strict=True):
-        d, s = dense_reply.content[P.ARRAYS], sparse_reply.content[P.ARRAYS]
-        assert sorted(d) == sorted(s)
-        for key in d:
-            np.testing.assert_allclose(s[key].numpy(), d[key].numpy(), rtol=1e-4, atol=1e-6)
-    for name, value in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], value, rtol=1e-4, atol=1e-6)
+        results[layer_format] = (replies, strategy.masked_params())
+        for reply in replies:
+            codes = list(reply.content[P.METRICS][P.LAYER_FORMATS])
+            assert [FORMATS[c] for c in codes] == list(calls[-1].values())
+    sparse = {
+        "conv1.weight": "sparse-conv",
+        "conv2.weight": "sparse-conv",
+        "fc1.weight": "csr",
+        "fc2.weight": "csr",
+    }
+    assert calls == [dict.fromkeys(sparse, "dense")] * 2 + [sparse] * 4
+    for layer_format in ("measured", "sparse"):
+        for dense_reply, sparse_reply in zip(
+            results["dense"][0], results[layer_format][0], strict=True
+        ):
+            d, s = dense_reply.content[P.ARRAYS], sparse_reply.content[P.ARRAYS]
+            assert sorted(d) == sorted(s)
+            for key in d:
+                np.testing.assert_allclose(s[key].numpy(), d[key].numpy(), rtol=1e-4, atol=1e-6)
+        for name, value in results["dense"][1].items():
+            torch.testing.assert_close(results[layer_format][1][name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_inference_block_exports_reloads_and_times(tmp_path):

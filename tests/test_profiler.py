@@ -13,7 +13,9 @@ from fedprune.profiler import (
     format_report,
     profile_device,
     profile_from_measurements,
+    sparse_crossovers,
 )
+from fedprune.sparse_conv import sparse_conv_available
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
@@ -37,7 +39,10 @@ def test_profile_has_one_finite_non_negative_slope_per_prunable_layer(profiled):
     assert measurements["layers"] == names
     for name in names:
         formats = measurements[f"{name}/formats"]
-        assert formats == (["dense", "csr"] if name.startswith("fc") else ["dense"])
+        conv = "sparse-conv" if sparse_conv_available() else None
+        sparse = "csr" if name.startswith("fc") else conv
+        assert formats == (["dense", sparse] if sparse else ["dense"])
+        assert measurements[f"{name}/sparse_format"] == (sparse or "none")
         assert len(measurements[f"{name}/fastest"]) == 3
         for f in formats:
             secs = measurements[f"{name}/{f}/seconds"]
@@ -45,9 +50,13 @@ def test_profile_has_one_finite_non_negative_slope_per_prunable_layer(profiled):
             assert all(math.isfinite(s) and s > 0 for s in secs)
             assert measurements[f"{name}/{f}/slope_s_per_param"] >= 0
             assert measurements[f"{name}/{f}/intercept_s"] >= 0
-    # CSR is timed at 0.5 and below only.
+    # Sparse formats are timed at 0.5 and below only.
     assert measurements["fc1.weight/csr/densities"] == [0.3, 0.05]
     assert set(csr_max_densities(measurements)) == {"fc1.weight", "fc2.weight"}
+    if sparse_conv_available():
+        assert measurements["conv2.weight/sparse-conv/densities"] == [0.3, 0.05]
+        assert sparse_crossovers(measurements)["conv2.weight"][0] == "sparse-conv"
+        assert set(sparse_crossovers(measurements)) == set(names)
 
 
 def test_measurements_are_flat_plain_values_that_rebuild_the_profile(profiled):
@@ -80,19 +89,22 @@ def test_profiling_leaves_the_model_alone_and_reports_its_time(profiled):
 
 def test_profile_knows_each_layers_format_and_cost_by_density(profiled):
     model, _, profile, measurements = profiled
-    crossovers = csr_max_densities(measurements)
+    crossovers = sparse_crossovers(measurements)
     assert set(profile.layer_costs) == set(prunable_names(model))
     for name, layer in profile.layer_costs.items():
         assert layer.numel == measurements[f"{name}/numel"]
         assert all(math.isfinite(v) and v >= 0 for v in layer.values()), name
-        # The format train_sparse will use: CSR up to the measured crossover, else dense.
-        assert layer.csr_max_density == crossovers.get(name, 0.0)
+        # The format choose_formats will use: sparse up to the measured crossover, else
+        # dense.
+        fmt, max_density = crossovers.get(name, ("none", 0.0))
+        assert layer.sparse_max_density == max_density
         for density in measurements["densities"]:
             kept = int(density * layer.numel)
-            in_csr = layer.csr_max_density > 0 and density <= layer.csr_max_density
-            assert layer.format_at(kept) == ("csr" if in_csr else "dense")
+            sparse = layer.sparse_max_density > 0 and density <= layer.sparse_max_density
+            assert layer.format_at(kept) == (fmt if sparse else "dense")
         # The solver's slope is the one of the format at low density.
-        low = layer.csr_s_per_param if layer.format_at(0) == "csr" else layer.dense_s_per_param
+        dense_low = layer.format_at(0) == "dense"
+        low = layer.dense_s_per_param if dense_low else layer.sparse_s_per_param
         assert profile.compute_s_per_param[name] == pytest.approx(low)
     # fixed_s is the round at zero kept: the calibration rounds, less what the layers add.
     for density, measured, residual in zip(

@@ -54,15 +54,15 @@ def test_federation_config_is_accepted_by_flower_and_sets_no_cpu_count():
 
 def test_merge_run_config_lets_later_keys_win_and_keeps_types():
     merged = merge_run_config(
-        "model='small-cnn' num-server-rounds=3 sparse-training=false",
+        "model='small-cnn' num-server-rounds=3 layer-format='dense'",
         "",
-        "num-server-rounds=5 speed-factors='1,2.5' learning-rate=0.05 sparse-training=true",
+        "num-server-rounds=5 speed-factors='1,2.5' learning-rate=0.05 layer-format='sparse'",
         'output-dir="/tmp/a b"',
     )
     assert parse_config_args([merged]) == {
         "model": "small-cnn",
         "num-server-rounds": 5,
-        "sparse-training": True,
+        "layer-format": "sparse",
         "speed-factors": "1,2.5",
         "learning-rate": 0.05,
         "output-dir": "/tmp/a b",

@@ -3,10 +3,15 @@
 import csv
 import json
 
+import pytest
 import torch
 
 from experiments.local_run import descendants, local_superlink
 from fedprune.masks import from_prune_state
+
+
+def masks_in(out):
+    return from_prune_state(torch.load(out / "mask.pt"))
 
 
 def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
@@ -34,7 +39,20 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert all(int(r["replies"]) == 3 and int(r["dropped"]) == 0 for r in rows[1:])
     assert all(int(r["bytes_down"]) > 0 and int(r["bytes_up"]) > 0 for r in rows[1:])
     assert float(rows[-1]["sim_time_s"]) > 0
+    # Measured on the devices: every training round's slowest node, and their sum.
+    assert all(float(r["device_round_s"]) > 0 for r in rows[1:])
+    assert float(rows[-1]["device_time_s"]) == pytest.approx(
+        sum(float(r["device_round_s"]) for r in rows[1:]), abs=1e-3
+    )
+    assert "| device " in done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
+    # The default layer-format ("measured"): each layer's format came from the nodes'
+    # own (cached) profile, and the last round's formats are in the summary.
+    formats = summary["train_formats"]
+    assert formats["round"] == 3 and formats["nodes"] == 3
+    assert list(formats["layers"]) == list(masks_in(out))
+    assert all(f in ("dense", "csr", "sparse-conv") for f in formats["layers"].values())
+    assert formats["compact"].startswith("conv1:")
     assert summary["final_accuracy"] > 0.3  # ten classes: chance is 0.1
     assert summary["final_density"] < 1.0
     split = summary["wall_time_split_s"]

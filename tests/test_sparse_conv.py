@@ -348,3 +348,58 @@ def test_unavailable_kernels_are_said_once_and_layers_stay_dense(monkeypatch, ca
     assert set(originals) == {"fc1"}
     assert result.formats["conv2.weight"] == "dense" and result.formats["fc1.weight"] == "csr"
     assert supported_formats(model)["conv2.weight"] == ("dense",)
+
+
+def test_reused_buffers_never_mix_steps():
+    """Scratch buffers are reused across steps, never while a graph that saved one may
+    still run backward: two forwards before one backward, a graph kept for a second
+    backward, and many steps with fresh inputs all match conv2d."""
+    g = torch.Generator().manual_seed(11)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    mask = torch.rand(conv.weight.shape, generator=g) < 0.5
+    layer = SparseConv2d.from_conv(conv, mask)
+    weight = (conv.weight.detach() * mask).requires_grad_(True)
+
+    def both(fn):
+        layer.values.grad = None
+        weight.grad = None
+        xs = [torch.randn(2, 3, 6, 6, generator=g) for _ in range(2)]
+        fn(lambda x: layer(x), xs)
+        fn(lambda x: F.conv2d(x, weight, conv.bias.detach(), padding=1), xs)
+        torch.testing.assert_close(layer.values.grad, weight.grad[mask], rtol=1e-4, atol=1e-5)
+
+    def two_forwards(f, xs):
+        (f(xs[0]).square().sum() + 2 * f(xs[1]).sum()).backward()
+
+    def retained(f, xs):
+        loss = f(xs[0]).square().sum()
+        loss.backward(retain_graph=True)
+        f(xs[1]).sum().backward()  # a step in between, on another input
+        loss.backward()
+
+    both(two_forwards)
+    both(retained)
+    for _ in range(5):
+        both(lambda f, xs: f(xs[0]).square().sum().backward())
+
+
+def test_buffers_are_free_again_once_their_graph_is_gone():
+    """A padded input stays taken while its graph lives, and is reused once it is gone:
+    a training loop keeps two (this step's graph and the last loss's), plus one per graph
+    kept alive elsewhere."""
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, torch.rand(conv.weight.shape) < 0.5)
+    x = torch.randn(2, 2, 5, 5)
+    kept = layer(x).sum()  # a live graph: its buffer must not be handed out again
+    (held,) = [
+        e[0] for key, entries in layer._scratch._pool.items() if key[0] == "x" for e in entries
+    ]
+    loss = None
+    for _ in range(6):
+        loss = layer(x).square().sum()
+        loss.backward()
+    xs = [e[0] for key, entries in layer._scratch._pool.items() if key[0] == "x" for e in entries]
+    assert len(xs) == 3 and any(b is held for b in xs)
+    del kept, loss
+    taken = layer._scratch.take("x", len(held), held.dtype, zeroed=True)
+    assert any(taken is b for b in xs)
