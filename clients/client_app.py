@@ -33,7 +33,7 @@ from fedprune.data import data_shape, load_folder
 from fedprune.importance_code import ImportanceCode
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profile_cache import cached_profile, profile_key
-from fedprune.profiler import PROFILER_VERSION, profile_device, sparse_crossovers
+from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import FORMATS, choose_formats, supported_formats, train_sparse
 from fedprune.sparse_conv import check_supported, sparse_conv_unavailable_reason
@@ -270,6 +270,7 @@ def device_measurements(settings: Settings, context: Context) -> dict:
             "input_shape": list(shape),
             "repeats": settings.profile_repeats,
             "profiler": PROFILER_VERSION,
+            "track_importance": TRACKS_IMPORTANCE,
         }
 
         def measure() -> dict:

@@ -1,0 +1,147 @@
+"""The main job, measured: PruneFL's default run next to its variants and dense FedAvg.
+
+Each arm is `flwr run .` with the app's defaults plus a few run-config keys, on a private
+local SuperLink (`experiments.local_run`), one after another on this machine. From each
+run's `summary.json` and `metrics.csv` it reports final accuracy and density, wall time
+(total and by phase), bytes, and the devices' measured compute time per round (the slowest
+sampled node's, `device_round_s`), and the ratio of that mean to dense FedAvg's on the same
+machine in the same invocation.
+
+    python -m experiments.bench_mainjob                       # window 0, 1, 2 and FedAvg
+    python -m experiments.bench_mainjob --arms prunefl fedavg --num-supernodes 2
+
+Writes experiments/results/bench_mainjob.{md,json} (with --out, elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from experiments.local_run import local_superlink
+from strategies.results import code_version, machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# arm -> run-config keys on top of the app's defaults
+ARMS = {
+    "prunefl": "",
+    "prunefl-window-1": "importance-window=1",
+    "prunefl-window-2": "importance-window=2",
+    "prunefl-window-0": "importance-window=0",
+    "prunefl-dense-format": "layer-format='dense'",
+    "fedavg": "method='fedavg'",
+}
+DEFAULT_ARMS = ("prunefl", "prunefl-window-0", "prunefl-window-1", "prunefl-window-2", "fedavg")
+
+
+def run_arm(link, arm: str, out_dir: Path, num_supernodes: int, rounds: int) -> dict:
+    extra = ARMS[arm]
+    config = f"output-dir='{out_dir}' run-name='{arm}'"
+    if rounds:
+        config += f" num-server-rounds={rounds}"
+    if extra:
+        config += f" {extra}"
+    log_path = out_dir / f"{arm}.log"
+    t0 = time.time()
+    with log_path.open("w") as log:
+        done = link.run(config, num_supernodes=num_supernodes, stdout=log)
+    wall = time.time() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"{arm}: flwr run failed ({done.returncode}); see {log_path}")
+    summary = json.loads((out_dir / arm / "summary.json").read_text())
+    rows = list(csv.DictReader((out_dir / arm / "metrics.csv").open()))[1:]  # round 0: none
+    device = [float(r["device_round_s"]) for r in rows]
+    return {
+        "arm": arm,
+        "run_config": extra,
+        "flwr_run_wall_s": round(wall, 1),
+        "final_accuracy": summary["final_accuracy"],
+        "final_density": summary["final_density"],
+        "wall_time_split_s": summary.get("wall_time_split_s", {}),
+        "total_bytes": summary["total_bytes"],
+        "mean_device_round_s": statistics.fmean(device) if device else 0.0,
+        "total_device_time_s": summary["total_device_time_s"],
+        "train_formats": summary.get("train_formats", {}).get("compact", ""),
+    }
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    dense = next((r for r in rows if r["arm"] == "fedavg"), None)
+    out = [
+        "# bench_mainjob: the main job (`flwr run .`), measured",
+        "",
+        f"- date: {result['date']}; commit {result['commit']}",
+        f"- machine: {result['machine']}",
+        f"- {result['num_supernodes']} simulated SuperNodes, every node in every round; "
+        f"{result['rounds'] or 'the default number of'} rounds; one run per arm, in the "
+        "order listed",
+        "- device s: the slowest node's measured compute time of its local round "
+        "(`device_round_s`), mean over the rounds; vs FedAvg: that mean over dense "
+        "FedAvg's in this invocation (goal of issue 12: <= 0.4)",
+        "",
+        "| arm | run config | final acc | final density | flwr run s | initial pruning s | "
+        "rounds s | evaluation s | MB moved | device s per round | vs FedAvg | formats (last "
+        "round) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        split = r["wall_time_split_s"]
+        ratio = (
+            f"{r['mean_device_round_s'] / dense['mean_device_round_s']:.2f}"
+            if dense and dense["mean_device_round_s"] > 0
+            else ""
+        )
+        out.append(
+            f"| {r['arm']} | `{r['run_config'] or 'defaults'}` | {r['final_accuracy']:.4f} | "
+            f"{r['final_density']:.4f} | {r['flwr_run_wall_s']:.0f} | "
+            f"{split.get('initial_pruning', 0):.1f} | {split.get('rounds', 0):.1f} | "
+            f"{split.get('evaluation', 0):.1f} | {r['total_bytes'] / 1e6:.1f} | "
+            f"{r['mean_device_round_s']:.3f} | {ratio} | {r['train_formats']} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    parser.add_argument("--num-supernodes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=0, help="0: the app's default")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    t0 = time.time()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, local_superlink(Path(tmp) / "flwr-home") as link:
+        runs = Path(tmp) / "runs"
+        runs.mkdir()
+        for arm in args.arms:
+            row = run_arm(link, arm, runs, args.num_supernodes, args.rounds)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    m = machine()
+    result = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": code_version()["commit"][:12],
+        "machine": f"{m['platform']}, {m['processor']}, {m.get('cpus', '')} CPUs, "
+        f"torch {m.get('torch', '')}",
+        "num_supernodes": args.num_supernodes,
+        "rounds": args.rounds,
+        "seconds": round(time.time() - t0),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "bench_mainjob" if args.num_supernodes == 10 else f"bench_mainjob_{args.num_supernodes}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
