@@ -208,6 +208,10 @@ class RunRecorder:
                 "replies": stats.replies if stats else 0,
                 "dropped": stats.dropped if stats else 0,
                 "reconfigured": int(stats.reconfigured) if stats else 0,
+                "bytes_by_kind": {
+                    "down": dict(stats.down_by_kind) if stats else {},
+                    "up": dict(stats.up_by_kind) if stats else {},
+                },
             }
         )
 
@@ -261,6 +265,7 @@ class RunRecorder:
             **summary_extra,
         }
         summary["total_bytes"] = summary["total_bytes_down"] + summary["total_bytes_up"]
+        summary["bytes_by_kind"] = write_bytes_by_kind(self.rows, self.out_dir / KINDS_FILE)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot(self.rows, self.out_dir / "curves.png")
         log(
@@ -284,6 +289,25 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+KINDS_FILE = "bytes_by_kind.csv"
+
+
+def write_bytes_by_kind(rows: list[dict[str, Any]], path: Path) -> dict[str, dict[str, int]]:
+    """Write each round's bytes by kind and direction (`strategies.accounting.bytes_by_kind`)
+    as CSV rows (round, direction, kind, bytes); return the run's totals by direction and
+    kind. Rows from before this column existed (a resumed older run) count nothing."""
+    totals: dict[str, dict[str, int]] = {"down": {}, "up": {}}
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["round", "direction", "kind", "bytes"])
+        for row in rows:
+            for direction, kinds in row.get("bytes_by_kind", {}).items():
+                for kind, n in sorted(kinds.items()):
+                    writer.writerow([row["round"], direction, kind, n])
+                    totals[direction][kind] = totals[direction].get(kind, 0) + n
+    return totals
 
 
 def machine() -> dict[str, Any]:

@@ -53,7 +53,7 @@ from fedprune.replies import (
     check_evaluate_reply,
 )
 from fedprune.sample_counts import ExampleBounds
-from strategies.accounting import RoundStats, content_bytes
+from strategies.accounting import RoundStats
 from strategies.messages import ModelPayloads, SentRound, query_profiles, reply_parts
 from strategies.method import PruningMethod
 from strategies.node_sampling import EVALUATE, TRAIN, NodeSampler, fraction_size
@@ -301,7 +301,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         for node_id in node_ids:
             form = self.nodes.mask_to_send(node_id, version, change_available=has_change)
             content = RecordDict({P.ARRAYS: self.payloads.arrays(form), P.CONFIG: configs[form]})
-            stats.count(node_id, sent=content_bytes(content))
+            stats.count_sent(node_id, content)
             stats.masks_sent += int(form == FULL)
             stats.mask_changes_sent += int(form == CHANGE)
             messages.append(

@@ -55,6 +55,12 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert formats["compact"].startswith("conv1:")
     assert summary["final_accuracy"] > 0.3  # ten classes: chance is 0.1
     assert summary["final_density"] < 1.0
+    kinds = summary["bytes_by_kind"]  # what the bytes carried, from the same records
+    assert sum(kinds["down"].values()) == summary["total_bytes_down"]
+    assert sum(kinds["up"].values()) == summary["total_bytes_up"]
+    assert {"v", "m", "md", "config"} <= set(kinds["down"]) and {"v", "gc"} <= set(kinds["up"])
+    per_round = list(csv.DictReader((out / "bytes_by_kind.csv").open()))
+    assert sum(int(r["bytes"]) for r in per_round) == summary["total_bytes"]
     split = summary["wall_time_split_s"]
     phases = ["setup", "initial_pruning", "rounds", "evaluation", "checkpoints", "export"]
     assert list(split) == phases and all(split[p] >= 0 for p in phases)

@@ -520,3 +520,18 @@ def test_a_node_unavailable_error_from_the_superlink_is_that_nodes_dropped_reply
     assert f"from node {victim}: client error: Error: Node Unavailable" in line
     assert victim not in strategy.nodes.mask_version
     assert all(n in strategy.nodes.mask_version for n in fed.contexts if n != victim)
+
+
+def test_bytes_by_kind_add_up_to_what_flower_counts():
+    from strategies.accounting import bytes_by_kind, content_bytes
+
+    fed, strategy = Federation(SETTINGS, 2), make_strategy()
+    msgs, replies, _ = fed.train_round(strategy, 1)
+    for msg in [*msgs, *replies]:
+        kinds = bytes_by_kind(msg.content)
+        assert sum(kinds.values()) == content_bytes(msg.content)
+    assert {"v", "m", "config"} <= set(bytes_by_kind(msgs[0].content))
+    stats = strategy.stats[1]
+    assert sum(stats.down_by_kind.values()) == stats.bytes_down
+    assert sum(stats.up_by_kind.values()) == stats.bytes_up
+    assert stats.up_by_kind["v"] > 0 and stats.up_by_kind["metric"] > 0
