@@ -10,7 +10,7 @@ machine in the same invocation.
     python -m experiments.bench_mainjob                       # window 0, 1, 2 and FedAvg
     python -m experiments.bench_mainjob --arms prunefl fedavg --num-supernodes 2
 
-Writes experiments/results/bench_mainjob.{md,json} (with --out, elsewhere).
+Writes experiments/results/bench_mainjob.{md,json} (with --out / --name, elsewhere).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ def markdown(result: dict) -> str:
     out = [
         "# bench_mainjob: the main job (`flwr run .`), measured",
         "",
+        f"- command: `{result['command']}`",
         f"- date: {result['date']}; commit {result['commit']}",
         f"- machine: {result['machine']}",
         f"- {result['num_supernodes']} simulated SuperNodes, every node in every round; "
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-supernodes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=0, help="0: the app's default")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="", help="file stem (default: bench_mainjob[_N])")
     args = parser.parse_args(argv)
     t0 = time.time()
     rows = []
@@ -133,10 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "num_supernodes": args.num_supernodes,
         "rounds": args.rounds,
         "seconds": round(time.time() - t0),
+        "command": "python -m experiments.bench_mainjob " + " ".join(argv or sys.argv[1:]),
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_mainjob" if args.num_supernodes == 10 else f"bench_mainjob_{args.num_supernodes}"
+    stem = args.name or (
+        "bench_mainjob" if args.num_supernodes == 10 else f"bench_mainjob_{args.num_supernodes}"
+    )
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
