@@ -56,7 +56,7 @@ def run_arm(link, arm: str, out_dir: Path, num_supernodes: int, rounds: int) -> 
     if done.returncode != 0:
         raise SystemExit(f"{arm}: flwr run failed ({done.returncode}); see {log_path}")
     summary = json.loads((out_dir / arm / "summary.json").read_text())
-    rows = list(csv.DictReader((out_dir / arm / "metrics.csv").open()))[1:]  # round 0: none
+    first, *rows = list(csv.DictReader((out_dir / arm / "metrics.csv").open()))  # round 0 first
     device = [float(r["device_round_s"]) for r in rows]
     return {
         "arm": arm,
@@ -69,6 +69,13 @@ def run_arm(link, arm: str, out_dir: Path, num_supernodes: int, rounds: int) -> 
         "mean_device_round_s": statistics.fmean(device) if device else 0.0,
         "total_device_time_s": summary["total_device_time_s"],
         "train_formats": summary.get("train_formats", {}).get("compact", ""),
+        "total_bytes_down": summary["total_bytes_down"],
+        "total_bytes_up": summary["total_bytes_up"],
+        "bytes_by_kind": summary.get("bytes_by_kind", {}),
+        "layer_densities": summary.get("layer_densities", {}),
+        "total_sim_time_s": summary["total_sim_time_s"],
+        "round0_accuracy": float(first["accuracy"]),
+        "round0_density": float(first["density"]),
     }
 
 
