@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from logging import WARNING
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,8 +22,10 @@ from clients import compression
 from clients.node_state import (
     drop_importance,
     held_mask,
+    held_values,
     hold_importance,
     hold_mask,
+    hold_values,
     with_held_importance,
 )
 from clients.partitions import client_partition
@@ -38,6 +41,7 @@ from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import FORMATS, choose_formats, supported_formats, train_sparse
 from fedprune.sparse_conv import check_supported, sparse_conv_unavailable_reason
 from fedprune.training import evaluate as evaluate_model
+from fedprune.value_code import kept_vectors
 
 app = ClientApp()
 
@@ -90,6 +94,12 @@ def train(msg: Message, context: Context) -> Message:
         state = {name: p.detach() for name, p in model.named_parameters()}
         code = ImportanceCode() if settings.importance_code == "coded" else None
         encoded = encode_update(state, masks, uploaded, importance_code=code)
+        if P.VALUE_BITS in config:  # the update, quantised, instead of float32 values
+            rng = np.random.default_rng([settings.seed, int(config[P.SERVER_ROUND]), partition_id])
+            encoded = {k: v for k, v in encoded.items() if not k.startswith("v/")}
+            encoded |= compression.quantised_values(
+                context, state, masks, version, int(config[P.VALUE_BITS]), rng
+            )
         arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     if votes is not None:
         for key, array in compression.vote_arrays(local.importance, masks, votes).items():
@@ -176,9 +186,23 @@ def receive(msg: Message, context: Context):
             f"version {needed} without the mask, but this node holds "
             f"{'no mask' if held is None else f'version {held[0]}'}"
         )
-    params, masks = decode_model(arrays, shapes, prunable, None if held is None else held[1])
+    values = None
+    if P.VALUES_BASE_VERSION in config:  # quantised changes: to the values it holds
+        base = int(config[P.VALUES_BASE_VERSION])
+        values = held_values(context, version)
+        if values is None or values[0] != base:
+            raise RuntimeError(
+                f"the server sent value changes from values version {base}, but this node "
+                f"holds {'none' if values is None else f'version {values[0]}'}"
+            )
+        values = values[1]
+    params, masks = decode_model(
+        arrays, shapes, prunable, None if held is None else held[1], values
+    )
     if carries_mask:
         hold_mask(context, version, masks)
+    if P.VALUES_VERSION in config:  # the reference for the next change and this update
+        hold_values(context, int(config[P.VALUES_VERSION]), version, kept_vectors(params, masks))
     model.load_state_dict(params)
     return settings, model, masks, version
 

@@ -4,6 +4,9 @@
   update and keep the rest as error memory in `context.state`. When the server's config
   carries `protocol.TOPK_VALUES`, the ClientApp's reply is `topk_reply` instead of the kept
   values.
+- The value-code setting (`fedprune.value_code`): when the config carries
+  `protocol.VALUE_BITS`, the kept values go up as the node's update, quantised with error
+  feedback (`quantised_values`).
 - FedRTS (`strategies.fedrts`): when the config carries `protocol.TOP_GRADIENTS`, the reply
   also holds the positions of the node's largest gradients among pruned links
   (`vote_arrays`).
@@ -11,12 +14,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context
 
+from clients.node_state import held_values, hold_value_memory, value_memory
 from fedprune import protocol as P
 from fedprune.thompson import encode_votes, top_gradient_positions
 from fedprune.topk import encode_sparse, topk_step
+from fedprune.value_code import encode_value_update, kept_vectors
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -57,3 +63,23 @@ def vote_arrays(
     gradients (`fedprune.thompson.top_gradient_positions`), as wire arrays."""
     positions = top_gradient_positions(importance, masks, fraction)
     return {key: Array(a) for key, a in encode_votes(positions).items()}
+
+
+def quantised_values(
+    context: Context,
+    trained: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    mask_version: int,
+    bits: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """The "vq/<name>" arrays of the node's update (trained minus the reference values it
+    received this round, which `receive` kept), quantised to `bits` with stochastic
+    rounding and this node's error feedback memory, which it then updates."""
+    held = held_values(context, mask_version)
+    if held is None:
+        raise RuntimeError("asked for a quantised update, but this node holds no values")
+    memory = value_memory(context, mask_version)
+    arrays, memory = encode_value_update(kept_vectors(trained, masks), held[1], memory, bits, rng)
+    hold_value_memory(context, mask_version, memory)
+    return arrays

@@ -1,9 +1,11 @@
 """What a node keeps between messages, in `context.state` (it survives across rounds on
 that node): the mask it was last sent and its version, the importance it holds for a
-later upload, and its measured device profile."""
+later upload, its measured device profile, and under the value-code setting the reference
+values it was sent and its upload's error feedback memory."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 
@@ -58,3 +60,61 @@ def drop_importance(context: Context) -> None:
     """Uploaded, or never to be: hold nothing."""
     context.state.pop(P.STATE_IMPORTANCE, None)
     context.state.pop(P.STATE_IMPORTANCE_META, None)
+
+
+# ---------------------------------------------------------------- the value-code setting
+# The reference values the node was last sent (`fedprune.value_code`) and its upload's
+# error feedback memory, each tagged with the mask version it is laid out by: a node that
+# gets a new mask holds neither any longer.
+
+
+def _values_meta(context: Context) -> dict:
+    if P.STATE_VALUES_META not in context.state:
+        return {}
+    return dict(context.state[P.STATE_VALUES_META])
+
+
+def held_values(context: Context, mask_version: int) -> tuple[int, dict[str, np.ndarray]] | None:
+    """(version, kept values per parameter) of the reference the node holds, if it holds
+    one laid out by mask `mask_version`."""
+    meta = _values_meta(context)
+    if P.STATE_VALUES not in context.state or meta.get("mask-version") != mask_version:
+        return None
+    record = context.state[P.STATE_VALUES]
+    return int(meta["version"]), {name: record[name].numpy() for name in record}
+
+
+def hold_values(
+    context: Context, version: int, mask_version: int, values: dict[str, np.ndarray]
+) -> None:
+    """Keep `values` (kept values per parameter) as reference `version`, laid out by mask
+    `mask_version`; error feedback memory of another mask is dropped."""
+    meta = _values_meta(context)
+    context.state[P.STATE_VALUES] = ArrayRecord({k: Array(v) for k, v in values.items()})
+    memory_mask = meta.get("memory-mask-version")
+    if memory_mask is not None and memory_mask != mask_version:
+        context.state.pop(P.STATE_VALUE_MEMORY, None)
+        memory_mask = None
+    new = {"version": version, "mask-version": mask_version}
+    if memory_mask is not None:
+        new["memory-mask-version"] = memory_mask
+    context.state[P.STATE_VALUES_META] = ConfigRecord(new)
+
+
+def value_memory(context: Context, mask_version: int) -> dict[str, np.ndarray] | None:
+    """The upload's error feedback memory, if the node holds one for mask `mask_version`
+    (after a mask change it starts again from zero)."""
+    meta = _values_meta(context)
+    if P.STATE_VALUE_MEMORY not in context.state:
+        return None
+    if meta.get("memory-mask-version") != mask_version:
+        return None
+    record = context.state[P.STATE_VALUE_MEMORY]
+    return {name: record[name].numpy() for name in record}
+
+
+def hold_value_memory(context: Context, mask_version: int, memory: dict[str, np.ndarray]) -> None:
+    context.state[P.STATE_VALUE_MEMORY] = ArrayRecord({k: Array(v) for k, v in memory.items()})
+    meta = _values_meta(context)
+    meta["memory-mask-version"] = mask_version
+    context.state[P.STATE_VALUES_META] = ConfigRecord(meta)

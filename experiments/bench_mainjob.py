@@ -37,6 +37,9 @@ ARMS = {
     "prunefl-window-0": "importance-window=0",
     "prunefl-dense-format": "layer-format='dense'",
     "fedavg": "method='fedavg'",
+    # kept values as quantised changes both ways (fedprune.value_code)
+    "prunefl-q8": "value-code='q8'",
+    "prunefl-q16": "value-code='q16'",
 }
 DEFAULT_ARMS = ("prunefl", "prunefl-window-0", "prunefl-window-1", "prunefl-window-2", "fedavg")
 

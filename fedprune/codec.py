@@ -17,6 +17,11 @@ Keys on the wire
 ``"v/<name>"``
     float32 values.  For a prunable parameter, its kept values in row-major (flattened)
     order, ``mask.sum()`` of them; for any other parameter, the whole flattened tensor.
+``"vq/<name>"``
+    Instead of ``"v/<name>"`` (with the `value-code` setting): the values as a quantised
+    change (format 4, `fedprune.value_code`): server -> client, the change from the values
+    the node holds, for every parameter and without masks; client -> server, the node's
+    update (trained minus received values), per parameter.
 ``"m/<name>"``
     A mask, when sent: uint8, coded near its entropy bound log2 C(n, k) bits
     (`fedprune.maskcode`: a format byte, the kept count, rANS words).  Masks of density 0
@@ -53,6 +58,7 @@ import torch
 from fedprune import maskcode
 from fedprune.errors import CodecError
 from fedprune.importance_code import ImportanceCode, ImportanceUpload, decode_importance
+from fedprune.quantisation import dequantise
 
 __all__ = [
     "MASK_CHANGE_PREFIX",
@@ -84,7 +90,8 @@ _VALUES = "v"
 _IMPORTANCE = "g"
 _CODED_IMPORTANCE = "gc"
 _IMPORTANCE_PREFIXES = (_IMPORTANCE, _CODED_IMPORTANCE)
-_PREFIXES: tuple[str, ...] = (_VALUES, *_IMPORTANCE_PREFIXES, *MASK_PREFIXES)
+_VALUE_CHANGE = "vq"  # a quantised change of values (fedprune.value_code)
+_PREFIXES: tuple[str, ...] = (_VALUES, _VALUE_CHANGE, *_IMPORTANCE_PREFIXES, *MASK_PREFIXES)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,8 +323,13 @@ def decode_model(
     shapes: Mapping[str, tuple[int, ...]],
     prunable: Sequence[str],
     masks: Mapping[str, torch.Tensor] | None,
+    held_values: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Client side: decode a server message.
+
+    A message whose values are quantised changes (``"vq/<name>"`` for every parameter,
+    never with masks) applies them to ``held_values`` (the kept values the node holds, per
+    parameter, 1-D float32 in wire order, laid out by ``masks``); CodecError without them.
 
     ``shapes`` holds the model's parameter shapes (all parameters, in order) and
     ``prunable`` the names of the prunable ones.  If the message carries masks (it must
@@ -362,10 +374,13 @@ def decode_model(
                 )
             forms[name] = prefix
 
-    # Missing keys.
+    # Missing keys: values for every parameter, all "v/" or all "vq/".
+    changes = groups[_VALUE_CHANGE]
+    if changes:
+        _check_value_changes(groups, spec, forms, held_values)
     for name in spec:
-        if name not in groups[_VALUES]:
-            raise CodecError(f"missing key '{_VALUES}/{name}'")
+        if name not in (changes or groups[_VALUES]):
+            raise CodecError(f"missing key '{_VALUE_CHANGE if changes else _VALUES}/{name}'")
 
     # Masks: from the message, else the held ones.
     mask_np: dict[str, np.ndarray] = {}
@@ -401,9 +416,42 @@ def decode_model(
 
     params: dict[str, torch.Tensor] = {}
     for name, (dims, n) in spec.items():
-        key = f"{_VALUES}/{name}"
-        params[name] = _decode_values(key, groups[_VALUES][name], dims, n, mask_np.get(name))
+        if changes:
+            key = f"{_VALUE_CHANGE}/{name}"
+            data = held_values[name] + dequantise(
+                changes[name], held_values[name].shape[0], what=repr(key)
+            )
+        else:
+            key, data = f"{_VALUES}/{name}", groups[_VALUES][name]
+        params[name] = _decode_values(key, data, dims, n, mask_np.get(name))
     return params, out_masks
+
+
+def _check_value_changes(groups, spec, forms, held_values) -> None:
+    """A message of quantised value changes: for every parameter, without "v/" keys or
+    masks, and only to a node that holds values."""
+    for name in groups[_VALUE_CHANGE]:
+        if name not in spec:
+            raise CodecError(
+                f"unexpected key '{_VALUE_CHANGE}/{name}': the model has no such parameter"
+            )
+    if groups[_VALUES]:
+        name = next(iter(groups[_VALUES]))
+        raise CodecError(
+            f"unexpected key '{_VALUES}/{name}': the message carries value changes "
+            f"('{_VALUE_CHANGE}/'); one form per message"
+        )
+    if forms:
+        name = next(iter(forms))
+        raise CodecError(
+            f"unexpected key '{forms[name]}/{name}': value changes apply to the held mask; "
+            "a message with masks carries float32 values"
+        )
+    if held_values is None or any(name not in held_values for name in spec):
+        raise CodecError(
+            f"'{_VALUE_CHANGE}/{next(iter(groups[_VALUE_CHANGE]))}': value changes, but the "
+            "node holds no values to apply them to"
+        )
 
 
 def _held_masks(
@@ -497,9 +545,14 @@ def decode_reply(
     shapes: Mapping[str, tuple[int, ...]],
     masks: Mapping[str, torch.Tensor],
     expect_importance: bool,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | dict[str, ImportanceUpload] | None]:
     """Server side: decode a client's reply against the mask the server delivered, without
     densifying its values.
+
+    A parameter's values come as ``"v/<name>"`` (float32) or as ``"vq/<name>"``, a
+    quantised update (format 4) added to ``base[name]`` (the round's global kept values,
+    1-D float32 in wire order; CodecError for ``"vq/"`` without a base).
 
     Returns ``(values, importance)``: per parameter a 1-D float32 tensor, the kept values
     in wire order for a prunable one and the whole flattened tensor for any other; and,
@@ -523,9 +576,20 @@ def decode_reply(
     mask_np = _held_masks(masks, spec, prun_set, _VALUES)
     values: dict[str, torch.Tensor] = {}
     for name, (_dims, n) in spec.items():
+        expected = int(np.count_nonzero(mask_np[name])) if name in prun_set else n
+        if name in groups[_VALUE_CHANGE]:
+            key = f"{_VALUE_CHANGE}/{name}"
+            if base is None or name not in base:
+                raise CodecError(f"{key!r}: a quantised update, but no values were sent to it")
+            held = base[name].detach().reshape(-1).cpu().numpy()
+            if held.dtype != np.float32 or held.shape[0] != expected:
+                raise ValueError(f"base of {name!r}: expected {expected} float32 values")
+            data = held + dequantise(groups[_VALUE_CHANGE][name], expected, what=repr(key))
+            _finite_values(key, data)
+            values[name] = torch.from_numpy(data)
+            continue
         key = f"{_VALUES}/{name}"
         data = _check_array(key, groups[_VALUES][name], np.dtype(np.float32))
-        expected = int(np.count_nonzero(mask_np[name])) if name in prun_set else n
         if data.shape[0] != expected:
             what = "the mask's kept count" if name in prun_set else "the parameter's size"
             raise CodecError(f"{key!r}: expected {expected} values ({what}), got {data.shape[0]}")
@@ -555,9 +619,16 @@ def _check_reply_keys(groups, spec, prun_set: set[str], expect_importance: bool)
             raise CodecError(
                 f"unexpected key '{prefix}/{name}': a client update never carries masks"
             )
-    for name in groups[_VALUES]:
-        if name not in spec:
-            raise CodecError(f"unexpected key '{_VALUES}/{name}': the model has no such parameter")
+    for prefix in (_VALUES, _VALUE_CHANGE):
+        for name in groups[prefix]:
+            if name not in spec:
+                raise CodecError(
+                    f"unexpected key '{prefix}/{name}': the model has no such parameter"
+                )
+            if prefix == _VALUE_CHANGE and name in groups[_VALUES]:
+                raise CodecError(
+                    f"'{_VALUE_CHANGE}/{name}': values for {name!r} also as '{_VALUES}/'"
+                )
     for prefix in _IMPORTANCE_PREFIXES:
         for name in groups[prefix]:
             key = f"{prefix}/{name}"
@@ -574,8 +645,8 @@ def _check_reply_keys(groups, spec, prun_set: set[str], expect_importance: bool)
             f"('{_CODED_IMPORTANCE}/'); one form per reply"
         )
     for name in spec:
-        if name not in groups[_VALUES]:
-            raise CodecError(f"missing key '{_VALUES}/{name}'")
+        if name not in groups[_VALUES] and name not in groups[_VALUE_CHANGE]:
+            raise CodecError(f"missing key '{_VALUES}/{name}' (or '{_VALUE_CHANGE}/{name}')")
         if expect_importance and name in prun_set and name not in groups[form]:
             raise CodecError(f"missing key '{form}/{name}': importance was expected")
     return form

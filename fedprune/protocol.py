@@ -20,6 +20,15 @@ SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated sin
 # full participation: nodes accumulate, and upload only when the server reconfigures)
 ACCUMULATE_IMPORTANCE = "accumulate-importance"
 LEARNING_RATE = "lr"
+# The `value-code` setting (fedprune.value_code). VALUE_BITS: reply with the update
+# (trained minus received kept values) quantised to this many bits ("vq/"), not "v/".
+# VALUES_VERSION: the values of this train message are the server's reference of that
+# version; the node holds them (with the mask) for a later change. VALUES_BASE_VERSION: set
+# when the values are quantised changes ("vq/"): the reference version they apply to, which
+# the node must hold exactly.
+VALUE_BITS = "value-bits"
+VALUES_VERSION = "values-version"
+VALUES_BASE_VERSION = "values-base-version"
 # The compression-only reference (`fedprune.topk`): reply with at most this many entries of
 # (update + error memory) and their positions instead of the kept values
 TOPK_VALUES = "topk-values"
@@ -46,6 +55,10 @@ STATE_META = "fedprune-meta"  # ConfigRecord: its version
 STATE_IMPORTANCE = "fedprune-importance"  # ArrayRecord: importance accumulated so far
 STATE_IMPORTANCE_META = "fedprune-importance-meta"  # ConfigRecord: over how many rounds
 STATE_TOPK_ERROR = "fedprune-topk-error"  # ArrayRecord: top-k error memory, per parameter
+STATE_VALUES = "fedprune-values"  # ArrayRecord: the reference values the node holds
+STATE_VALUE_MEMORY = "fedprune-value-memory"  # ArrayRecord: upload error feedback memory
+# ConfigRecord: the reference's version and the mask version both arrays are laid out by
+STATE_VALUES_META = "fedprune-values-meta"
 
 # Node config and query replies: the node's stable client id
 PARTITION_ID = "partition-id"

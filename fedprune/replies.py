@@ -86,12 +86,15 @@ class Expected:
 
     shapes: every parameter's shape; masks: the delivered masks of the prunable weights;
     importance_rounds: rounds each upload must cover, 0 if importance was not asked for.
+    base: the round's global kept values (1-D float32 per parameter, wire order), to which
+        a quantised update ("vq/") is added; None: replies carry float32 values only.
     """
 
     mask_version: int
     shapes: Mapping[str, tuple[int, ...]]
     masks: Mapping[str, torch.Tensor]
     importance_rounds: int = 0
+    base: Mapping[str, torch.Tensor] | None = None
 
 
 def _integer(metrics: Mapping[str, Any], key: str) -> int:
@@ -137,7 +140,7 @@ def check_train_reply(
     asked = expected.importance_rounds > 0
     try:
         values, importance = decode_reply(
-            arrays, expected.shapes, expected.masks, expect_importance=asked
+            arrays, expected.shapes, expected.masks, expect_importance=asked, base=expected.base
         )
     except CodecError as exc:
         raise ReplyError(str(exc)) from exc

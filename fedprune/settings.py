@@ -20,6 +20,7 @@ from fedprune.costs import PROFILES
 from fedprune.data import DATASETS, PARTITIONERS, DataSpec
 from fedprune.models import model_factory
 from fedprune.sparse import LAYER_FORMATS
+from fedprune.value_code import VALUE_CODES
 
 # How importance reaches the server: "reconfig" (the paper) has every node accumulate it
 # over the rounds and upload it when the server reconfigures, which needs every node in
@@ -143,6 +144,8 @@ class Settings:
     )
     node_auth: bool = _opt(False)  # the SuperLink authenticates nodes: bind client ids for good
     importance_code: str = _opt("coded", *_in({"coded", "exact"}))
+    # Kept values as float32 ("exact") or as quantised changes both ways (fedprune.value_code)
+    value_code: str = _opt("exact", *_in(VALUE_CODES))
     # --- what the server believes of the nodes (docs/threat-model.md)
     examples_from_split: bool = _opt(True)  # nodes hold the configured split: bound by it
     max_examples_per_node: int = _opt(

@@ -18,8 +18,9 @@ from fedprune import protocol as P
 from fedprune.codec import encode_model
 from fedprune.global_model import GlobalModel
 from fedprune.node_profiles import NodeProfiles
-from fedprune.node_state import CHANGE, NONE
+from fedprune.node_state import CHANGE, NONE, VALUE_CHANGE
 from fedprune.replies import ReplyError
+from fedprune.value_code import ValueReference
 from strategies.accounting import RoundStats
 from strategies.node_sampling import query_messages
 
@@ -74,15 +75,26 @@ class ModelPayloads:
         self.model = model
         self._cache: dict[tuple[int, str], ArrayRecord] = {}
 
-    def arrays(self, form: str) -> ArrayRecord:
-        key = (self.model.model_version, form)
+    def arrays(self, form: str, reference: ValueReference | None = None) -> ArrayRecord:
+        """The payload of `form`; with a `reference` (the value-code setting, train
+        messages), its values instead of the global ones, and for VALUE_CHANGE its change
+        from the previous reference."""
+        key = (self.model.model_version, form, reference.version if reference else 0)
         if key not in self._cache:
-            self._cache = {k: v for k, v in self._cache.items() if k[0] == key[0]}
+            self._cache = {
+                k: v for k, v in self._cache.items() if (k[0], k[2]) == (key[0], key[2])
+            }
             model = self.model
-            held = model.previous_masks if form == CHANGE else None
-            arrays = encode_model(
-                model.params, model.masks, include_masks=form != NONE, held_masks=held
-            )
+            if form == VALUE_CHANGE:
+                arrays = reference.change
+            else:
+                held = model.previous_masks if form == CHANGE else None
+                params = model.params if reference is None else reference.dense(
+                    model.params, model.masks
+                )
+                arrays = encode_model(
+                    params, model.masks, include_masks=form != NONE, held_masks=held
+                )
             self._cache[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return self._cache[key]
 

@@ -198,6 +198,7 @@ def build_strategy(settings: Settings, method, start: Start, masks, sampler=None
         aggregation=settings.aggregation,
         clip_multiple=settings.clip_multiple,
         trim_fraction=settings.trim_fraction,
+        value_code=settings.value_code,
         example_bounds=(
             example_bounds(settings, sampler.identities)
             if sampler is not None

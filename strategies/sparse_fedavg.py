@@ -45,7 +45,7 @@ from fedprune.global_model import GlobalModel
 from fedprune.importance import ImportanceCollector, RoundPlan
 from fedprune.masks import Masks
 from fedprune.node_profiles import NodeProfiles
-from fedprune.node_state import CHANGE, FULL, NONE, NodeLedger
+from fedprune.node_state import CHANGE, FULL, NONE, VALUE_CHANGE, NodeLedger
 from fedprune.replies import (
     Expected,
     ReplyError,
@@ -53,6 +53,7 @@ from fedprune.replies import (
     check_evaluate_reply,
 )
 from fedprune.sample_counts import ExampleBounds
+from fedprune.value_code import ValueReference, value_bits
 from strategies.accounting import RoundStats
 from strategies.messages import ModelPayloads, SentRound, query_profiles, reply_parts
 from strategies.method import PruningMethod
@@ -119,6 +120,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
     example_bounds : ExampleBounds, optional
         The most examples counted per node (`fedprune.sample_counts`); by default only
         the codec's 10^9.
+    value_code : "exact" | "q16" | "q8" | "q4" (default: "exact")
+        Kept values in train messages and replies as float32, or as quantised changes
+        both ways (`fedprune.value_code`).
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
         clip_multiple: float = 2.0,
         trim_fraction: float = 0.2,
         example_bounds: ExampleBounds | None = None,
+        value_code: str = "exact",
     ) -> None:
         super().__init__(
             fraction_train=1.0,
@@ -177,6 +182,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self._plan, self._sent = RoundPlan(), {"train": SentRound(), "evaluate": SentRound()}
         self.rule = RobustRule(aggregation, FLOWER_KERNELS, clip_multiple, trim_fraction)
         self.example_bounds = example_bounds or ExampleBounds()
+        self.value_bits = value_bits(value_code)
+        # What the nodes start each train round from (None: the global values, as float32).
+        self.reference = None if self.value_bits is None else ValueReference(self.value_bits)
 
     # ------------------------------------------------------------------ views
     @property
@@ -291,16 +299,28 @@ class SparseFedAvg(FedAvg, PruningMethod):
         """One message per node: the model in the form that node needs (`NodeLedger`)."""
         stats, version = self.stats[server_round], self.mask_version
         base = {**dict(config), **flags, P.SERVER_ROUND: server_round, P.MASK_VERSION: version}
+        ref = self.reference if message_type == MessageType.TRAIN else None
+        if ref is not None:  # this round's reference values: what every node starts from
+            ref.advance(self.model.kept_values(), version)
+            base.update({P.VALUE_BITS: self.value_bits, P.VALUES_VERSION: ref.version})
         configs = {
             NONE: ConfigRecord(base),
             FULL: ConfigRecord(base),
             CHANGE: ConfigRecord({**base, P.MASK_BASE_VERSION: version - 1}),
         }
+        if ref is not None and ref.change is not None:
+            configs[VALUE_CHANGE] = ConfigRecord({**base, P.VALUES_BASE_VERSION: ref.version - 1})
         has_change = self.model.previous_masks is not None
         messages = []
         for node_id in node_ids:
             form = self.nodes.mask_to_send(node_id, version, change_available=has_change)
-            content = RecordDict({P.ARRAYS: self.payloads.arrays(form), P.CONFIG: configs[form]})
+            if form != NONE:  # a new mask: the values it holds are laid out by another
+                self.nodes.forget_values(node_id)
+            elif VALUE_CHANGE in configs and self.nodes.values_change(node_id, ref.version):
+                form = VALUE_CHANGE
+            content = RecordDict(
+                {P.ARRAYS: self.payloads.arrays(form, ref), P.CONFIG: configs[form]}
+            )
             stats.count_sent(node_id, content)
             stats.masks_sent += int(form == FULL)
             stats.mask_changes_sent += int(form == CHANGE)
@@ -373,7 +393,9 @@ class SparseFedAvg(FedAvg, PruningMethod):
         stats, sent = self.stats[server_round], self._sent["train"]
         version = sent.version
         covers = self._plan.covers if self._plan.send else 0
-        expected = Expected(version, self.model.shapes, self.model.masks, covers)
+        # Quantised updates add to the round's global values (exact on the server).
+        base = self.model.kept_values() if self.reference is not None else None
+        expected = Expected(version, self.model.shapes, self.model.masks, covers, base)
         answered, uploads = set(), []
         for msg in self._in_order(replies):
             stats.count_reply(msg)
@@ -401,7 +423,8 @@ class SparseFedAvg(FedAvg, PruningMethod):
             if clipped:
                 log(INFO, "round %d: %s clipped %d of %d importance uploads", server_round,
                     self.rule.name, clipped, len(uploads))  # fmt: skip
-        self._answered(sent.nodes, answered, version)
+        values_version = self.reference.version if self.reference is not None else None
+        self._answered(sent.nodes, answered, version, values_version)
         stats.replies = len(answered)
 
     def _count_examples(self, server_round: int, node_id: int, update: TrainUpdate) -> None:
@@ -425,11 +448,15 @@ class SparseFedAvg(FedAvg, PruningMethod):
             raise ReplyError(f"no ArrayRecord under {P.ARRAYS!r}")
         return arrays, metrics
 
-    def _answered(self, sent_to: set[int], answered: set[int], version: int) -> None:
-        """Nodes that answered validly hold mask `version`; silent ones may have lost theirs."""
+    def _answered(
+        self, sent_to: set[int], answered: set[int], version: int, values_version=None
+    ) -> None:
+        """Nodes that answered validly hold mask `version` (and, from a train round under
+        the value code, reference values `values_version`); silent ones may have lost
+        theirs."""
         self.nodes.forget(sent_to - answered)
         for node_id in answered:
-            self.nodes.confirm(node_id, version)
+            self.nodes.confirm(node_id, version, values_version)
 
     def _update_mask(self, server_round: int, importance, fixed: float) -> None:
         if importance is not None:
