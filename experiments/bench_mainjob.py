@@ -88,7 +88,7 @@ def markdown(result: dict) -> str:
     out = [
         "# bench_mainjob: the main job (`flwr run .`), measured",
         "",
-        f"- command: `{result['command']}`",
+        f"- command: `{result.get('command', '')}`",
         f"- date: {result['date']}; commit {result['commit']}",
         f"- machine: {result['machine']}",
         f"- {result['num_supernodes']} simulated SuperNodes, every node in every round; "
@@ -117,7 +117,49 @@ def markdown(result: dict) -> str:
             f"{split.get('evaluation', 0):.1f} | {r['total_bytes'] / 1e6:.1f} | "
             f"{r['mean_device_round_s']:.3f} | {ratio} | {r['train_formats']} |"
         )
+    out += kinds_table(rows)
     return "\n".join(out) + "\n"
+
+
+KIND_NAMES = {
+    "v": "values (float32)",
+    "vq": "values, quantised changes",
+    "m": "masks",
+    "md": "mask changes",
+    "g": "importance (bfloat16)",
+    "gc": "importance (coded)",
+    "config": "config records",
+    "metric": "metric records",
+    "query": "queries and answers",
+}
+
+
+def kinds_table(rows: list[dict]) -> list[str]:
+    """Bytes by kind and direction (`strategies.accounting.bytes_by_kind`), per arm: MB
+    over the run and per round."""
+    arms = [r for r in rows if r.get("bytes_by_kind")]
+    if not arms:
+        return []
+    kinds = sorted({k for r in arms for d in r["bytes_by_kind"].values() for k in d})
+    out = [
+        "",
+        "Bytes by kind, MB over the run, down / up (what each round's records carried):",
+        "",
+        "| kind | " + " | ".join(r["arm"] for r in arms) + " |",
+        "|---|" + "---|" * len(arms),
+    ]
+    for kind in kinds:
+        cells = []
+        for r in arms:
+            down = r["bytes_by_kind"].get("down", {}).get(kind, 0) / 1e6
+            up = r["bytes_by_kind"].get("up", {}).get(kind, 0) / 1e6
+            cells.append(f"{down:.1f} / {up:.1f}")
+        out.append(f"| {KIND_NAMES.get(kind, kind)} (`{kind}`) | " + " | ".join(cells) + " |")
+    totals = [
+        f"{r['total_bytes_down'] / 1e6:.1f} / {r['total_bytes_up'] / 1e6:.1f}" for r in arms
+    ]
+    out.append("| **total** | " + " | ".join(totals) + " |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0, help="0: the app's default")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="", help="file stem (default: bench_mainjob[_N])")
+    parser.add_argument("--render", type=Path, help="only write the .md again from this .json")
     args = parser.parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(result))
+        return 0
     t0 = time.time()
     rows = []
     with tempfile.TemporaryDirectory() as tmp, local_superlink(Path(tmp) / "flwr-home") as link:
