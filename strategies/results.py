@@ -21,6 +21,7 @@ import torch
 from flwr.common.logger import log
 
 from fedprune.masks import layer_densities, to_prune_state
+from fedprune.portable import export_portable
 from fedprune.sparse import (
     compact_formats,
     export_for_inference,
@@ -112,16 +113,21 @@ def inference_summary(
     """Export the pruned `model` (its masked weights) for inference into
     `out_dir`/model_inference.pt, reload it, and time dense vs pruned forward passes.
 
-    Returns the "inference" block of summary.json: the file, the format chosen per Linear
-    layer (the faster here at batch 1, unless `formats` names them), and per batch size
-    the seconds of one forward pass of the dense model and of the reloaded pruned one
-    (the fastest of `INFERENCE_ROUNDS` interleaved medians), and their ratio.
+    Also writes the portable forms (TorchScript and ONNX, `fedprune.portable`), each
+    checked against the pruned model.
+
+    Returns the "inference" block of summary.json: the file, the portable files with their
+    largest output difference, the format chosen per layer (the faster here at batch 1,
+    unless `formats` names them), and per batch size the seconds of one forward pass of
+    the dense model and of the reloaded pruned one (the fastest of `INFERENCE_ROUNDS`
+    interleaved medians), and their ratio.
     """
     path = Path(out_dir) / INFERENCE_FILE
     chosen = export_for_inference(model, masks, path, batch_size=1, formats=formats, arch=arch)
+    portable = export_portable(model, masks, Path(out_dir), tuple(input_shape))
     pruned = load_for_inference(path)
     g = torch.Generator().manual_seed(0)
-    block: dict[str, Any] = {"file": INFERENCE_FILE, "formats": chosen}
+    block: dict[str, Any] = {"file": INFERENCE_FILE, "formats": chosen, "portable": portable}
     for batch_size in INFERENCE_BATCHES:
         x = torch.rand((batch_size, *input_shape), generator=g)
         # Interleaved, the fastest of a few medians: load from other processes (other

@@ -55,6 +55,12 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert formats["compact"].startswith("conv1:")
     assert summary["final_accuracy"] > 0.3  # ten classes: chance is 0.1
     assert summary["final_density"] < 1.0
+    portable = summary["inference"]["portable"]  # TorchScript and ONNX, checked
+    assert portable["torchscript"]["max_abs_diff"] < 1e-4, portable
+    assert portable["onnx"]["max_abs_diff"] < 1e-4, portable
+    assert (out / "model_inference.torchscript.pt").exists() and (
+        out / "model_inference.onnx"
+    ).exists()
     kinds = summary["bytes_by_kind"]  # what the bytes carried, from the same records
     assert sum(kinds["down"].values()) == summary["total_bytes_down"]
     assert sum(kinds["up"].values()) == summary["total_bytes_up"]
