@@ -93,7 +93,7 @@ from deploy.wallclock import (
     run_summary,
     write_table,
 )
-from experiments.local_run import QUIET_ENV, _alive, descendants
+from experiments.local_run import QUIET_ENV, _alive, descendants, tool_env
 
 FEDERATION = "edge-testbed"
 PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandwidth setting)
@@ -221,7 +221,8 @@ def testbed_federation(
     bin_dir = install_wrappers(workdir / "bin")
     events = workdir / "events"
     events.mkdir(exist_ok=True)
-    path = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    # The probe's wrappers first, then this interpreter's scripts (Flower's own tools)
+    path = f"{bin_dir}{os.pathsep}{tool_env(dict(os.environ))['PATH']}"
     link_home, cli_home = workdir / "superlink", workdir / "flwr-cli"
     link_home.mkdir(exist_ok=True)
     cli_home.mkdir(exist_ok=True)

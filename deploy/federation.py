@@ -357,7 +357,9 @@ class Federation:
 
     def start_supernode(self, node: SuperNode) -> subprocess.Popen:
         node.starts += 1
-        env = tool_env({**os.environ, **QUIET_ENV, "FLWR_HOME": str(node.home), **node.env})
+        # node.env last: a PATH of its own (the edge testbed's probe wrappers) must win
+        # over the interpreter's scripts folder that tool_env puts first.
+        env = {**tool_env({**os.environ, **QUIET_ENV}), "FLWR_HOME": str(node.home), **node.env}
         node.process = self._popen(self.supernode_command(node), env, node.log, node.cpus)
         return node.process
 

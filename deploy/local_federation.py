@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=3600.0)
     args = parser.parse_args(argv)
 
-    signal.signal(signal.SIGTERM, raise_on_sigterm)  # SIGINT raises KeyboardInterrupt
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    # Ctrl-C raises KeyboardInterrupt even when this process was started with SIGINT
+    # ignored (a background job of a non-interactive shell), where Python leaves it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     run_name = args.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")
     out_root = args.output_dir.resolve()
     try:
