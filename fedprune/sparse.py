@@ -53,7 +53,7 @@ from fedprune.sparse_conv import (
     conv_padding,
     sparse_conv_available,
 )
-from fedprune.training import LocalRound, masked_steps
+from fedprune.training import LocalRound, masked_steps, squared_importance
 
 # PyTorch warns once per process that CSR support is "in beta"; the kernels used here are
 # the documented CPU ones, and the tests check them against dense arithmetic.
@@ -663,11 +663,11 @@ def _train_loop(
     importance = None
     if grad_sum is not None:
         sparse_values = {f"{name[: -len('.weight')]}.values" for name in sparse}
-        importance = {
-            n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
-            for n, p in model.named_parameters()
-            if n not in sparse_values
-        }
+        importance = squared_importance(
+            grad_sum,
+            ((n, p) for n, p in model.named_parameters() if n not in sparse_values),
+            samples,
+        )
         for weight_name, layer in sparse.items():
             g = layer.dense_grad_sum()
             if g is None:

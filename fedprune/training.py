@@ -223,11 +223,18 @@ def train_masked(
     )
     importance = None
     if grad_sum is not None:
-        importance = {
-            n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
-            for n, p in model.named_parameters()
-        }
+        importance = squared_importance(grad_sum, model.named_parameters(), samples)
     return LocalRound(len(data), steps, samples, loss, importance)
+
+
+def squared_importance(grad_sum, named_params, samples: int) -> dict[str, torch.Tensor]:
+    """PruneFL's importance per parameter from the gradients summed over a round (in
+    place): their square times the samples the round processed (K x B); zeros for a
+    parameter without a summed gradient."""
+    return {
+        n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
+        for n, p in named_params
+    }
 
 
 @torch.no_grad()

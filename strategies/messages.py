@@ -45,10 +45,11 @@ class SentRound:
 
     version: int = 0
     messages: list[Message] = field(default_factory=list)
+    # The destination nodes, once: `node_of` runs for every reply of the round.
+    nodes: set[int] = field(init=False)
 
-    @property
-    def nodes(self) -> set[int]:
-        return {msg.metadata.dst_node_id for msg in self.messages}
+    def __post_init__(self) -> None:
+        self.nodes = {msg.metadata.dst_node_id for msg in self.messages}
 
     def node_of(self, reply: Message) -> int | None:
         """The node a reply is about: its sender, if this round asked it. An error the
