@@ -436,9 +436,11 @@ def markdown_report(report: dict) -> str:
         "| method | rounds | final acc. | "
         + " | ".join(f"to {t:g}: wall / no run-queue / model (s)" for t in targets)
         + " | bytes per round (down + up) | Flower's bytes per round | model error, rounds "
-        "2.. (total / mean abs / max abs) | ClientApp start-up per message (s) | "
+        "2.. (total / mean abs / max abs) | runtime per round, beyond the model (s) | "
+        "model + runtime of the rounds before: error, rounds 2.. (total / mean abs / max "
+        "abs; rounds within 20 %) | ClientApp start-up per message (s) | "
         "wall / CPU of handlers |",
-        "|---|---:|---:|" + "---:|" * len(targets) + "---:|---:|---:|---:|---:|",
+        "|---|---:|---:|" + "---:|" * len(targets) + "---:|---:|---:|---:|---:|---:|---:|",
     ]
     for method, m in report["methods"].items():
         if "error" in m:
@@ -457,17 +459,20 @@ def markdown_report(report: dict) -> str:
         b = s["bytes_per_round"]
         per_round = (b["strategy_down"] or 0) + (b["strategy_up"] or 0)
         flower = m["traffic"]["flower_network_traffic"]["total_bytes"] / max(1, s["rounds"])
-        e = s["model_error"]["from_round_2"]
-        err = (
-            f"{e['total_error']:+.0%} / {e['mean_abs_error']:.0%} / {e['max_abs_error']:.0%}"
-            if e.get("rounds")
-            else "-"
-        )
+        err = _error_cell(s["model_error"]["from_round_2"])
+        plus = (s.get("model_plus_runtime_error") or {}).get("from_round_2") or {}
+        err_plus = _error_cell(plus)
+        if plus.get("rounds"):
+            err_plus += f" ({plus['rounds_within_0.2']} of {plus['rounds']})"
+        runtime = s.get("runtime_s") or {}
+        runtime_cell = _fmt(runtime.get("mean"))
+        if runtime.get("stdev") is not None:
+            runtime_cell += f" ± {runtime['stdev']:.1f}"
         lines.append(
             f"| {method} | {s['rounds']} | {_fmt(m['final_accuracy'], '.4f')} | "
             + " | ".join(hits)
             + f" | {per_round / 1e6:.3f} MB | {flower / 1e6:.3f} MB | {err} | "
-            f"{_fmt(s['startup']['mean_s'], '.2f')} | "
+            f"{runtime_cell} | {err_plus} | {_fmt(s['startup']['mean_s'], '.2f')} | "
             f"{_fmt(s['contention']['handler_wall_over_cpu'], '.2f')} |"
         )
     lines += ["", "Per round (wall vs model, seconds):", ""]
@@ -478,7 +483,9 @@ def markdown_report(report: dict) -> str:
             f"- {method}: "
             + "; ".join(
                 f"r{r['round']} {_fmt(r['wall_round_s'])} vs {_fmt(r['model_round_s'])}"
-                f" ({_fmt(r['model_error'], '+.0%')}; start-up {_fmt(r['startup_s'])}, "
+                f" ({_fmt(r['model_error'], '+.0%')}; model + runtime so far "
+                f"{_fmt(r.get('model_runtime_round_s'))} "
+                f"({_fmt(r.get('model_runtime_error'), '+.0%')}); start-up {_fmt(r['startup_s'])}, "
                 f"transfer {_fmt(_sum(r['download_s'], r['upload_s']))}, "
                 f"handler {_fmt(r['handler_s'])}, polling {_fmt(r['polling_s'])}, "
                 f"server {_fmt(r['server_s'])}, run-queue {_fmt(r['runqueue_s'])})"
@@ -486,6 +493,13 @@ def markdown_report(report: dict) -> str:
             )
         )
     return "\n".join(lines) + "\n"
+
+
+def _error_cell(e: dict) -> str:
+    """The "total / mean abs / max abs" cell of `wallclock.error_stats`; "-" without rounds."""
+    if not e.get("rounds"):
+        return "-"
+    return f"{e['total_error']:+.0%} / {e['mean_abs_error']:.0%} / {e['max_abs_error']:.0%}"
 
 
 def _sum(*values: Any) -> float | None:
@@ -770,6 +784,12 @@ def _print_method(method: str, s: dict) -> None:
         if e.get("rounds")
         else "-"
     )
+    plus = (s.get("model_plus_runtime_error") or {}).get("from_round_2") or {}
+    if plus.get("rounds"):
+        err += (
+            f"; with the runtime of the rounds before: {plus['total_error']:+.1%} total, "
+            f"{plus['mean_abs_error']:.1%} mean abs"
+        )
     print(
         f"[testbed] {method}: mean round {s['wall_time_s']['mean_round']} s wall; "
         f"model error from round 2: {err}"

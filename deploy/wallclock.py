@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,14 @@ ROUND_COLUMNS = [
     "corrected_round_s",  # wall_round_s - runqueue_s: without waiting for a busy CPU
     "model_comm_s",  # the model's transfer time of the round (mean node's bytes / link)
     "model_compute_s",  # model_round_s - model_comm_s
+    # What the model leaves out: wall_round_s - setup_s - model_round_s (process start-up,
+    # Flower's polls and copies, the handler's work beyond training, the server's step,
+    # waits for a busy CPU).
+    "runtime_s",
+    # model_round_s plus the mean runtime_s of the rounds before (blank in round 1): the
+    # cost model with the runtime's cost per round as measured so far.
+    "model_runtime_round_s",
+    "model_runtime_error",  # model_runtime_round_s / wall_round_s - 1
     "replies_probed",  # train replies whose path the probes saw end to end
 ]
 
@@ -234,7 +243,7 @@ def round_table(
     for p in paths:
         if p.type == "train" and p.round is not None:
             train[int(p.round)].append(p)
-    table, prev_train_dispatch = [], -math.inf
+    table, prev_train_dispatch, runtimes = [], -math.inf, []
     for i, row in enumerate(rows):
         out = dict(row)
         r = int(_f(row["round"]))
@@ -262,10 +271,16 @@ def round_table(
         complete = [p for p in mine if p.complete]
         replies = max(1, int(_f(row.get("replies", 0)) or len(mine) or 1))
         model_comm = (_f(row["bytes_down"]) + _f(row["bytes_up"])) / replies / link_rate_bytes_per_s
+        runtime = wall - setup_s - model
+        predicted = model + sum(runtimes) / len(runtimes) if runtimes else math.nan
+        runtimes.append(runtime)
         values: dict[str, Any] = {
             "wall_round_s": wall,
             "model_round_s": model,
             "model_error": model / wall - 1 if wall > 0 else math.nan,
+            "runtime_s": runtime,
+            "model_runtime_round_s": predicted,
+            "model_runtime_error": predicted / wall - 1 if wall > 0 else math.nan,
             "train_phase_s": train_s,
             "setup_s": setup_s,
             "server_s": wall - setup_s - train_s,
@@ -375,8 +390,10 @@ def run_summary(
     rounds = [r for r in table[1:] if r.get("wall_round_s") not in ("", None)]
     later = [r for r in rounds if int(_f(r["round"])) >= 2]
 
-    def stats(rs, measured_key="wall_round_s"):
-        return error_stats([_f(r["model_round_s"]) for r in rs], [_f(r[measured_key]) for r in rs])
+    def stats(rs, measured_key="wall_round_s", model_key="model_round_s"):
+        return error_stats([_f(r[model_key]) for r in rs], [_f(r[measured_key]) for r in rs])
+
+    runtime = [_f(r.get("runtime_s")) for r in rounds if r.get("runtime_s") not in ("", None)]
 
     train = [p for p in paths if p.type == "train" and p.complete]
     phases = {name: _mean(p.phases()[name] for p in train) for name in PHASES}
@@ -393,6 +410,18 @@ def run_summary(
             "from_round_2_without_runqueue": stats(later, "corrected_round_s")
             if all(r.get("corrected_round_s") not in ("", None) for r in later)
             else None,
+        },
+        # The cost model plus the runtime's cost per round measured in the rounds before
+        # (so from round 2): how well a round is predicted once that cost is known.
+        "model_plus_runtime_error": {
+            "per_round": {str(int(_f(r["round"]))): r.get("model_runtime_error") for r in later},
+            "from_round_2": stats(later, model_key="model_runtime_round_s"),
+        },
+        "runtime_s": {
+            "mean": round(statistics.fmean(runtime), 3) if runtime else None,
+            "stdev": round(statistics.stdev(runtime), 3) if len(runtime) > 1 else None,
+            "min": round(min(runtime), 3) if runtime else None,
+            "max": round(max(runtime), 3) if runtime else None,
         },
         "time_to_target": time_to_targets(table, targets),
         "wall_time_s": {

@@ -160,9 +160,18 @@ def test_round_table_compares_the_model_with_the_wall_clock():
     assert r2["corrected_round_s"] == pytest.approx(16.0 - 1.4)
     assert r2["model_comm_s"] == pytest.approx(1_400_000 / PAPER_RATE)
     assert r2["replies_probed"] == 2
+    # What the model leaves out of each round, and the model plus that cost as measured in
+    # the rounds before: nothing to add in round 1, round 1's 3 s in round 2.
+    assert r1["runtime_s"] == pytest.approx(15 - 12) and r2["runtime_s"] == pytest.approx(16 - 20)
+    assert r1["model_runtime_round_s"] == "" and r1["model_runtime_error"] == ""
+    assert r2["model_runtime_round_s"] == pytest.approx(20 + 3)
+    assert r2["model_runtime_error"] == pytest.approx(23 / 16 - 1)
 
     summary = run_summary(table, paths, [0.9, 0.99], {"initial_pruning": {"wall_time_s": 3}})
     assert summary["model_error"]["from_round_2"]["total_error"] == pytest.approx(0.25)
+    plus = summary["model_plus_runtime_error"]["from_round_2"]
+    assert plus["total_error"] == pytest.approx(23 / 16 - 1) and plus["rounds_within_0.2"] == 0
+    assert summary["runtime_s"]["mean"] == pytest.approx(-0.5)
     hit = summary["time_to_target"]["0.9"]
     assert hit == {
         "round": 2,
