@@ -33,6 +33,7 @@ from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
+from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
 from fedprune.models import build_model, param_shapes, prunable_names
 from fedprune.profile_cache import cached_profile, profile_key
@@ -41,6 +42,7 @@ from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import FORMATS, choose_formats, supported_formats, train_sparse
 from fedprune.sparse_conv import check_supported, sparse_conv_unavailable_reason
 from fedprune.training import evaluate as evaluate_model
+from fedprune.training import train_as_clients
 from fedprune.value_code import kept_vectors
 
 app = ClientApp()
@@ -64,13 +66,26 @@ def train(msg: Message, context: Context) -> Message:
     # Chosen before the clock starts: the first call measures the device profile (once per
     # machine and model, then cached), which is no part of a round's compute.
     formats = layer_formats(settings, context, model, masks)
+    clients = client_ids(config, context)
+    if len(clients) > len(data):
+        log(WARNING, "node with %d examples cannot train as %d clients: it trains as %d",
+            len(data), len(clients), len(data))  # fmt: skip
+        clients = clients[: len(data)]
     t0 = time.perf_counter()
-    local = train_locally(settings, model, masks, data, config, partition_id, track, formats)
+    local = train_as_clients(
+        model,
+        data,
+        len(clients),
+        lambda share, j: train_locally(
+            settings, model, masks, share, config, clients[j], track, formats
+        ),
+    )
     metrics = {
         P.NUM_EXAMPLES: local.num_examples,
         P.TRAIN_LOSS: local.loss,
         P.MASK_VERSION: version,
-        P.COMPUTE_S: time.perf_counter() - t0,
+        # Per client the node trains as: each stands for a device of its own.
+        P.COMPUTE_S: (time.perf_counter() - t0) / len(clients),
         P.IMPORTANCE_TRACKED: int(track),
         # The format each prunable layer trained in, in the model's prunable order.
         P.LAYER_FORMATS: [FORMATS.index(local.formats[name]) for name in masks],
@@ -227,13 +242,24 @@ def local_data(settings: Settings, context: Context):
     )
 
 
-def train_locally(settings, model, masks, data, config, partition_id, track, formats):
+def client_ids(config, context: Context) -> list[int]:
+    """The client ids this node trains as this round: its partition id, or, when the
+    server says the simulation stands for more clients than it has nodes
+    (`simulated-clients`), those `fedprune.identities.clients_of_node` gives it."""
+    partition_id = int(context.node_config.get(P.PARTITION_ID, 0))
+    total = int(config.get(P.SIMULATED_CLIENTS, 0))
+    if total <= 0 or P.NUM_PARTITIONS not in context.node_config:
+        return [partition_id]
+    return clients_of_node(total, partition_id, int(context.node_config[P.NUM_PARTITIONS]))
+
+
+def train_locally(settings, model, masks, data, config, client_id, track, formats):
     """K local SGD steps on the kept parameters (see fedprune.training), each prunable
     layer in its format in `formats` (`layer_formats`); the result's `formats` says what
-    each trained in."""
+    each trained in. The batches are seeded by the run's seed, the round and the client."""
     server_round = int(config[P.SERVER_ROUND])
     generator = torch.Generator().manual_seed(
-        settings.seed * 1_000_003 + server_round * 7919 + partition_id
+        settings.seed * 1_000_003 + server_round * 7919 + client_id
     )
     kw = dict(
         steps=settings.local_steps,

@@ -138,3 +138,14 @@ class Identities:
     def take_events(self) -> list[str]:
         events, self.events = self.events, []
         return events
+
+
+def clients_of_node(total: int, partition_id: int, num_partitions: int) -> list[int]:
+    """The client ids node `partition_id` of `num_partitions` trains as when a simulation
+    stands for `total` clients (setting `simulated-clients`): its own id, then every
+    `num_partitions`-th after it below `total`, so that the nodes share the ids 0 ..
+    total - 1 out exactly (node 0 of 2 for 10 clients: 0, 2, 4, 6, 8). Just its own id
+    when the federation has at least `total` nodes."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition id {partition_id} is not in 0 .. {num_partitions - 1}")
+    return list(range(partition_id, max(total, partition_id + 1), num_partitions))

@@ -20,6 +20,9 @@ SEND_IMPORTANCE = "send-importance"  # reply with the importance accumulated sin
 # full participation: nodes accumulate, and upload only when the server reconfigures)
 ACCUMULATE_IMPORTANCE = "accumulate-importance"
 LEARNING_RATE = "lr"
+# The clients a simulation stands for (`simulated-clients`), when its federation has fewer
+# nodes: the node trains as the client ids `fedprune.identities.clients_of_node` gives it.
+SIMULATED_CLIENTS = "simulated-clients"
 # The `value-code` setting (fedprune.value_code). VALUE_BITS: reply with the update
 # (trained minus received kept values) quantised to this many bits ("vq/"), not "v/".
 # VALUES_VERSION: the values of this train message are the server's reference of that

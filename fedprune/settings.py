@@ -135,13 +135,19 @@ class Settings:
         0, _non_negative, "a non-negative integer (0: as many as the nodes report)"
     )
     fraction_train: float = _opt(0.0, _fraction_closed, "in [0, 1] (0: use clients-per-round)")
+    # The paper's main job trains 10 clients per round. A simulation with fewer nodes
+    # (Flower's default local federation has 2) has each node train as several of those
+    # clients, one local round each on its share of the node's data, and reply with their
+    # mean, so that the job is the paper's whatever the federation's size. Deployments:
+    # one client per node, always (the devices are real).
+    simulated_clients: int = _opt(
+        10, _non_negative, "a non-negative number of clients (0: one client per node)"
+    )
     importance_upload: str = _opt("auto", *_in(IMPORTANCE_UPLOADS))
     fraction_evaluate: float = _opt(0.0, _fraction_closed, "in [0, 1]")
     round_timeout_s: float = _opt(600.0, _positive, "positive seconds")
     min_replies: int = _opt(1, _positive, "a positive number of valid replies")
-    node_wait_s: float = _opt(
-        120.0, _positive, "positive seconds to wait for the nodes"
-    )
+    node_wait_s: float = _opt(120.0, _positive, "positive seconds to wait for the nodes")
     node_auth: bool = _opt(False)  # the SuperLink authenticates nodes: bind client ids for good
     importance_code: str = _opt("coded", *_in({"coded", "exact"}))
     # Kept values as float32 ("exact") or as quantised changes both ways (fedprune.value_code)

@@ -23,7 +23,7 @@ weight each step, as before.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -235,6 +235,52 @@ def squared_importance(grad_sum, named_params, samples: int) -> dict[str, torch.
         n: grad_sum[n].square_().mul_(samples) if n in grad_sum else torch.zeros_like(p)
         for n, p in named_params
     }
+
+
+def train_as_clients(
+    model: nn.Module,
+    data: Examples,
+    num_clients: int,
+    train_one: Callable[[Examples, int], LocalRound],
+) -> LocalRound:
+    """Local rounds of `num_clients` clients on one node, as FedAvg over them would see it:
+    client j trains (`train_one(its share, j)`) from the weights `model` holds now, on
+    every `num_clients`-th example of `data` from the j-th; `model` ends with their mean
+    weighted by share size, and the result's importance is their sum (the server sums the
+    clients' importance), its loss their weighted mean, its samples their sum. One client
+    is just `train_one(data, 0)`."""
+    if num_clients <= 1:
+        return train_one(data, 0)
+    if len(data) < num_clients:
+        raise ValueError(f"{len(data)} examples cannot be shared by {num_clients} clients")
+    params = dict(model.named_parameters())
+    start = {n: p.detach().clone() for n, p in params.items()}
+    total = {n: torch.zeros_like(p) for n, p in start.items()}
+    rounds: list[LocalRound] = []
+    for j in range(num_clients):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+        share = Examples(data.x[j::num_clients], data.y[j::num_clients])
+        local = train_one(share, j)
+        with torch.no_grad():
+            for n, p in params.items():
+                total[n].add_(p, alpha=len(share) / len(data))
+        rounds.append(local)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(total[n])
+    importance = None
+    if all(r.importance is not None for r in rounds):
+        importance = {n: sum(r.importance[n] for r in rounds) for n in rounds[0].importance}
+    return LocalRound(
+        num_examples=len(data),
+        steps=rounds[0].steps,
+        samples=sum(r.samples for r in rounds),
+        loss=sum(r.loss * r.num_examples for r in rounds) / sum(r.num_examples for r in rounds),
+        importance=importance,
+        formats=rounds[-1].formats,
+    )
 
 
 @torch.no_grad()

@@ -55,7 +55,11 @@ def main(grid: Grid, context: Context) -> None:
     seed_everything(settings.seed)
     start = starting_inputs(settings)
     round0 = RoundStats()  # the identity queries of the federation check
-    sampler = check_federation(grid, settings, round0)
+    sampler, nodes = check_federation(grid, settings, round0)
+    train_config = {P.LEARNING_RATE: settings.learning_rate}
+    stand_in = simulated_clients(grid, settings, nodes)
+    if stand_in:
+        train_config[P.SIMULATED_CLIENTS] = stand_in
     out_dir = (out_dir or Path(settings.output_dir) / run_name(settings)).resolve()
     log(INFO, "[fedprune] %s, %s parameters, server share %d, test split %d; output %s",
         settings.model, f"{count_parameters(start.model):,}", len(start.server_data),
@@ -80,7 +84,7 @@ def main(grid: Grid, context: Context) -> None:
         initial_arrays=strategy.global_arrays(),
         num_rounds=settings.num_server_rounds,
         timeout=settings.round_timeout_s,
-        train_config=ConfigRecord({P.LEARNING_RATE: settings.learning_rate}),
+        train_config=ConfigRecord(train_config),
         evaluate_fn=round_end,
         first_round=resumed["round"] + 1 if resumed else 1,
     )
@@ -150,9 +154,10 @@ def prior_profile(settings: Settings, model: torch.nn.Module, input_shape) -> Co
         ) from exc
 
 
-def check_federation(grid: Grid, settings: Settings, stats: RoundStats) -> NodeSampler:
+def check_federation(grid: Grid, settings: Settings, stats: RoundStats) -> tuple[NodeSampler, int]:
     """Wait for the federation and check that the run can use it, before any work: the
-    nodes exist and hold data, and the importance upload fits how many train per round."""
+    nodes exist and hold data, and the importance upload fits how many train per round.
+    Returns the sampler and the federation's size."""
     sampler = NodeSampler(
         seed=settings.seed,
         num_clients=settings.num_clients,
@@ -172,7 +177,25 @@ def check_federation(grid: Grid, settings: Settings, stats: RoundStats) -> NodeS
     except ValueError as exc:
         raise SettingsError(f"setting 'importance-upload': {exc}") from exc
     log(INFO, "[fedprune] federation: %d nodes, %d train per round", nodes, sample)
-    return sampler
+    return sampler, nodes
+
+
+def simulated_clients(grid: Grid, settings: Settings, nodes: int) -> int:
+    """How many clients the run stands for (`simulated-clients`), 0 for one per node: only
+    in a simulation (Flower's in-memory grid; a deployment's devices are real) whose
+    federation has fewer nodes than that. Says so once, with how to turn it off."""
+    # By name: importing the class would load the SuperLink's modules into a deployed
+    # ServerApp, which never has this grid.
+    simulation = type(grid).__name__ == "InMemoryGrid"
+    if not simulation or not 0 < nodes < settings.simulated_clients:
+        return 0
+    per_node = -(-settings.simulated_clients // nodes)
+    log(INFO, "[fedprune] a simulation of %d nodes stands for simulated-clients = %d: each "
+        "node trains as up to %d clients (one local round each, on its share of the node's "
+        "data) and replies with their mean, so that a round is the paper's; "
+        "simulated-clients = 0 trains one client per node", nodes, settings.simulated_clients,
+        per_node)  # fmt: skip
+    return settings.simulated_clients
 
 
 def build_strategy(settings: Settings, method, start: Start, masks, sampler=None) -> SparseFedAvg:

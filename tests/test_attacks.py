@@ -58,7 +58,7 @@ def run(attack: str = "", federation=HostileFederation, **settings_kw):
     fed = federation(settings, NODES)
     method = method_of(settings)
     start = starting_inputs(settings)
-    sampler = check_federation(fed.grid, settings, RoundStats())
+    sampler, _ = check_federation(fed.grid, settings, RoundStats())
     masks, _ = method.starting_point(settings, start)
     strategy = build_strategy(settings, method, start, masks, sampler)
     strategy.importance.num_rounds = ROUNDS

@@ -36,7 +36,8 @@ def test_settings_the_method_ignores_are_named():
 def test_every_node_trains_by_default_whatever_the_federation_size():
     for nodes in (2, 7):
         fed = Federation(SMALL, nodes)
-        sampler = check_federation(fed.grid, SMALL, RoundStats())
+        sampler, size = check_federation(fed.grid, SMALL, RoundStats())
+        assert size == nodes
         assert len(sampler.identities.client_of) == nodes
 
 

@@ -30,6 +30,8 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["round"]) for r in rows] == [0, 1, 2, 3]
     assert "[fedprune] round   3" in done.stdout + done.stderr
+    # 3 nodes stand for the paper's 10 clients: each trains as 4 or 3 of them.
+    assert "a simulation of 3 nodes stands for simulated-clients = 10" in done.stdout + done.stderr
     # Round 1 delivers the mask to each node; round 2 reconfigures, and the evaluate
     # messages that follow carry the change from the mask the nodes hold; round 3 sends
     # values only.
