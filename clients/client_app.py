@@ -34,7 +34,7 @@ from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
 from fedprune.importance_code import ImportanceCode
-from fedprune.models import build_model, param_shapes, prunable_names
+from fedprune.models import build_model, param_shapes, prunable_names, skeleton, with_parameters
 from fedprune.profile_cache import cached_profile, profile_key
 from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
@@ -170,7 +170,9 @@ def receive(msg: Message, context: Context):
     torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
     num_classes, input_shape = node_data_shape(settings, context)
-    model = build_model(settings.model, num_classes, input_shape=input_shape)
+    # Shapes only: the decoded message becomes the weights (`with_parameters`), so the node
+    # never holds an initialised model beside it (one dense copy fewer at its peak).
+    model = skeleton(settings.model, num_classes, input_shape=input_shape)
     shapes, prunable = param_shapes(model), prunable_names(model)
     config = msg.content[P.CONFIG]
     version = int(config[P.MASK_VERSION])
@@ -203,8 +205,7 @@ def receive(msg: Message, context: Context):
         hold_mask(context, version, masks)
     if P.VALUES_VERSION in config:  # the reference for the next change and this update
         hold_values(context, int(config[P.VALUES_VERSION]), version, kept_vectors(params, masks))
-    model.load_state_dict(params)
-    return settings, model, masks, version
+    return settings, with_parameters(model, params), masks, version
 
 
 def node_data_shape(settings: Settings, context: Context) -> tuple[int, tuple[int, int, int]]:
