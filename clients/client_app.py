@@ -34,6 +34,7 @@ from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
 from fedprune.importance_code import ImportanceCode
+from fedprune.memory import PeakMemory
 from fedprune.models import build_model, param_shapes, prunable_names, skeleton, with_parameters
 from fedprune.profile_cache import cached_profile, profile_key
 from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
@@ -48,6 +49,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    memory = PeakMemory()  # what this message costs the node's memory at its peak
     settings, model, masks, version = receive(msg, context)
     data = local_data(settings, context)
     config = msg.content[P.CONFIG]
@@ -106,6 +108,9 @@ def train(msg: Message, context: Context) -> Message:
             arrays[key] = array
     if received is not None or votes is not None:
         metrics[P.COMPUTE_S] += time.perf_counter() - t1
+    peak = memory.above_start_mb()
+    if peak is not None:
+        metrics[P.PEAK_MEMORY_MB] = peak
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 
