@@ -35,7 +35,8 @@ from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import data_shape, load_folder
 from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
-from fedprune.models import build_model, param_shapes, prunable_names
+from fedprune.memory import PeakMemory
+from fedprune.models import build_model, param_shapes, prunable_names, skeleton, with_parameters
 from fedprune.profile_cache import cached_profile, profile_key
 from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
@@ -50,6 +51,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    memory = PeakMemory()  # what this message costs the node's memory at its peak
     settings, model, masks, version = receive(msg, context)
     data = local_data(settings, context)
     config = msg.content[P.CONFIG]
@@ -121,6 +123,9 @@ def train(msg: Message, context: Context) -> Message:
             arrays[key] = array
     if received is not None or votes is not None:
         metrics[P.COMPUTE_S] += time.perf_counter() - t1
+    peak = memory.above_start_mb()
+    if peak is not None:
+        metrics[P.PEAK_MEMORY_MB] = peak
     reply = RecordDict({P.ARRAYS: arrays, P.METRICS: MetricRecord(metrics)})
     return Message(content=reply, reply_to=msg)
 
@@ -185,7 +190,9 @@ def receive(msg: Message, context: Context):
     torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
     num_classes, input_shape = node_data_shape(settings, context)
-    model = build_model(settings.model, num_classes, input_shape=input_shape)
+    # Shapes only: the decoded message becomes the weights (`with_parameters`), so the node
+    # never holds an initialised model beside it (one dense copy fewer at its peak).
+    model = skeleton(settings.model, num_classes, input_shape=input_shape)
     shapes, prunable = param_shapes(model), prunable_names(model)
     config = msg.content[P.CONFIG]
     version = int(config[P.MASK_VERSION])
@@ -218,8 +225,7 @@ def receive(msg: Message, context: Context):
         hold_mask(context, version, masks)
     if P.VALUES_VERSION in config:  # the reference for the next change and this update
         hold_values(context, int(config[P.VALUES_VERSION]), version, kept_vectors(params, masks))
-    model.load_state_dict(params)
-    return settings, model, masks, version
+    return settings, with_parameters(model, params), masks, version
 
 
 def node_data_shape(settings: Settings, context: Context) -> tuple[int, tuple[int, int, int]]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -255,6 +255,21 @@ def build_model(
     if key not in _CHECKED:
         check_model(model, num_classes, input_shape, name)
         _CHECKED.add(key)
+    return model
+
+
+def skeleton(name: str, num_classes: int = 10, input_shape: Shape = MNIST_SHAPE) -> nn.Module:
+    """Model `name` without memory for its weights (meta tensors): its names and shapes, for
+    `with_parameters` to fill. Nothing is initialised."""
+    with torch.device("meta"):
+        return build_model(name, num_classes, input_shape=input_shape)
+
+
+def with_parameters(model: nn.Module, params: Mapping[str, torch.Tensor]) -> nn.Module:
+    """`model` (often a `skeleton`) with `params` as its parameters, taken as they are,
+    not copied (`load_state_dict(assign=True)`): a node that decodes a message into
+    tensors then holds one copy of the model, not two. Every parameter must be given."""
+    model.load_state_dict(params, assign=True)
     return model
 
 

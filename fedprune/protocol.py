@@ -45,6 +45,9 @@ TRAIN_LOSS = "train-loss"
 FIXED_IMPORTANCE = "importance-fixed"  # importance summed over never-pruned parameters
 IMPORTANCE_ROUNDS = "importance-rounds"  # local rounds the importance was accumulated over
 COMPUTE_S = "compute-s"  # seconds the node computed for this round (measured on the device)
+# MB the node's process held at its peak in this train message's handler, above what it
+# held at the handler's start (`fedprune.memory`); absent where it cannot be measured
+PEAK_MEMORY_MB = "peak-memory-mb"
 IMPORTANCE_TRACKED = "importance-tracked"  # 1 if the node computed importance this round
 # Per prunable layer, in the model's prunable order: the format it trained in, as an index
 # into fedprune.sparse.FORMATS (0 masked dense, 1 CSR, 2 direct sparse convolution)

@@ -43,6 +43,8 @@ class TrainUpdate:
     fixed_importance: importance summed over the never-pruned parameters.
     importance_rounds: local rounds the importance covers (0 without importance).
     compute_s: the node's measured seconds of local computation this round.
+    peak_memory_mb: the node's measured peak memory in the handler (`fedprune.memory`),
+        or None if the reply does not say.
     formats: per prunable weight, the format its layer trained in (`fedprune.sparse.FORMATS`),
         or None if the reply does not say.
     """
@@ -56,6 +58,7 @@ class TrainUpdate:
     importance_note: str = ""
     compute_s: float = 0.0
     formats: dict[str, str] | None = None
+    peak_memory_mb: float | None = None
 
 
 # The formats a layer can train in, by their wire index (P.LAYER_FORMATS); equal to
@@ -116,6 +119,11 @@ def _finite(metrics: Mapping[str, Any], key: str, minimum: float = -math.inf) ->
     return float(value)
 
 
+def peak_memory(metrics: Mapping[str, Any]) -> float | None:
+    """The reply's P.PEAK_MEMORY_MB (a finite number >= 0), or None where it has none."""
+    return _finite(metrics, P.PEAK_MEMORY_MB, 0.0) if P.PEAK_MEMORY_MB in metrics else None
+
+
 def check_common(metrics: Mapping[str, Any], mask_version: int) -> int:
     """The checks every reply (train or evaluate) passes; returns its number of examples."""
     n = _integer(metrics, P.NUM_EXAMPLES) if P.NUM_EXAMPLES in metrics else None
@@ -146,6 +154,7 @@ def check_train_reply(
         raise ReplyError(str(exc)) from exc
     formats = layer_formats(metrics, list(expected.masks))
     update = TrainUpdate(n, loss, values, compute_s=compute_s, formats=formats)
+    update.peak_memory_mb = peak_memory(metrics)
     if asked:
         update.fixed_importance = _finite(metrics, P.FIXED_IMPORTANCE, 0.0)
         rounds = _integer(metrics, P.IMPORTANCE_ROUNDS)

@@ -42,6 +42,7 @@ from fedprune.replies import (
     _finite,
     check_common,
     layer_formats,
+    peak_memory,
 )
 
 VALUES = "tv"
@@ -259,4 +260,6 @@ def check_topk_reply(
     except CodecError as exc:
         raise ReplyError(str(exc)) from exc
     formats = layer_formats(metrics, list(expected.masks))
-    return TrainUpdate(n, loss, add_sparse(sent, sparse), compute_s=compute_s, formats=formats)
+    update = TrainUpdate(n, loss, add_sparse(sent, sparse), compute_s=compute_s, formats=formats)
+    update.peak_memory_mb = peak_memory(metrics)
+    return update

@@ -42,6 +42,8 @@ class RoundStats:
     bytes_up: int = 0
     sim_time_s: float = 0.0
     device_round_s: float = 0.0
+    # The largest peak memory a replying node measured in its handler (MB; None: none said)
+    node_peak_memory_mb: float | None = None
     importance_tracked: bool = False
     replies: int = 0
     dropped: int = 0

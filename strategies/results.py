@@ -45,6 +45,7 @@ COLUMNS = [
     "round_sim_time_s",
     "device_round_s",
     "device_time_s",
+    "node_peak_memory_mb",
     "importance_tracked",
     "mask_version",
     "masks_sent",
@@ -56,7 +57,7 @@ COLUMNS = [
 
 # Read off a clock, so no two runs share them; every other column is a function of the
 # seed and settings (tests/test_determinism.py).
-MEASURED_COLUMNS = ("wall_time_s", "device_round_s", "device_time_s")
+MEASURED_COLUMNS = ("wall_time_s", "device_round_s", "device_time_s", "node_peak_memory_mb")
 
 
 # The packages whose code a run executes: their sources identify the code of a run.
@@ -207,6 +208,9 @@ class RunRecorder:
                 "round_sim_time_s": round(round_time, 3),
                 "device_round_s": round(device_s, 4),
                 "device_time_s": round(float(last.get("device_time_s", 0.0)) + device_s, 4),
+                "node_peak_memory_mb": ""
+                if stats is None or stats.node_peak_memory_mb is None
+                else round(stats.node_peak_memory_mb, 2),
                 "importance_tracked": int(stats.importance_tracked) if stats else 0,
                 "mask_version": strategy.mask_version,
                 "masks_sent": stats.masks_sent if stats else 0,
@@ -263,6 +267,7 @@ class RunRecorder:
             "total_bytes_up": sum(r["bytes_up"] for r in self.rows),
             "total_sim_time_s": last["sim_time_s"],
             "total_device_time_s": last.get("device_time_s", 0.0),
+            "node_peak_memory": node_peak_memory(self.rows, params),
             "total_wall_time_s": last["wall_time_s"],
             "dropped_replies": sum(r["dropped"] for r in self.rows),
             "machine": machine(),
@@ -287,6 +292,27 @@ class RunRecorder:
             self.out_dir,
         )
         return summary
+
+
+def node_peak_memory(rows: list[dict[str, Any]], params: dict[str, torch.Tensor]) -> dict:
+    """summary.json's "node_peak_memory": the largest peak memory a node measured in a
+    train handler over the run, and in the last round (MB above the handler's start,
+    `fedprune.memory`; None where no node could measure it), beside the dense model's
+    float32 weights alone (a dense node also holds their gradients and the message)."""
+    measured = [
+        float(r["node_peak_memory_mb"])
+        for r in rows
+        if r.get("node_peak_memory_mb") not in ("", None)
+    ]
+    last = rows[-1].get("node_peak_memory_mb") if rows else None
+    return {
+        "max_mb": max(measured) if measured else None,
+        "last_round_mb": float(last) if last not in ("", None) else None,
+        "dense_weights_mb": round(sum(p.numel() for p in params.values()) * 4 / 1e6, 2),
+        "what": "the largest peak resident memory of a replying node's process in its train "
+        "handler, above what it held at the handler's start; experiments/bench_memory.py "
+        "measures the same against a dense node side by side",
+    }
 
 
 def human_bytes(n: float) -> str:

@@ -413,6 +413,10 @@ class SparseFedAvg(FedAvg, PruningMethod):
             elif update.importance is not None:
                 uploads.append((update.num_examples, update.importance, update.fixed_importance))
             stats.device_round_s = max(stats.device_round_s, update.compute_s)
+            if update.peak_memory_mb is not None:
+                stats.node_peak_memory_mb = max(
+                    stats.node_peak_memory_mb or 0.0, update.peak_memory_mb
+                )
             if update.formats is not None:
                 stats.layer_formats[node_id] = update.formats
             answered.add(node_id)

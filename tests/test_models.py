@@ -118,3 +118,18 @@ def test_a_user_model_with_buffers_or_the_wrong_output_is_refused():
         build_model("tests.tiny_model:five_outputs", 10, input_shape=(1, 28, 28))
     with pytest.raises(ValueError, match="fails to build as Linear"):
         build_model("torch.nn:Linear", 10, input_shape=(1, 28, 28))
+
+
+def test_a_skeleton_takes_decoded_tensors_as_its_weights_without_a_copy():
+    from fedprune.models import param_shapes, skeleton, with_parameters
+
+    shell = skeleton("conv2", 10)
+    assert all(p.is_meta for p in shell.parameters())  # no memory for initial weights
+    real = build_model("conv2", 10, seed=3)
+    assert param_shapes(shell) == param_shapes(real)
+    params = {n: p.detach().clone() for n, p in real.named_parameters()}
+    model = with_parameters(shell, params)
+    for name, p in model.named_parameters():
+        assert p.data_ptr() == params[name].data_ptr() and p.requires_grad, name
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(model(x), real(x))

@@ -94,6 +94,8 @@ def test_a_valid_reply_decodes_to_kept_values_only():
         ({P.NUM_EXAMPLES: True}, "num-examples"),
         ({P.MASK_VERSION: 3}, "mask version"),
         ({P.COMPUTE_S: -1.0}, "compute-s"),
+        ({P.PEAK_MEMORY_MB: -1.0}, "peak-memory-mb"),
+        ({P.PEAK_MEMORY_MB: float("inf")}, "peak-memory-mb"),
     ],
 )
 def test_claims_that_are_not_numbers_in_range_are_refused(metrics, reason):
