@@ -79,6 +79,7 @@ def run_arm(link, arm: str, out_dir: Path, num_supernodes: int, rounds: int) -> 
         "total_sim_time_s": summary["total_sim_time_s"],
         "round0_accuracy": float(first["accuracy"]),
         "round0_density": float(first["density"]),
+        "node_peak_memory_mb": (summary.get("node_peak_memory") or {}).get("max_mb"),
     }
 
 
@@ -97,11 +98,13 @@ def markdown(result: dict) -> str:
         "- device s: the slowest node's measured compute time of its local round "
         "(`device_round_s`), mean over the rounds; vs FedAvg: that mean over dense "
         "FedAvg's in this invocation (goal of issue 12: <= 0.4)",
+        "- node MB: the largest peak memory a node's process measured in a train handler, "
+        "above what it held at the handler's start (`node_peak_memory`)",
         "",
         "| arm | run config | final acc | final density | flwr run s | initial pruning s | "
-        "rounds s | evaluation s | MB moved | device s per round | vs FedAvg | formats (last "
-        "round) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "rounds s | evaluation s | MB moved | device s per round | vs FedAvg | node MB | "
+        "formats (last round) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = r["wall_time_split_s"]
@@ -115,10 +118,15 @@ def markdown(result: dict) -> str:
             f"{r['final_density']:.4f} | {r['flwr_run_wall_s']:.0f} | "
             f"{split.get('initial_pruning', 0):.1f} | {split.get('rounds', 0):.1f} | "
             f"{split.get('evaluation', 0):.1f} | {r['total_bytes'] / 1e6:.1f} | "
-            f"{r['mean_device_round_s']:.3f} | {ratio} | {r['train_formats']} |"
+            f"{r['mean_device_round_s']:.3f} | {ratio} | {_mb(r.get('node_peak_memory_mb'))} | "
+            f"{r['train_formats']} |"
         )
     out += kinds_table(rows)
     return "\n".join(out) + "\n"
+
+
+def _mb(value) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 KIND_NAMES = {
@@ -155,9 +163,7 @@ def kinds_table(rows: list[dict]) -> list[str]:
             up = r["bytes_by_kind"].get("up", {}).get(kind, 0) / 1e6
             cells.append(f"{down:.1f} / {up:.1f}")
         out.append(f"| {KIND_NAMES.get(kind, kind)} (`{kind}`) | " + " | ".join(cells) + " |")
-    totals = [
-        f"{r['total_bytes_down'] / 1e6:.1f} / {r['total_bytes_up'] / 1e6:.1f}" for r in arms
-    ]
+    totals = [f"{r['total_bytes_down'] / 1e6:.1f} / {r['total_bytes_up'] / 1e6:.1f}" for r in arms]
     out.append("| **total** | " + " | ".join(totals) + " |")
     return out
 
