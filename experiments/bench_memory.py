@@ -19,7 +19,9 @@ Cases:
 Each case runs in a fresh interpreter (`--repeats` of them): after the imports and the
 data, the process's peak resident set (VmHWM) is reset (`/proc/self/clear_refs`) and the
 round's peak is read back from `/proc/self/status`, less the resident set before it; then
-again for a second round in the same process. The first round is what a deployed node
+again for a second round in the same process. Before each, the heap the allocator kept
+from earlier frees is handed back (`malloc_trim`), else a warm round that reuses it seems
+to need nothing. The first round is what a deployed node
 pays (Flower 1.41 starts a fresh ClientApp process per message): it includes what the
 process loads on first use (compiled kernels, oneDNN's primitives). The second is a
 simulated node's (its process lives across rounds). The
@@ -34,6 +36,8 @@ Writes experiments/results/bench_memory.{md,json} (`--out` for elsewhere).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -68,6 +72,14 @@ def _status_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def release_free_heap() -> None:
+    """Hand the heap memory glibc's allocator keeps after frees back to the system, so
+    that a round's allocations show in the resident set even where they reuse memory an
+    earlier round freed (without it a warm round can seem to need nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def child(case: str) -> dict:
@@ -137,6 +149,7 @@ def child(case: str) -> dict:
     peaks = []
     for _ in range(2):  # the process's first round (a deployed node's), then a warm one
         gc.collect()
+        release_free_heap()
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
         before_kb = _status_kb("VmRSS")
         reply, result, got_masks = node_round()
