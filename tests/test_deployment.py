@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import signal
 import ssl
 import subprocess
@@ -129,7 +130,11 @@ def metrics(out: Path) -> list[dict[str, int | float]]:
     path = out / "metrics.csv"
     if not path.exists():
         return []
-    return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(path.open())]
+    # A blank cell is a value nothing measured (node_peak_memory_mb in round 0): NaN.
+    return [
+        {k: float(v) if v != "" else math.nan for k, v in r.items()}
+        for r in csv.DictReader(path.open())
+    ]
 
 
 def column(rows, name: str) -> list[int]:
