@@ -40,6 +40,8 @@ ARMS = {
     # kept values as quantised changes both ways (fedprune.value_code)
     "prunefl-q8": "value-code='q8'",
     "prunefl-q16": "value-code='q16'",
+    # one client per node even in a federation smaller than the paper's 10 clients
+    "prunefl-one-client-per-node": "simulated-clients=0",
 }
 DEFAULT_ARMS = ("prunefl", "prunefl-window-0", "prunefl-window-1", "prunefl-window-2", "fedavg")
 

@@ -17,8 +17,9 @@ Cases:
   of every weight, pruned ones included, as PruneFL's regrowth needs).
 
 Each case runs in a fresh interpreter (`--repeats` of them): after the imports and the
-data, the process's peak resident set (VmHWM) is reset (`/proc/self/clear_refs`) and the
-round's peak is read back from `/proc/self/status`, less the resident set before it; then
+data, the round's peak is measured as a node measures it in its handler
+(`fedprune.memory.PeakMemory`: VmHWM reset, then read back, less the resident set before
+it); then
 again for a second round in the same process. Before each, the heap the allocator kept
 from earlier frees is handed back (`malloc_trim`), else a warm round that reuses it seems
 to need nothing. The first round is what a deployed node
@@ -67,13 +68,6 @@ CASES = ("dense", "masked-dense", "formats", "formats-importance")
 EXAMPLES = 360  # one node's share of the digits in the main job (3,600 over 10 clients)
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def release_free_heap() -> None:
     """Hand the heap memory glibc's allocator keeps after frees back to the system, so
     that a round's allocations show in the resident set even where they reuse memory an
@@ -92,6 +86,7 @@ def child(case: str) -> dict:
     from fedprune.codec import decode_model, encode_model, encode_update
     from fedprune.data import Examples
     from fedprune.masks import full_masks
+    from fedprune.memory import PeakMemory
     from fedprune.models import (
         build_model,
         param_shapes,
@@ -150,17 +145,19 @@ def child(case: str) -> dict:
     for _ in range(2):  # the process's first round (a deployed node's), then a warm one
         gc.collect()
         release_free_heap()
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set (VmHWM)
-        before_kb = _status_kb("VmRSS")
+        memory = PeakMemory()  # what a node measures in its train handler
         reply, result, got_masks = node_round()
-        peaks.append((_status_kb("VmHWM") - before_kb) * 1024 / 1e6)
+        peak = memory.above_start_mb()
+        if peak is None:
+            raise SystemExit("bench_memory needs Linux's /proc (VmHWM, clear_refs)")
+        peaks.append(peak)
         del reply
     reply, result, got_masks = node_round()
     return {
         "case": case,
         "peak_above_start_mb": peaks[0],
         "warm_peak_above_start_mb": peaks[1],
-        "rss_before_mb": before_kb * 1024 / 1e6,
+        "rss_before_mb": memory.start_kb * 1024 / 1e6,
         "message_mb": sum(a.nbytes for a in message.values()) / 1e6,
         "reply_mb": sum(a.nbytes for a in reply.values()) / 1e6,
         "formats": dict(result.formats or {}),
