@@ -216,6 +216,16 @@ def test_the_run_config_is_valid_and_gives_the_model_the_shaped_links(tmp_path):
     assert settings.bandwidth(0) == PAPER_RATE and settings.bandwidth(1) == 3e5
     assert settings.clients_per_round == 2 and settings.num_server_rounds == 5
     assert settings.output_dir == str(tmp_path / "o'ut x") and settings.run_name == "fedavg"
+    assert not settings.warm_start
+
+
+def test_a_warm_method_gets_the_shared_server_phase(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    before, after = method_run_config("fedavg-warm", 5, [PAPER_RATE], tmp_path)
+    settings = Settings.from_run_config(parse_config_args([before, after]))
+    assert settings.method == "fedavg" and settings.run_name == "fedavg-warm"
+    assert settings.warm_start and settings.warm_start_cache == str(tmp_path / "warm-start-cache")
 
 
 def test_the_probe_wrappers_load_it_by_path(tmp_path):
