@@ -254,20 +254,28 @@ def round_table(
         model = _f(row["round_sim_time_s"])
         mine = train.get(r, [])
         first_dispatch = min((p.dispatch for p in mine), default=math.nan)
+        collected = [p.collected for p in mine if p.collected is not None]
+        train_s = max(collected) - first_dispatch if collected else math.nan
+        # The round's queries (identify, profile) run between its start and its first
+        # train message; the round started about (wall - training phase) before that
+        # message. Queries before it belong to earlier work: the population check before
+        # initial pruning is not round 1's.
+        start = first_dispatch - (wall - (train_s if math.isfinite(train_s) else 0.0))
         setup = [
             p
             for p in paths
-            if p.type != "train" and prev_train_dispatch < p.dispatch < first_dispatch
+            if p.type != "train"
+            and prev_train_dispatch < p.dispatch < first_dispatch
+            and (p.collected or p.pushed) > start
         ]
         if mine:
             prev_train_dispatch = first_dispatch
         setup_s = (
-            max(p.collected or p.pushed for p in setup) - min(p.dispatch for p in setup)
+            max(p.collected or p.pushed for p in setup)
+            - max(start, min(p.dispatch for p in setup))
             if setup
             else 0.0
         )
-        collected = [p.collected for p in mine if p.collected is not None]
-        train_s = max(collected) - first_dispatch if collected else math.nan
         complete = [p for p in mine if p.complete]
         replies = max(1, int(_f(row.get("replies", 0)) or len(mine) or 1))
         model_comm = (_f(row["bytes_down"]) + _f(row["bytes_up"])) / replies / link_rate_bytes_per_s

@@ -26,6 +26,7 @@ from deploy.netns import burst_bytes, namespaces_with_prefix
 from deploy.probe import wrapper_script
 from deploy.wallclock import (
     ROUND_COLUMNS,
+    MessagePath,
     error_stats,
     message_paths,
     read_events,
@@ -181,6 +182,25 @@ def test_round_table_compares_the_model_with_the_wall_clock():
     }
     assert summary["time_to_target"]["0.99"] is None
     assert summary["contention"]["handler_wall_over_cpu"] == pytest.approx(2.0)
+
+
+def test_queries_before_the_round_are_not_its_setup():
+    """The population check runs before initial pruning: round 1's setup holds only the
+    queries in its own window (here a profile query 3 s before its training)."""
+    events = {"server": []}
+    _train_message(events, "0", 11, "a1", 1, t=100.0)
+    paths = message_paths(
+        sorted(events["server"], key=lambda e: e["t"]),
+        {k: v for k, v in events.items() if k != "server"},
+    )
+    identify = MessagePath("q1", "query.identify", 11, None, 10.0, 10.1, collected=12.0)
+    profile = MessagePath("q2", "query.profile", 11, None, 97.0, 97.1, collected=99.5)
+    rows = _rows([60.0, 75.0], [0.0, 1.0], [0.5, 0.6])  # round 1: 15 s of wall time
+    table = round_table(rows, [identify, profile, *paths], link_rate_bytes_per_s=PAPER_RATE)
+    train_s = paths[0].collected - paths[0].dispatch
+    start = 100.0 - (15.0 - train_s)
+    assert table[1]["setup_s"] == pytest.approx(99.5 - max(start, 97.0))
+    assert 0 < table[1]["setup_s"] <= 3.0 and table[1]["runtime_s"] > 0
 
 
 def test_error_stats_and_targets_on_plain_numbers():
