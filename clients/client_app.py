@@ -9,6 +9,7 @@ Flower's quickstart: take the model out of the message, train or evaluate, reply
 
 from __future__ import annotations
 
+import hashlib
 import time
 from logging import WARNING
 
@@ -22,17 +23,19 @@ from clients import compression
 from clients.node_state import (
     drop_importance,
     held_mask,
+    held_partition,
     held_values,
     hold_importance,
     hold_mask,
+    hold_partition,
     hold_values,
     with_held_importance,
 )
-from clients.partitions import client_partition
+from clients.partitions import partition_rows
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
-from fedprune.data import data_shape, load_folder
+from fedprune.data import client_examples, data_shape, load_folder
 from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
 from fedprune.memory import PeakMemory
@@ -241,11 +244,17 @@ def local_data(settings: Settings, context: Context):
     data_path = str(context.node_config.get("data-path", "")).strip()
     if data_path:
         return load_folder(data_path, *node_data_shape(settings, context))
-    return client_partition(
-        settings.data_spec(),
-        int(context.node_config[P.PARTITION_ID]),
-        int(context.node_config[P.NUM_PARTITIONS]),
-    )
+    spec = settings.data_spec()
+    partition_id = int(context.node_config[P.PARTITION_ID])
+    num_partitions = int(context.node_config[P.NUM_PARTITIONS])
+    # Made once per node and split, then held: a deployed node's every message is a fresh
+    # process, and making the partition costs it seconds (`hold_partition`).
+    split = hashlib.sha256(f"{spec!r}/{partition_id}/{num_partitions}".encode()).hexdigest()
+    rows = held_partition(context, split)
+    if rows is None:
+        rows = partition_rows(spec, partition_id, num_partitions)
+        hold_partition(context, split, rows)
+    return client_examples(spec, rows)
 
 
 def client_ids(config, context: Context) -> list[int]:

@@ -1,7 +1,8 @@
 """What a node keeps between messages, in `context.state` (it survives across rounds on
 that node): the mask it was last sent and its version, the importance it holds for a
-later upload, its measured device profile, and under the value-code setting the reference
-values it was sent and its upload's error feedback memory."""
+later upload, its measured device profile, the rows of its data partition, and under the
+value-code setting the reference values it was sent and its upload's error feedback
+memory."""
 
 from __future__ import annotations
 
@@ -118,3 +119,23 @@ def hold_value_memory(context: Context, mask_version: int, memory: dict[str, np.
     meta = _values_meta(context)
     meta["memory-mask-version"] = mask_version
     context.state[P.STATE_VALUES_META] = ConfigRecord(meta)
+
+
+# ---------------------------------------------------------------- the node's partition
+# A deployed node starts a fresh process for every message, and making its partition
+# imports flwr-datasets (pandas, HF datasets: about 2 s of CPU). The partition's rows are
+# kept instead, under the split they belong to (`split`: the data spec, the partition id
+# and the partition count), and a message whose split differs makes it again.
+
+
+def held_partition(context: Context, split: str) -> np.ndarray | None:
+    """The rows of the node's partition of `split`, if it holds them."""
+    record = context.state.get(P.STATE_PARTITION)
+    if record is None or split not in record:
+        return None
+    return record[split].numpy()
+
+
+def hold_partition(context: Context, split: str, rows: np.ndarray) -> None:
+    """Keep the rows of the node's partition of `split` (and only those)."""
+    context.state[P.STATE_PARTITION] = ArrayRecord({split: Array(np.asarray(rows, np.int64))})

@@ -46,9 +46,14 @@ def _partitioner(spec: DataSpec, num_partitions: int):
     return build_partitioner(spec, num_partitions, _classes())
 
 
-def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> Examples:
-    """The examples of one client, from its partition id among `num_partitions`."""
+def partition_rows(spec: DataSpec, partition_id: int, num_partitions: int) -> np.ndarray:
+    """The client pool's rows of one client, from its partition id among `num_partitions`."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     part = _partitioner(spec, num_partitions).load_partition(partition_id)
-    return client_examples(spec, np.asarray(part["index"], dtype=np.int64))
+    return np.asarray(part["index"], dtype=np.int64)
+
+
+def client_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> Examples:
+    """The examples of one client, from its partition id among `num_partitions`."""
+    return client_examples(spec, partition_rows(spec, partition_id, num_partitions))

@@ -76,6 +76,8 @@ PROFILE_ACTION = "profile"
 PROFILE_MESSAGE_TYPE = "query.profile"
 PROFILE = "profile"
 STATE_PROFILE = "fedprune-profile"  # ConfigRecord: the node's raw measurements, cached
+# ArrayRecord: the rows of the node's partition, under the data split they belong to
+STATE_PARTITION = "fedprune-partition"
 
 # The identity query (message type "query.identify"): the node replies under IDENTITY with
 # PARTITION_ID (its stable client id, when its node config has one), NUM_PARTITIONS, and

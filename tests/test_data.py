@@ -294,3 +294,31 @@ def test_fedprune_modules_import_each_other_without_a_cycle():
         graph[f"fedprune.{file.stem}"] = deps
     assert graph["fedprune.sources"] == set() and graph["fedprune.data"] == {"fedprune.sources"}
     list(graphlib.TopologicalSorter(graph).static_order())  # raises CycleError on a circle
+
+
+def test_a_node_makes_its_partition_once_and_holds_its_rows(monkeypatch):
+    """A deployed node's every message is a fresh process: the partition's rows are kept in
+    the node's state, and only a different split makes them again."""
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as client_app
+    from fedprune.settings import Settings
+
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 1, "num-partitions": 3},
+        state=RecordDict(),
+        run_config={},
+    )
+    settings = Settings.from_run_config({})
+    first = client_app.local_data(settings, context)
+    assert first.x.equal(client_partition(settings.data_spec(), 1, 3).x)
+    made = []
+    monkeypatch.setattr(
+        client_app, "partition_rows", lambda *a: made.append(a) or np.arange(5, dtype=np.int64)
+    )
+    again = client_app.local_data(settings, context)
+    assert made == [] and again.x.equal(first.x) and again.y.equal(first.y)
+    other = Settings.from_run_config({"partitioner": "dirichlet"})
+    assert len(client_app.local_data(other, context)) == 5 and len(made) == 1
