@@ -9,10 +9,13 @@ both, each in a fresh process, as a SuperNode's ClientApp sees them:
    from `python -X importtime`, the share of each top-level package (torch, flwr,
    flwr_datasets and what it pulls in: pandas, HF datasets, matplotlib and seaborn for
    its plots, ...);
-2. one train message and one identify query through the real handlers, in a fresh
-   process: each step timed by wrapping the module's functions (settings, model, decode,
-   data partition, training, encode), then the same message again in that process (what a
-   process that outlived its message would pay).
+2. a deployed node's messages through the real handlers, each in a fresh process, in a
+   run's order: the identify query (the node makes its partition), the profile query,
+   a train message whose node state holds what the ones before kept (partition rows,
+   device profile), and one of a node that holds nothing; each step timed by wrapping
+   the module's functions (settings, model and decode, data, layer formats, training,
+   encode), then the same message again in that process (what a process that outlived
+   its message would pay).
 
     python -m experiments.bench_client_startup --model conv2 --num-partitions 4
 
@@ -28,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,7 +96,7 @@ import json, sys, time
 t_start = time.perf_counter()
 import clients.client_app as ca
 t_imported = time.perf_counter()
-import torch
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from fedprune import protocol as P
@@ -102,7 +106,7 @@ from fedprune.masks import full_masks
 from fedprune.models import build_model
 from fedprune.settings import Settings
 
-model_name, num_partitions = sys.argv[1], int(sys.argv[2])
+model_name, num_partitions, mode, state_file = sys.argv[1], int(sys.argv[2]), *sys.argv[3:5]
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 7
 settings = Settings.from_run_config({"model": model_name})
 num_classes, input_shape = data_shape(DataSpec())
@@ -117,9 +121,9 @@ def message(kind):
                           P.CONFIG: config}) if kind == "train" else RecordDict()
     return Message(content=content, message_type=kind, dst_node_id=7)
 
-def context():
+def context(state):
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0,
-                   "num-partitions": num_partitions}, state=RecordDict(),
+                   "num-partitions": num_partitions}, state=state,
                    run_config=settings.to_run_config())
 
 steps = {}
@@ -135,37 +139,83 @@ def timed(owner, name, label):
 
 import fedprune.settings as fs
 timed(fs.Settings, "from_run_config", "settings")
-timed(ca, "build_model", "build model")
-timed(ca, "decode_model", "decode arrays")
-timed(ca, "_local_data", "data partition")
-timed(ca, "train_masked", "local training (K steps)")
+timed(ca, "receive", "model and decode")
+timed(ca, "local_data", "data (partition)")
+timed(ca, "layer_formats", "layer formats (profile)")
+timed(ca, "train_as_clients", "local training (K steps)")
 timed(ca, "encode_update", "encode reply")
 
+def saved_state():
+    # What the SuperNode kept of this node's state from the messages before (the
+    # partition's rows, the device profile): a deployed node's context.state.
+    state = RecordDict()
+    try:
+        saved = json.load(open(state_file))
+    except FileNotFoundError:
+        return state
+    if saved.get("partition"):
+        split, rows = saved["partition"]
+        state[P.STATE_PARTITION] = ArrayRecord({split: Array(np.asarray(rows, np.int64))})
+    if saved.get("profile"):
+        state[P.STATE_PROFILE] = ConfigRecord(saved["profile"])
+    return state
+
+def save(state):
+    out = {}
+    if P.STATE_PARTITION in state:
+        record = state[P.STATE_PARTITION]
+        split = next(iter(record))
+        out["partition"] = [split, record[split].numpy().tolist()]
+    if P.STATE_PROFILE in state:
+        out["profile"] = dict(state[P.STATE_PROFILE])
+    json.dump(out, open(state_file, "w"))
+
 out = {"import_s": t_imported - t_start}
+kinds = {"train": ca.train, "identify": ca.identify, "profile": ca.profile}
+ctx = context(saved_state() if mode.endswith("held") else RecordDict())
+kind = mode.split(":")[0]
 for run in ("first", "again"):
-    for kind, handler in (("train", ca.train), (f"query.{P.IDENTIFY_ACTION}", ca.identify)):
-        steps.clear()
-        t0 = time.perf_counter()
-        handler(message(kind), context())
-        total = time.perf_counter() - t0
-        out[f"{kind} ({run})"] = {"total_s": total, **steps,
-                                  "other": total - sum(steps.values())}
+    steps.clear()
+    t0 = time.perf_counter()
+    kinds[kind](message("train" if kind == "train" else f"query.{kind}"), ctx)
+    total = time.perf_counter() - t0
+    out[run] = {"total_s": total, **steps, "other": total - sum(steps.values())}
+save(ctx.state)
 print(json.dumps(out))
 """
 
+# A deployed node's messages, each in a fresh process, in the order a run sends them: the
+# identify query (the node makes its partition), the profile query (its device profile:
+# from the machine's cache), then train messages whose node state holds both; and, for
+# comparison, a train message in a fresh process of a node that holds nothing.
+SEQUENCE = (
+    ("identify query, first contact", "identify"),
+    ("profile query", "profile:held"),
+    ("train message, node state held", "train:held"),
+    ("train message, nothing held", "train"),
+)
+
 
 def handler_costs(model: str, num_partitions: int) -> dict:
-    """Per-step seconds of a train message and an identify query in a fresh process."""
-    done = subprocess.run(
-        [sys.executable, "-c", _HANDLER_SCRIPT, model, str(num_partitions)],
-        cwd=PROJECT_DIR,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """Per-step seconds of a deployed node's messages, each in a fresh process."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        state_file = str(Path(tmp) / "state.json")
+        for label, mode in SEQUENCE:
+            done = subprocess.run(
+                [sys.executable, "-c", _HANDLER_SCRIPT, model, str(num_partitions), mode,
+                 state_file if mode != "train" else str(Path(tmp) / "none.json")],
+                cwd=PROJECT_DIR,
+                capture_output=True,
+                text=True,
+                check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-3000:])
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            out[label] = {"import_s": result["import_s"], **result["first"]}
+            out[f"{label}, again in the same process"] = result["again"]
+    return out
 
 
 def git_commit() -> str:
