@@ -17,8 +17,12 @@ numba threads.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import platform
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -324,7 +328,9 @@ def available() -> bool:
     process."""
     with _availability_lock:
         if not _availability["checked"]:
-            reason = _self_test()
+            reason = None if _passed_before() else _self_test()
+            if reason is None:
+                _remember_passed()
             _availability.update(checked=True, ok=reason is None, reason=reason)
             if reason is not None:
                 _log.warning(
@@ -333,6 +339,46 @@ def available() -> bool:
                     reason,
                 )
         return bool(_availability["ok"])
+
+
+# A deployed node starts a fresh process for every message, and the self-test loads every
+# kernel, serial and parallel, in both precisions (about 0.5 s of CPU per message here). A
+# pass is deterministic for one machine, numba, numpy and kernel source, so it is kept on
+# disk under those (beside the device profiles) and not repeated. A failure is not kept:
+# each process tests again and says why.
+
+
+def _self_test_key() -> str:
+    from fedprune.profile_cache import _cpu_model
+
+    parts = [
+        Path(__file__).read_bytes().hex(),
+        getattr(numba, "__version__", "none"),
+        np.__version__,
+        _cpu_model(),
+        platform.machine(),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _pass_marker() -> Path:
+    from fedprune.profile_cache import cache_dir
+
+    return cache_dir() / f"kernels-passed-{_self_test_key()}"
+
+
+def _passed_before() -> bool:
+    try:
+        return numba is not None and _pass_marker().is_file()
+    except OSError:
+        return False
+
+
+def _remember_passed() -> None:
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next test
+        marker = _pass_marker()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text("the compiled kernels passed their self-test here\n")
 
 
 def unavailable_reason() -> str | None:

@@ -131,11 +131,10 @@ def test_pruned_weights_stay_exactly_zero_in_every_format(layer_format, momentum
         assert result.importance[name][~mask].abs().sum() > 0, name  # grow-back scores
 
 
-def test_a_node_without_the_kernels_says_so_once_and_trains_convolutions_dense(
-    monkeypatch, caplog
-):
+def test_a_node_without_the_kernels_says_so_once_and_trains_convolutions_dense(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_availability", {"checked": False, "ok": False, "reason": None})
     monkeypatch.setattr(kernels, "_self_test", lambda: "numba does not import: test")
+    monkeypatch.setattr(kernels, "_passed_before", lambda: False)  # not a pass kept on disk
     monkeypatch.setattr(client_app, "_said_unavailable", False)
     model = build_model("small-cnn", seed=0)
     masks = masks_at(model, dict.fromkeys(NAMES, 0.05))
@@ -150,12 +149,16 @@ def test_a_node_without_the_kernels_says_so_once_and_trains_convolutions_dense(
     said = [r for r in caplog.records if "sparse convolutions unavailable" in r.getMessage()]
     assert len(said) == 1 and "numba does not import: test" in said[0].getMessage()
     assert said[0].levelno == logging.WARNING
-    assert first == second == {
-        "conv1.weight": "dense",
-        "conv2.weight": "dense",
-        "fc1.weight": "csr",
-        "fc2.weight": "dense",
-    }
+    assert (
+        first
+        == second
+        == {
+            "conv1.weight": "dense",
+            "conv2.weight": "dense",
+            "fc1.weight": "csr",
+            "fc2.weight": "dense",
+        }
+    )
 
 
 def test_the_servers_reading_of_a_replys_formats_is_bounded():

@@ -330,9 +330,30 @@ def test_export_with_sparse_convolutions(tmp_path):
         torch.testing.assert_close(loaded(x[:1]), model(x[:1]), rtol=1e-4, atol=1e-5)
 
 
+def test_a_passed_self_test_is_kept_on_disk_and_not_repeated(monkeypatch, tmp_path):
+    """Each deployed message is a fresh process: the self-test runs once per machine and
+    kernel source, and its pass is read back from the cache after that."""
+    monkeypatch.setenv("FEDPRUNE_CACHE_DIR", str(tmp_path))
+    fresh = {"checked": False, "ok": False, "reason": None}
+    monkeypatch.setattr(kernels, "_availability", dict(fresh))
+    assert kernels.available() and list(tmp_path.glob("kernels-passed-*"))
+    monkeypatch.setattr(kernels, "_availability", dict(fresh))
+    ran = []
+    monkeypatch.setattr(kernels, "_self_test", lambda: ran.append(1) or "must not run")
+    assert kernels.available() and kernels.unavailable_reason() is None and not ran
+    # Another kernel source (or numba, numpy, CPU) is another key: tested again, and a
+    # failure is said and not kept.
+    monkeypatch.setattr(kernels, "_self_test_key", lambda: "other-source")
+    monkeypatch.setattr(kernels, "_availability", dict(fresh))
+    assert not kernels.available() and ran == [1]
+    assert kernels.unavailable_reason() == "must not run"
+    assert not (tmp_path / "kernels-passed-other-source").exists()
+
+
 def test_unavailable_kernels_are_said_once_and_layers_stay_dense(monkeypatch, caplog):
     monkeypatch.setattr(kernels, "_availability", {"checked": False, "ok": False, "reason": None})
     monkeypatch.setattr(kernels, "_self_test", lambda: "no compiler on this machine")
+    monkeypatch.setattr(kernels, "_passed_before", lambda: False)  # not a pass kept on disk
     model, masks = masked_small_cnn(0.3)
     with caplog.at_level(logging.WARNING, logger="fedprune.kernels"):
         assert not sparse_conv.sparse_conv_available()
