@@ -208,13 +208,19 @@ def paired(ours: list[dict[str, str]], theirs: list[dict[str, str]], column: str
 def reconfiguration(ours, ablation, targets: list[str]) -> list[str]:
     """Does reconfiguration pay? PruneFL against itself without it, paired by seed."""
     acc = paired(ours, ablation, "final_accuracy")
+
+    def time_to(t: str) -> str:
+        diff = paired(ours, ablation, f"time_to_{t}_s")
+        if not diff.values:
+            return f"{t}: no seed where both reached it"
+        seeds = f" ({len(diff.values)}/{diff.of} seeds)" if len(diff.values) < diff.of else ""
+        return f"{t}: {Stat(diff.values, len(diff.values)).show(1)} s{seeds}"
+
     lines = [
         f"Reconfiguration: PruneFL minus `{ABLATION}` (paired by seed): final accuracy "
         f"{Stat([100 * v for v in acc.values], acc.of).show(2)} points; final density "
         f"{paired(ours, ablation, 'final_density').show(4)}; modelled time to "
-        + ", ".join(
-            f"{t}: {paired(ours, ablation, f'time_to_{t}_s').show(1)} s" for t in targets
-        )
+        + ", ".join(time_to(t) for t in targets)
         + ".",
         "",
     ]
