@@ -86,6 +86,8 @@ def test_load_folder_takes_any_image_layout_and_refuses_bad_files(tmp_path):
 
 
 def test_client_app_reads_data_path_when_the_node_config_names_one(tmp_path):
+    from flwr.app import RecordDict
+
     from clients.client_app import local_data
     from fedprune.settings import Settings
 
@@ -93,10 +95,13 @@ def test_client_app_reads_data_path_when_the_node_config_names_one(tmp_path):
     (folder,) = prepare(tmp_path, 1)
     x = np.zeros((2, 28, 28), dtype=np.uint8)
     np.savez(folder / "data.npz", x=x, y=np.array([3, 4]))  # not the embedded partition
-    from_folder = local_data(settings, SimpleNamespace(node_config={"data-path": str(folder)}))
+    from_folder = local_data(
+        settings, SimpleNamespace(node_config={"data-path": str(folder)}, state=RecordDict())
+    )
     assert from_folder.y.tolist() == [3, 4]
     by_id = local_data(
-        settings, SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 4})
+        settings,
+        SimpleNamespace(node_config={"partition-id": 1, "num-partitions": 4}, state=RecordDict()),
     )
     assert torch.equal(by_id.y, client_partition(settings.data_spec(), 1, 4).y)
 

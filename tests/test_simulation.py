@@ -43,8 +43,10 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert float(rows[-1]["sim_time_s"]) > 0
     # Measured on the devices: every training round's slowest node, and their sum.
     assert all(float(r["device_round_s"]) > 0 for r in rows[1:])
-    # Each node measured its peak memory in the train handler (Linux /proc).
-    assert all(float(r["node_peak_memory_mb"]) > 0 for r in rows[1:])
+    # Each node measured its peak memory in the train handler (Linux /proc): what it needed
+    # above what its process held at the handler's start. A warm node whose small-CNN round
+    # fits in memory it already holds measures 0, so only presence and sign are certain.
+    assert all(float(r["node_peak_memory_mb"]) >= 0 for r in rows[1:])
     assert float(rows[-1]["device_time_s"]) == pytest.approx(
         sum(float(r["device_round_s"]) for r in rows[1:]), abs=1e-3
     )
@@ -60,7 +62,7 @@ def test_prunefl_runs_end_to_end_on_the_simulation_engine(tmp_path):
     assert summary["final_accuracy"] > 0.3  # ten classes: chance is 0.1
     assert summary["final_density"] < 1.0
     memory = summary["node_peak_memory"]
-    assert memory["max_mb"] >= memory["last_round_mb"] > 0 and memory["dense_weights_mb"] > 0
+    assert memory["max_mb"] >= memory["last_round_mb"] >= 0 and memory["dense_weights_mb"] > 0
     portable = summary["inference"]["portable"]  # TorchScript and ONNX, checked
     assert portable["torchscript"]["max_abs_diff"] < 1e-4, portable
     assert portable["onnx"]["max_abs_diff"] < 1e-4, portable
