@@ -328,9 +328,12 @@ def available() -> bool:
     process."""
     with _availability_lock:
         if not _availability["checked"]:
-            reason = None if _passed_before() else _self_test()
-            if reason is None:
-                _remember_passed()
+            if _passed_before():
+                reason = None
+            else:
+                reason = _self_test()
+                if reason is None:
+                    _remember_passed()
             _availability.update(checked=True, ok=reason is None, reason=reason)
             if reason is not None:
                 _log.warning(
@@ -351,14 +354,11 @@ def available() -> bool:
 def _self_test_key() -> str:
     from fedprune.profile_cache import _cpu_model
 
-    parts = [
-        Path(__file__).read_bytes().hex(),
-        getattr(numba, "__version__", "none"),
-        np.__version__,
-        _cpu_model(),
-        platform.machine(),
-    ]
-    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    versions = (getattr(numba, "__version__", "none"), np.__version__)
+    for part in (*versions, _cpu_model(), platform.machine()):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()[:20]
 
 
 def _pass_marker() -> Path:
