@@ -98,6 +98,28 @@ def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait(timeout=5)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """A crash of `proc` and everything it started: freeze the whole tree (so nothing
+    starts a new process or writes another byte), then SIGKILL it. Unlike `stop_tree`,
+    no process gets to run its exit handlers: a SIGTERMed simulation keeps its ServerApp
+    thread running while it shuts down, and that thread records the replies its dying
+    nodes fail with as one more round."""
+    frozen: list[int] = []
+    while True:
+        new = [p for p in [proc.pid, *descendants(proc.pid)] if p not in frozen]
+        if not new:
+            break
+        for pid in new:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        frozen.extend(new)
+    for pid in frozen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

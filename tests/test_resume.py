@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from experiments.local_run import local_superlink, stop_tree
+from experiments.local_run import kill_tree, local_superlink
 from fedprune.checkpoint import CheckpointError, load_checkpoint
 
 # Everything a run records that follows from the model: traffic and modelled time are not
@@ -48,8 +48,12 @@ def table(folder):
 
 
 def kill_after_a_round(link, checkpoint, config, nodes) -> int:
-    """Start a run, kill the SuperLink (and the ServerApp under it) as soon as a
-    checkpoint after round 1 or later exists; return the round it holds."""
+    """Start a run, crash the SuperLink and everything under it (the ServerApp, the nodes)
+    as soon as a checkpoint after round 1 or later exists; return the round it holds.
+
+    A crash, not a stop: a SIGTERMed simulation lets its ServerApp run on while its nodes
+    die, and it then records (and checkpoints) one more round whose replies all failed,
+    which an uninterrupted run never has."""
     done = {}
     runner = threading.Thread(
         target=lambda: done.update(r=link.run(config, num_supernodes=nodes, capture=True))
@@ -65,7 +69,7 @@ def kill_after_a_round(link, checkpoint, config, nodes) -> int:
         if saved >= 1:
             break
         time.sleep(0.05)
-    stop_tree(link.process)
+    kill_tree(link.process)
     runner.join(timeout=60)
     return load_checkpoint(checkpoint)["round"]
 
@@ -87,13 +91,15 @@ def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, mode):
         )
     assert 1 <= stopped < ROUNDS, f"the run was not cut short (checkpoint after {stopped})"
     assert len(table(tmp_path / "cut")) == stopped + 1
+    cut_rows = list(csv.DictReader((tmp_path / "cut" / "metrics.csv").open()))
+    assert all(row["dropped"] == "0" for row in cut_rows), "the crashed run recorded drops"
     with local_superlink(tmp_path / "home-c") as link:
         config = run_config(tmp_path, "cut", extra) + f" resume='{tmp_path / 'cut'}'"
         done = link.run(config, num_supernodes=nodes, capture=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         log = done.stdout + done.stderr
     assert "resuming" in log
-    assert table(tmp_path / "cut") == table(tmp_path / "whole")
+    assert table(tmp_path / "cut") == table(tmp_path / "whole"), log[-4000:]
     whole = torch.load(tmp_path / "whole" / "model.pt")
     resumed = torch.load(tmp_path / "cut" / "model.pt")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole), "final models differ"
