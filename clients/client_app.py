@@ -33,21 +33,27 @@ from clients.node_state import (
 )
 from clients.partitions import partition_rows
 from fedprune import protocol as P
-from fedprune.codec import MASK_PREFIXES, decode_model, encode_update
+from fedprune.codec import MASK_PREFIXES, decode_kept, encode_kept_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import client_examples, data_shape, load_folder
 from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
 from fedprune.memory import PeakMemory
-from fedprune.models import build_model, param_shapes, prunable_names, skeleton, with_parameters
+from fedprune.models import build_model, param_shapes, prunable_names, skeleton
 from fedprune.profile_cache import cached_profile, profile_key
 from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
-from fedprune.sparse import FORMATS, choose_formats, supported_formats, train_sparse
+from fedprune.sparse import (
+    FORMATS,
+    choose_formats,
+    kept_parameters,
+    model_in_formats,
+    supported_formats,
+    train_sparse,
+)
 from fedprune.sparse_conv import check_supported, sparse_conv_unavailable_reason
 from fedprune.training import evaluate as evaluate_model
 from fedprune.training import train_as_clients
-from fedprune.value_code import kept_vectors
 
 app = ClientApp()
 
@@ -55,11 +61,9 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     memory = PeakMemory()  # what this message costs the node's memory at its peak
-    settings, model, masks, version = receive(msg, context)
+    settings, model, kept, masks, version = receive(msg, context)
     data = local_data(settings, context)
     config = msg.content[P.CONFIG]
-    # The compression-only reference replies with a top-k update (clients/compression.py).
-    received = compression.snapshot(model) if P.TOPK_VALUES in config else None
     partition_id = int(context.node_config.get(P.PARTITION_ID, 0))  # seeds batches only
     if partition_id in parse_ids(settings.simulate_failures):
         # Fault injection: this device "crashes" in training; Flower turns the exception
@@ -71,12 +75,24 @@ def train(msg: Message, context: Context) -> Message:
     # Chosen before the clock starts: the first call measures the device profile (once per
     # machine and model, then cached), which is no part of a round's compute.
     formats = layer_formats(settings, context, model, masks)
+    # The clock starts before the model is built: a sparse layer's structure (from its
+    # mask) is work a dense node does not do, so it counts as the round's device time.
+    t0 = time.perf_counter()
+    if P.TOPK_VALUES in config:
+        # The compression-only reference replies with a top-k update of the whole dense
+        # model (clients/compression.py): dense, its layers converted for the round only.
+        model = model_in_formats(model, kept, masks, {})
+        received = compression.snapshot(model)
+    else:
+        # Each layer built in its format from the values received: a sparse layer is
+        # never dense on the node (`model_in_formats`), and nothing is converted back.
+        model, received = model_in_formats(model, kept, masks, formats), None
+    del kept  # the model holds the values now (a sparse layer its own copy of them)
     clients = client_ids(config, context)
     if len(clients) > len(data):
         log(WARNING, "node with %d examples cannot train as %d clients: it trains as %d",
             len(data), len(clients), len(data))  # fmt: skip
         clients = clients[: len(data)]
-    t0 = time.perf_counter()
     local = train_as_clients(
         model,
         data,
@@ -111,14 +127,14 @@ def train(msg: Message, context: Context) -> Message:
     if received is not None:
         arrays = compression.topk_reply(context, received, model, int(config[P.TOPK_VALUES]))
     else:
-        state = {name: p.detach() for name, p in model.named_parameters()}
+        trained = kept_parameters(model, masks)
         code = ImportanceCode() if settings.importance_code == "coded" else None
-        encoded = encode_update(state, masks, uploaded, importance_code=code)
+        encoded = encode_kept_update(trained, masks, uploaded, importance_code=code)
         if P.VALUE_BITS in config:  # the update, quantised, instead of float32 values
             rng = np.random.default_rng([settings.seed, int(config[P.SERVER_ROUND]), partition_id])
             encoded = {k: v for k, v in encoded.items() if not k.startswith("v/")}
             encoded |= compression.quantised_values(
-                context, state, masks, version, int(config[P.VALUE_BITS]), rng
+                context, trained, version, int(config[P.VALUE_BITS]), rng
             )
         arrays = ArrayRecord({k: Array(v) for k, v in encoded.items()})
     if votes is not None:
@@ -136,7 +152,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Accuracy of the global model on this node's local data."""
-    settings, model, _, version = receive(msg, context)
+    settings, model, kept, masks, version = receive(msg, context)
+    model = model_in_formats(model, kept, masks, {})
     data = local_data(settings, context)
     loss, accuracy = evaluate_model(model, data)
     metrics = {
@@ -186,14 +203,16 @@ def profile(msg: Message, context: Context) -> Message:
 
 
 def receive(msg: Message, context: Context):
-    """(settings, the model loaded with the server's weights, the masks, their version)."""
+    """(settings, the model's skeleton, the values the server sent (`decode_kept`: a
+    prunable weight's kept values, never dense), the masks, their version). The handler
+    builds the model from them (`model_in_formats`), each layer in the format it needs."""
     # Simulated clients share the machine's cores; one thread each avoids oversubscription.
     # Set here, not at import: the simulation engine also imports this module in the
     # process that runs the ServerApp.
     torch.set_num_threads(1)
     settings = Settings.from_run_config(context.run_config)
     num_classes, input_shape = node_data_shape(settings, context)
-    # Shapes only: the decoded message becomes the weights (`with_parameters`), so the node
+    # Shapes only: the decoded message becomes the weights (`model_in_formats`), so the node
     # never holds an initialised model beside it (one dense copy fewer at its peak).
     model = skeleton(settings.model, num_classes, input_shape=input_shape)
     shapes, prunable = param_shapes(model), prunable_names(model)
@@ -221,14 +240,13 @@ def receive(msg: Message, context: Context):
                 f"holds {'none' if values is None else f'version {values[0]}'}"
             )
         values = values[1]
-    params, masks = decode_model(
-        arrays, shapes, prunable, None if held is None else held[1], values
-    )
+    kept, masks = decode_kept(arrays, shapes, prunable, None if held is None else held[1], values)
     if carries_mask:
         hold_mask(context, version, masks)
     if P.VALUES_VERSION in config:  # the reference for the next change and this update
-        hold_values(context, int(config[P.VALUES_VERSION]), version, kept_vectors(params, masks))
-    return settings, with_parameters(model, params), masks, version
+        reference = {name: v.numpy().copy() for name, v in kept.items()}
+        hold_values(context, int(config[P.VALUES_VERSION]), version, reference)
+    return settings, model, kept, masks, version
 
 
 def node_data_shape(settings: Settings, context: Context) -> tuple[int, tuple[int, int, int]]:

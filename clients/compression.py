@@ -22,7 +22,7 @@ from clients.node_state import held_values, hold_value_memory, value_memory
 from fedprune import protocol as P
 from fedprune.thompson import encode_votes, top_gradient_positions
 from fedprune.topk import encode_sparse, topk_step
-from fedprune.value_code import encode_value_update, kept_vectors
+from fedprune.value_code import encode_value_update
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -68,18 +68,18 @@ def vote_arrays(
 def quantised_values(
     context: Context,
     trained: dict[str, torch.Tensor],
-    masks: dict[str, torch.Tensor],
     mask_version: int,
     bits: int,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """The "vq/<name>" arrays of the node's update (trained minus the reference values it
+    """The "vq/<name>" arrays of the node's update (`trained`, the values it replies with
+    as `fedprune.sparse.kept_parameters` gives them, minus the reference values it
     received this round, which `receive` kept), quantised to `bits` with stochastic
     rounding and this node's error feedback memory, which it then updates."""
     held = held_values(context, mask_version)
     if held is None:
         raise RuntimeError("asked for a quantised update, but this node holds no values")
     memory = value_memory(context, mask_version)
-    arrays, memory = encode_value_update(kept_vectors(trained, masks), held[1], memory, bits, rng)
+    arrays, memory = encode_value_update(trained, held[1], memory, bits, rng)
     hold_value_memory(context, mask_version, memory)
     return arrays

@@ -15,7 +15,9 @@ each repetition, so that load from other processes hits every variant alike:
     (`fedprune.sparse.fastest_inference_formats`) vs the dense model.
 (c) Training at batch 20, no importance: "step" is K = 5 SGD steps on a model already
     in its formats (the loop of `train_masked`, `masked_steps`), reported per step; "round"
-    is a whole call as a client makes it, conversion to the formats and back included.
+    is a client's whole round as the ClientApp runs it: the server's values message (mask
+    held) decoded, the model built with each layer in its format from the values
+    (`fedprune.sparse.model_in_formats`), K steps, the reply's kept values encoded.
     - "dense": the unpruned model, plain SGD (no masks), torch's default NCHW layout;
     - "masked": at the mask, masked dense (`train_masked`);
     - "sparse": each layer in its best format (`train_sparse(formats=...)`), chosen by
@@ -55,14 +57,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedprune.codec import decode_kept, encode_kept_update, encode_model
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
-from fedprune.models import conv2
+from fedprune.models import conv2, param_shapes, prunable_names, skeleton
 from fedprune.profiler import profile_device, sparse_crossovers
 from fedprune.sparse import (
     SparseLinear,
     choose_formats,
     fastest_inference_formats,
+    kept_parameters,
+    model_in_formats,
     supported_formats,
     to_formats,
     train_sparse,
@@ -234,6 +239,10 @@ def flop_floor(macs, masks, train: bool) -> float:
     return kept / total
 
 
+def conv2_skeleton() -> nn.Module:
+    return skeleton("conv2", 10)
+
+
 def step_fn(model: nn.Module, masks, data: Examples, steps: int = LOCAL_STEPS) -> Callable:
     """`steps` SGD steps (no importance) on `model` as it is, in the loop `train_masked` and
     `train_sparse` run (`masked_steps`): no conversion to or from formats."""
@@ -340,11 +349,25 @@ def bench_model(repeats: int, round_repeats: int, seed: int, crossovers: dict) -
     # where torch's ReLU and pooling are much faster than in its default NCHW.
     dense_cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
 
-    def round_fn(fn, model, masks, track, **kw):
+    shapes, prunable = param_shapes(base), prunable_names(base)
+
+    def round_fn(model, masks, track, formats=None):
+        """A client's whole round as the ClientApp runs it, from the server's values
+        message (the mask held from before) to the reply's arrays: decode
+        (`decode_kept`), build the model with each layer in `formats`
+        (`model_in_formats`; None: dense, `train_masked`), train, encode the kept values.
+        Each call decodes a fresh copy of the message, as a node gets its own arrays."""
+        message = encode_model(dict(model.named_parameters()), masks, include_masks=False)
+
         def run():
-            fn(
-                model,
-                masks,
+            arrays = {k: v.copy() for k, v in message.items()}
+            kept, held = decode_kept(arrays, shapes, prunable if masks else [], masks or None)
+            held = held if masks else {}
+            node = model_in_formats(conv2_skeleton(), kept, held, formats or {})
+            kw = {} if formats is None else {"formats": formats}
+            local = (train_masked if formats is None else train_sparse)(
+                node,
+                held,
                 data,
                 steps=LOCAL_STEPS,
                 batch_size=BATCH,
@@ -353,6 +376,8 @@ def bench_model(repeats: int, round_repeats: int, seed: int, crossovers: dict) -
                 track_importance=track,
                 **kw,
             )
+            uploaded = {n: local.importance[n] for n in held} if track else None
+            encode_kept_update(kept_parameters(node, held), held, uploaded)
 
         return run
 
@@ -367,9 +392,7 @@ def bench_model(repeats: int, round_repeats: int, seed: int, crossovers: dict) -
     step_tasks[("dense", "-")] = step_fn(dense_model, {}, data)
     step_tasks[("dense-cl", "-")] = step_fn(dense_cl, {}, data)
     for track in ("plain", "importance"):
-        round_tasks[("dense", "-", track)] = round_fn(
-            train_masked, dense_model, {}, track == "importance"
-        )
+        round_tasks[("dense", "-", track)] = round_fn(dense_model, {}, track == "importance")
     for b in (1, BATCH):
         infer_tasks[("dense", "-", f"b{b}")] = infer_fn(dense_model, x[:b].clone())
         infer_tasks[("dense-cl", "-", f"b{b}")] = infer_fn(dense_cl, x[:b].clone())
@@ -396,15 +419,9 @@ def bench_model(repeats: int, round_repeats: int, seed: int, crossovers: dict) -
         step_tasks[("default", case)] = step_fn(default_model, masks, data)
         for track in ("plain", "importance"):
             on = track == "importance"
-            round_tasks[("masked", case, track)] = round_fn(
-                train_masked, copy.deepcopy(masked), masks, on
-            )
-            round_tasks[("sparse", case, track)] = round_fn(
-                train_sparse, copy.deepcopy(masked), masks, on, formats=formats
-            )
-            round_tasks[("default", case, track)] = round_fn(
-                train_sparse, copy.deepcopy(masked), masks, on, formats=default
-            )
+            round_tasks[("masked", case, track)] = round_fn(masked, masks, on)
+            round_tasks[("sparse", case, track)] = round_fn(masked, masks, on, formats)
+            round_tasks[("default", case, track)] = round_fn(masked, masks, on, default)
         for b in (1, BATCH):
             fmts = fastest_inference_formats(masked, masks, batch_size=b)
             out[case][f"infer{b}_formats"] = fmts
@@ -540,8 +557,8 @@ def markdown(result: dict) -> str:
             f"{dense['infer20_channels_last']:.2f} ms.",
             "",
             "Ratios vs dense: step = K steps on a model already in its formats; round = "
-            "`train_sparse` / `train_masked` as a client calls them (conversion to the "
-            "formats and back included).",
+            "a client's whole round as the ClientApp runs it (the values message decoded, "
+            "the model built in its formats from it, K steps, the reply encoded).",
             "",
             "| mask | FLOP floor train / infer | step default | step sparse | step masked "
             "| round default | round sparse | round masked | round default, importance "
@@ -584,7 +601,7 @@ def _short(formats: dict) -> str:
 def goal_lines(model: dict) -> list[str]:
     """The issue's goal table with the measured ratios beside it: the default path (formats
     from the device profile; step on a model in its formats, and a client's whole round
-    with conversion), the best timed formats' step, the FLOP floor, and the fraction of
+    from message to reply), the best timed formats' step, the FLOP floor, and the fraction of
     the floor's speed the default step reaches (floor / ratio)."""
     final, uniform = model["final"], model["uniform"]
     rows = [
@@ -632,7 +649,6 @@ def main(argv=None) -> None:
     result = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "machine": machine(),
         "load_before": os.getloadavg()[0],
         "threads": args.threads,
         "repeats": args.repeats,
@@ -652,6 +668,9 @@ def main(argv=None) -> None:
         }
     result["seconds"] = time.perf_counter() - start
     result["load_after"] = os.getloadavg()[0]
+    # After the runs: numba names its threading layer only once a parallel kernel has run
+    # (with the kernels' self-test kept on disk, none has at the start).
+    result["machine"] = machine()
     text = markdown(result)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

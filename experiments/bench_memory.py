@@ -4,9 +4,11 @@ Edge devices are short of memory as well as of time. This measures, for Conv-2 o
 node's share of the digits (360 examples), the memory a train message costs the node at
 its peak, from the message's arrays in to the reply's arrays out, as the ClientApp does
 it (`clients.client_app.receive` and `train`): the model's skeleton, the server's message
-decoded (`fedprune.codec.decode_model`) into its weights
-(`fedprune.models.with_parameters`), K = 5 steps of batch 20 in each layer's format
-(`fedprune.sparse.train_sparse`), the reply encoded (`fedprune.codec.encode_update`).
+decoded into the values it carries (`fedprune.codec.decode_kept`), the model built from
+them with each layer in its format (`fedprune.sparse.model_in_formats`: a sparse layer
+never dense), K = 5 steps of batch 20 (`fedprune.sparse.train_sparse`), the reply
+encoded from the layers' kept values (`fedprune.sparse.kept_parameters`,
+`fedprune.codec.encode_kept_update`).
 Cases:
 
 - `dense`: FedAvg's node, every weight kept, dense layers;
@@ -83,18 +85,12 @@ def child(case: str) -> dict:
 
     import torch
 
-    from fedprune.codec import decode_model, encode_model, encode_update
+    from fedprune.codec import decode_kept, encode_kept_update, encode_model
     from fedprune.data import Examples
     from fedprune.masks import full_masks
     from fedprune.memory import PeakMemory
-    from fedprune.models import (
-        build_model,
-        param_shapes,
-        prunable_names,
-        skeleton,
-        with_parameters,
-    )
-    from fedprune.sparse import train_sparse
+    from fedprune.models import build_model, param_shapes, prunable_names, skeleton
+    from fedprune.sparse import kept_parameters, model_in_formats, train_sparse
 
     torch.set_num_threads(1)  # as a node of the simulation
     g = torch.Generator().manual_seed(0)
@@ -122,10 +118,12 @@ def child(case: str) -> dict:
     del server, params
 
     def node_round() -> tuple[dict, object, dict]:
-        model = skeleton("conv2", 10)
-        decoded, got_masks = decode_model(message, shapes, prunable, None)
-        model = with_parameters(model, decoded)
-        del decoded
+        # The message's arrays are the node's own (Flower hands each message over anew):
+        # decoding may take whole parameters (biases) as they are, and training writes them.
+        arrays = {k: v.copy() for k, v in message.items()}
+        kept, got_masks = decode_kept(arrays, shapes, prunable, None)
+        model = model_in_formats(skeleton("conv2", 10), kept, got_masks, formats)
+        del kept, arrays
         result = train_sparse(
             model,
             got_masks,
@@ -137,9 +135,9 @@ def child(case: str) -> dict:
             track_importance=track,
             formats=formats,
         )
-        state = {n: p.detach() for n, p in model.named_parameters()}
         uploaded = {n: result.importance[n] for n in got_masks} if track else None
-        return encode_update(state, got_masks, uploaded), result, got_masks
+        reply = encode_kept_update(kept_parameters(model, got_masks), got_masks, uploaded)
+        return reply, result, got_masks
 
     peaks = []
     for _ in range(2):  # the process's first round (a deployed node's), then a warm one

@@ -93,8 +93,8 @@ class GlobalModel:
     def install_masks(self, masks: Masks) -> tuple[int, int]:
         """Adopt `masks`; return (grown, removed) parameter counts. A changed mask is a new
         mask version; an unchanged one changes nothing."""
-        grown = sum(int((new & ~self.masks[k]).sum()) for k, new in masks.items())
-        removed = sum(int((self.masks[k] & ~new).sum()) for k, new in masks.items())
+        grown = sum(int(torch.count_nonzero(new & ~self.masks[k])) for k, new in masks.items())
+        removed = sum(int(torch.count_nonzero(self.masks[k] & ~new)) for k, new in masks.items())
         if grown == 0 and removed == 0:
             return 0, 0
         if self.regrow_init == "zero":

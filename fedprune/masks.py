@@ -42,12 +42,12 @@ def masked_state(state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Te
 
 
 def kept_counts(masks: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    return {name: int(m.sum()) for name, m in masks.items()}
+    return {name: int(torch.count_nonzero(m)) for name, m in masks.items()}
 
 
 def layer_densities(masks: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """Kept fraction per prunable weight."""
-    return {name: float(m.sum()) / max(m.numel(), 1) for name, m in masks.items()}
+    return {name: int(torch.count_nonzero(m)) / max(m.numel(), 1) for name, m in masks.items()}
 
 
 def density(masks: Mapping[str, torch.Tensor], always_kept: int = 0) -> float:
@@ -56,7 +56,7 @@ def density(masks: Mapping[str, torch.Tensor], always_kept: int = 0) -> float:
     `always_kept` adds parameters that are never pruned (biases) to both the kept count
     and the total, so the result is the fraction of the whole model that remains.
     """
-    kept = sum(int(m.sum()) for m in masks.values()) + always_kept
+    kept = sum(int(torch.count_nonzero(m)) for m in masks.values()) + always_kept
     total = sum(m.numel() for m in masks.values()) + always_kept
     return kept / max(total, 1)
 

@@ -68,7 +68,9 @@ def magnitude(
 ) -> Masks:
     """Global magnitude pruning: keep the largest |w| among the kept entries, to `density`.
     Never regrows (a pruned entry stays pruned)."""
-    count = min(target_count(masks, density), sum(int(m.sum()) for m in masks.values()))
+    count = min(
+        target_count(masks, density), sum(int(torch.count_nonzero(m)) for m in masks.values())
+    )
     return keep_top({k: weights[k].abs() for k in weights}, count, eligible=masks)
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from fedprune import kernels
+from fedprune.codec import dense_from_kept
 from fedprune.data import Examples
 from fedprune.models import MODELS, TwoConvNet, model_factory
 from fedprune.sparse_conv import (
@@ -421,20 +422,129 @@ def to_formats(
         if mask is None:
             raise ValueError(f"{weight_name}: format {fmt!r} needs its mask")
         mask = mask.to(torch.bool)
-        if fmt == "csr":
-            if not isinstance(module, nn.Linear):
-                raise ValueError(f"{weight_name}: 'csr' is for Linear layers, not {module}")
-            sparse: nn.Module = SparseLinear.from_linear(module, mask)
-        else:
-            if not isinstance(module, nn.Conv2d):
-                raise ValueError(f"{weight_name}: 'sparse-conv' is for Conv2d layers, not {module}")
-            check_supported(module)
-            if not sparse_conv_available():
-                continue
-            sparse = SparseConv2d.from_conv(module, mask)
+        if mask.shape != module.weight.shape:
+            raise ValueError(
+                f"{weight_name}: mask shape {tuple(mask.shape)} != weight shape "
+                f"{tuple(module.weight.shape)}"
+            )
+        values = module.weight.detach().reshape(-1)[mask.reshape(-1)]
+        bias = None if module.bias is None else module.bias.detach()
+        sparse = _sparse_layer(weight_name, fmt, module, mask, values, bias)
+        if sparse is None:
+            continue
         _set_submodule(model, name, sparse)
         replaced[name] = module
     return replaced
+
+
+def _sparse_layer(
+    weight_name: str,
+    fmt: str,
+    module: nn.Module,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> nn.Module | None:
+    """`module` in sparse format `fmt` ("csr" or "sparse-conv"), with its kept weights
+    `values` (position order) and `bias`; None where the sparse convolution's compiled
+    kernels do not run here (the layer stays dense). ValueError for a format that does
+    not fit the layer or a convolution the kernels do not support."""
+    if fmt == "csr":
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{weight_name}: 'csr' is for Linear layers, not {module}")
+        return SparseLinear(mask, values=values, bias=bias)
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(f"{weight_name}: 'sparse-conv' is for Conv2d layers, not {module}")
+    check_supported(module)
+    if not sparse_conv_available():
+        return None
+    return SparseConv2d(mask, values=values, bias=bias, padding=conv_padding(module))
+
+
+def model_in_formats(
+    model: nn.Module,
+    kept: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    formats: Mapping[str, str],
+) -> nn.Module:
+    """`model` (a `fedprune.models.skeleton`: shapes, no memory) with the values a node
+    received (`fedprune.codec.decode_kept`: per parameter, 1-D, a prunable one's kept
+    values) as its weights, each layer named in `formats` already in its format: a sparse
+    layer is built from its kept values alone, so the node never holds it dense (fc1 of
+    Conv-2 is 26 MB dense, about 1 MB in CSR at the main job's final mask). Every other
+    parameter is made dense (0.0 at pruned positions). Sparse convolutions stay dense
+    where the compiled kernels do not run here, as in `to_formats`.
+
+    `train_sparse` trains such a model's sparse layers as they are; `kept_parameters`
+    gives back the values for the reply.
+    """
+    modules = dict(model.named_modules())
+    in_sparse: set[str] = set()  # parameters that live in a sparse layer
+    for weight_name, fmt in formats.items():
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} for {weight_name}; one of {FORMATS}")
+        if fmt == "dense":
+            continue
+        name = weight_name.rpartition(".")[0]
+        module = modules.get(name) if name else None
+        if module is None:
+            raise ValueError(f"{weight_name}: no such layer in the model (or the model itself)")
+        if weight_name not in masks or weight_name not in kept:
+            raise ValueError(f"{weight_name}: format {fmt!r} needs its mask and kept values")
+        mask = masks[weight_name].to(torch.bool)
+        if mask.shape != module.weight.shape:
+            raise ValueError(
+                f"{weight_name}: mask shape {tuple(mask.shape)} != weight shape "
+                f"{tuple(module.weight.shape)}"
+            )
+        bias_name = f"{name}.bias"
+        bias = kept.get(bias_name) if module.bias is not None else None
+        sparse = _sparse_layer(weight_name, fmt, module, mask, kept[weight_name], bias)
+        if sparse is None:
+            continue
+        _set_submodule(model, name, sparse)
+        in_sparse |= {weight_name, bias_name}
+    dense, missing = {}, []
+    for name, p in model.named_parameters():
+        if _in_sparse_layer(model, name):
+            continue
+        if name not in kept:
+            missing.append(name)
+            continue
+        dense[name] = dense_from_kept(kept[name], masks.get(name), p.shape)
+    extra = sorted(set(kept) - set(dense) - in_sparse)
+    if extra or missing:
+        raise ValueError(f"values do not fit the model: extra {extra}, missing {missing}")
+    model.load_state_dict(dense, strict=False, assign=True)
+    return model
+
+
+def _in_sparse_layer(model: nn.Module, param_name: str) -> bool:
+    module_name = param_name.rpartition(".")[0]
+    return isinstance(model.get_submodule(module_name), SparseLinear | SparseConv2d)
+
+
+def kept_parameters(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per parameter of the wire (the dense model's names and order), its values as the
+    reply carries them (`fedprune.codec.encode_kept_update`): a sparse layer's own
+    values (they are the kept ones, in position order), a dense prunable weight's values
+    where its mask is True, any other parameter whole. Views where possible: the encoder
+    copies."""
+    sparse = {name.rpartition(".")[0]: layer for name, layer in sparse_layers(model).items()}
+    out: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        if module_name in sparse:
+            out[f"{module_name}.weight"] = module.values.detach()
+            if module.bias is not None:
+                out[f"{module_name}.bias"] = module.bias.detach()
+            continue
+        if isinstance(module, SparseLinear | SparseConv2d):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{module_name}.{pname}" if module_name else pname
+            flat = p.detach().reshape(-1)
+            out[name] = flat[masks[name].reshape(-1)] if name in masks else flat
+    return out
 
 
 def to_sparse(
