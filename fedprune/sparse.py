@@ -38,7 +38,7 @@ from __future__ import annotations
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -405,8 +405,25 @@ def to_formats(
 
     Returns the replaced modules by module name, for `restore_dense`.
     """
-    modules = dict(model.named_modules())
     replaced: dict[str, nn.Module] = {}
+    for weight_name, fmt, name, module, mask in _layers_to_convert(model, masks, formats):
+        values = module.weight.detach().reshape(-1)[mask.reshape(-1)]
+        bias = None if module.bias is None else module.bias.detach()
+        sparse = _sparse_layer(weight_name, fmt, module, mask, values, bias)
+        if sparse is None:
+            continue
+        _set_submodule(model, name, sparse)
+        replaced[name] = module
+    return replaced
+
+
+def _layers_to_convert(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], formats: Mapping[str, str]
+) -> Iterator[tuple[str, str, str, nn.Module, torch.Tensor]]:
+    """(weight name, format, module name, module, bool mask) of each layer `formats` puts
+    in a sparse format and that is not sparse already, checked: ValueError for an unknown
+    format, a weight the model does not have, or a missing or misshapen mask."""
+    modules = dict(model.named_modules())
     for weight_name, fmt in formats.items():
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r} for {weight_name}; one of {FORMATS}")
@@ -427,14 +444,7 @@ def to_formats(
                 f"{weight_name}: mask shape {tuple(mask.shape)} != weight shape "
                 f"{tuple(module.weight.shape)}"
             )
-        values = module.weight.detach().reshape(-1)[mask.reshape(-1)]
-        bias = None if module.bias is None else module.bias.detach()
-        sparse = _sparse_layer(weight_name, fmt, module, mask, values, bias)
-        if sparse is None:
-            continue
-        _set_submodule(model, name, sparse)
-        replaced[name] = module
-    return replaced
+        yield weight_name, fmt, name, module, mask
 
 
 def _sparse_layer(
@@ -478,25 +488,10 @@ def model_in_formats(
     `train_sparse` trains such a model's sparse layers as they are; `kept_parameters`
     gives back the values for the reply.
     """
-    modules = dict(model.named_modules())
     in_sparse: set[str] = set()  # parameters that live in a sparse layer
-    for weight_name, fmt in formats.items():
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format {fmt!r} for {weight_name}; one of {FORMATS}")
-        if fmt == "dense":
-            continue
-        name = weight_name.rpartition(".")[0]
-        module = modules.get(name) if name else None
-        if module is None:
-            raise ValueError(f"{weight_name}: no such layer in the model (or the model itself)")
-        if weight_name not in masks or weight_name not in kept:
-            raise ValueError(f"{weight_name}: format {fmt!r} needs its mask and kept values")
-        mask = masks[weight_name].to(torch.bool)
-        if mask.shape != module.weight.shape:
-            raise ValueError(
-                f"{weight_name}: mask shape {tuple(mask.shape)} != weight shape "
-                f"{tuple(module.weight.shape)}"
-            )
+    for weight_name, fmt, name, module, mask in _layers_to_convert(model, masks, formats):
+        if weight_name not in kept:
+            raise ValueError(f"{weight_name}: format {fmt!r} needs its kept values")
         bias_name = f"{name}.bias"
         bias = kept.get(bias_name) if module.bias is not None else None
         sparse = _sparse_layer(weight_name, fmt, module, mask, kept[weight_name], bias)
