@@ -32,6 +32,7 @@ from clients.node_state import (
     with_held_importance,
 )
 from clients.partitions import partition_rows
+from fedprune import kernels
 from fedprune import protocol as P
 from fedprune.codec import MASK_PREFIXES, decode_kept, encode_kept_update
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
@@ -75,6 +76,8 @@ def train(msg: Message, context: Context) -> Message:
     # Chosen before the clock starts: the first call measures the device profile (once per
     # machine and model, then cached), which is no part of a round's compute.
     formats = layer_formats(settings, context, model, masks)
+    # Also before it: the first use of the compiled kernels in a process loads them.
+    kernels.load(sparse=any(f != "dense" for f in formats.values()))
     # The clock starts before the model is built: a sparse layer's structure (from its
     # mask) is work a dense node does not do, so it counts as the round's device time.
     t0 = time.perf_counter()
