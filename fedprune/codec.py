@@ -332,8 +332,8 @@ def decode_model(
 
     Returns ``(params, masks)``: dense float32 parameters in the order of ``shapes``, with
     exact 0.0 at pruned positions, and the masks in use (the held ones are returned as
-    given).  A non-prunable parameter's tensor may share memory with the message's array
-    when that array is writable; it is copied otherwise.
+    given).  A parameter without a mask, or whose mask keeps every position, may share
+    memory with the message's array when that array is writable; it is copied otherwise.
     """
     kept, out_masks = decode_kept(arrays, shapes, prunable, masks, held_values)
     params = {

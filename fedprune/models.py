@@ -260,7 +260,8 @@ def build_model(
 
 def skeleton(name: str, num_classes: int = 10, input_shape: Shape = MNIST_SHAPE) -> nn.Module:
     """Model `name` without memory for its weights (meta tensors): its names and shapes, for
-    `with_parameters` to fill. Nothing is initialised."""
+    `with_parameters` or `fedprune.sparse.model_in_formats` to fill. Nothing is
+    initialised."""
     with torch.device("meta"):
         return build_model(name, num_classes, input_shape=input_shape)
 

@@ -39,7 +39,6 @@ __all__ = [
     "VALUE_UPDATE_PREFIX",
     "ValueReference",
     "encode_value_update",
-    "kept_vectors",
     "value_bits",
 ]
 
@@ -65,20 +64,6 @@ def _flat32(t) -> np.ndarray:
     if isinstance(t, torch.Tensor):
         t = t.detach().reshape(-1).to(torch.float32).cpu().numpy()
     return np.asarray(t, dtype=np.float32).reshape(-1)
-
-
-def kept_vectors(
-    params: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-) -> dict[str, np.ndarray]:
-    """Per parameter, the values on the wire as a fresh 1-D float32 array: a prunable
-    parameter's kept values in position order, any other parameter whole."""
-    out = {}
-    for name, p in params.items():
-        flat = p.detach().reshape(-1).to(torch.float32).cpu()
-        if name in masks:
-            flat = flat[masks[name].reshape(-1)]
-        out[name] = flat.numpy().copy()
-    return out
 
 
 def encode_value_update(
