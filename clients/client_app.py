@@ -41,8 +41,7 @@ from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
 from fedprune.memory import PeakMemory
 from fedprune.models import build_model, param_shapes, prunable_names, skeleton
-from fedprune.profile_cache import cached_profile, profile_key
-from fedprune.profiler import PROFILER_VERSION, TRACKS_IMPORTANCE, profile_device, sparse_crossovers
+from fedprune.profiler import cached_measurements, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import (
     FORMATS,
@@ -350,28 +349,15 @@ def device_measurements(settings: Settings, context: Context) -> dict:
         torch.set_num_threads(1)
         num_classes, shape = node_data_shape(settings, context)
         model = build_model(settings.model, num_classes, input_shape=shape)
-        round_shape = {
-            "local_steps": settings.local_steps,
-            "batch_size": settings.batch_size,
-            "input_shape": list(shape),
-            "repeats": settings.profile_repeats,
-            "profiler": PROFILER_VERSION,
-            "track_importance": TRACKS_IMPORTANCE,
-        }
-
-        def measure() -> dict:
-            _, measurements = profile_device(
-                model,
-                settings.local_steps,
-                settings.batch_size,
-                settings.bandwidth_bytes_per_s,
-                repeats=settings.profile_repeats,
-                input_shape=shape,
-                seed=settings.seed,
-            )
-            return measurements
-
-        measurements, _ = cached_profile(profile_key(param_shapes(model), round_shape), measure)
+        measurements, _ = cached_measurements(
+            model,
+            settings.local_steps,
+            settings.batch_size,
+            settings.bandwidth_bytes_per_s,
+            repeats=settings.profile_repeats,
+            input_shape=shape,
+            seed=settings.seed,
+        )
         context.state[P.STATE_PROFILE] = ConfigRecord(measurements)
     return dict(context.state[P.STATE_PROFILE])
 

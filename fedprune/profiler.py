@@ -686,3 +686,46 @@ def format_report(measurements: Mapping) -> str:
             f"{measurements['check/predicted_s'] * 1e3:.1f} ms"
         )
     return "\n".join(lines)
+
+
+def cached_measurements(
+    model: nn.Module,
+    local_steps: int,
+    batch_size: int,
+    bandwidth_bytes_per_s: float,
+    *,
+    repeats: int,
+    input_shape: tuple[int, int, int],
+    seed: int = 0,
+) -> tuple[dict, bool]:
+    """(this machine's raw profile of `model`, whether it came from the disk cache):
+    `profile_device` measured once per machine, model, round shape and thread count
+    (`fedprune.profile_cache`), so the virtual nodes of a simulation and the server that
+    prunes the model on the same machine measure it once between them. Runs with torch's
+    current number of threads, which is part of the key."""
+    # Imported here: profile_cache reads the hardware, which nothing else here needs.
+    from fedprune.models import param_shapes
+    from fedprune.profile_cache import cached_profile, profile_key
+
+    round_shape = {
+        "local_steps": local_steps,
+        "batch_size": batch_size,
+        "input_shape": list(input_shape),
+        "repeats": repeats,
+        "profiler": PROFILER_VERSION,
+        "track_importance": TRACKS_IMPORTANCE,
+    }
+
+    def measure() -> dict:
+        _, measurements = profile_device(
+            model,
+            local_steps,
+            batch_size,
+            bandwidth_bytes_per_s,
+            repeats=repeats,
+            input_shape=tuple(input_shape),
+            seed=seed,
+        )
+        return measurements
+
+    return cached_profile(profile_key(param_shapes(model), round_shape), measure)
