@@ -9,10 +9,19 @@ server reconfigures the mask with removals only. It stops when the kept size cha
 most `tolerance` (relative) over the last `window` reconfigurations, or at
 `max_iterations`. No target density is given: the cost model decides how small the model
 gets.
+
+Between reconfigurations the mask is fixed, so the model can train in sparse formats
+(`fedprune.sparse.to_formats`: CSR for Linear layers, the direct sparse convolution for
+convolutions) chosen by `formats_for(masks)`, as a node's layers follow its measured
+crossovers. Phase 1 only removes weights, so it needs importance at kept positions only:
+the gradients of the sparse layers' kept values are all it sums, and no dense gradient
+is formed once a layer is sparse. The model is dense again at each reconfiguration and at
+the end.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +31,8 @@ from fedprune.costs import CostProfile
 from fedprune.data import Examples
 from fedprune.masks import Masks, full_masks, kept_counts
 from fedprune.reconfigure import reconfigure
-from fedprune.training import evaluate, train_masked
+from fedprune.sparse import restore_dense, sparse_layers, to_formats
+from fedprune.training import evaluate, masked_steps, squared_importance, train_masked
 
 
 @dataclass
@@ -101,13 +111,16 @@ def initial_prune(
     max_density: float = 1.0,
     seed: int = 0,
     on_reconfigure=None,
+    formats_for: Callable[[Masks], Mapping[str, str]] | None = None,
 ) -> InitialPruning:
     """Train `model` in place on the server's data and prune it by PruneFL's objective.
 
     Importance is accumulated like a client's: the square of the gradient summed over
     each block of `local_steps` iterations, summed over blocks since the last
     reconfiguration. `on_reconfigure(iteration, kept, total, train_acc)` is called after
-    each reconfiguration (progress output).
+    each reconfiguration (progress output). `formats_for(masks)` (weight name -> "dense",
+    "csr" or "sparse-conv", as `fedprune.sparse.choose_formats` gives) says which layers
+    train in a sparse format until the next reconfiguration; None trains masked dense.
     """
     masks = full_masks(model)
     prunable = list(masks)
@@ -120,47 +133,100 @@ def initial_prune(
     sizes: list[int] = []
     history: list[tuple[int, int, float]] = []
     iteration, since_reconfig = 0, 0
-    while iteration < max_iterations:
-        steps = min(local_steps, max_iterations - iteration)
+    originals: dict[str, nn.Module] = {}  # layers in sparse formats until the next reconfig
+    converted = False
+    try:
+        while iteration < max_iterations:
+            if formats_for is not None and not converted:
+                originals = to_formats(model, masks, formats_for(masks))
+                converted = True
+            steps = min(local_steps, max_iterations - iteration)
+            importance = _train_block(model, masks, data, steps, batch_size, lr, generator)
+            iteration += steps
+            since_reconfig += steps
+            if accumulated is None:
+                accumulated = importance
+            else:
+                for n, g in importance.items():
+                    accumulated[n].add_(g)
+            if since_reconfig < interval:
+                continue
+            _, train_acc = evaluate(model, data)
+            if train_acc <= chance:
+                continue  # too early: gradients of an untrained model say little
+            accumulated = _dense_importance(model, accumulated)
+            restore_dense(model, originals)
+            originals, converted = {}, False
+            weights = {n: p.detach() for n, p in model.named_parameters() if n in masks}
+            importance, fixed_importance = split_importance(accumulated, prunable)
+            masks = reconfigure(
+                weights,
+                masks,
+                importance,
+                time_per_param,
+                fixed_time_s,
+                fixed_importance=fixed_importance,
+                delta=delta,
+                max_density=max_density,
+                allow_regrowth=False,
+            ).masks
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in masks:
+                        p.mul_(masks[n])
+            kept = sum(kept_counts(masks).values())
+            total = sum(m.numel() for m in masks.values())
+            sizes.append(kept)
+            history.append((iteration, kept, train_acc))
+            if on_reconfigure is not None:
+                on_reconfigure(iteration, kept, total, train_acc)
+            accumulated, since_reconfig = None, 0
+            if size_converged(sizes, window, tolerance):
+                return InitialPruning(masks, iteration, "converged", history)
+        return InitialPruning(masks, iteration, "max-iterations", history)
+    finally:
+        restore_dense(model, originals)
+
+
+def _train_block(model, masks, data, steps, batch_size, lr, generator) -> dict:
+    """One block of `steps` SGD iterations; its importance per parameter (a sparse layer's
+    for its kept values only, keyed "<layer>.values"). With every layer dense this is
+    `train_masked` exactly."""
+    if not sparse_layers(model):
         result = train_masked(
             model, masks, data, steps=steps, batch_size=batch_size, lr=lr, generator=generator
         )
-        iteration += steps
-        since_reconfig += steps
-        if accumulated is None:
-            accumulated = result.importance
-        else:
-            for n, g in result.importance.items():
-                accumulated[n].add_(g)
-        if since_reconfig < interval:
+        return result.importance
+    _, samples, grad_sum = masked_steps(
+        model,
+        masks,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        momentum=0.0,
+        weight_decay=0.0,
+        generator=generator,
+        track_importance=True,
+    )
+    return squared_importance(grad_sum, model.named_parameters(), samples)
+
+
+def _dense_importance(model: nn.Module, importance: dict[str, torch.Tensor]) -> dict:
+    """`importance` keyed by the dense model's parameter names: a sparse layer's
+    "<layer>.values" scattered into its weight's shape as "<layer>.weight" (0.0 at pruned
+    positions, which phase 1 never regrows, so nothing reads them)."""
+    layers = {
+        weight_name.removesuffix(".weight") + ".values": (weight_name, layer)
+        for weight_name, layer in sparse_layers(model).items()
+    }
+    out = {}
+    for name, scores in importance.items():  # in the model's order, as the dense path
+        if name not in layers:
+            out[name] = scores
             continue
-        _, train_acc = evaluate(model, data)
-        if train_acc <= chance:
-            continue  # too early: gradients of an untrained model say little
-        weights = {n: p.detach() for n, p in model.named_parameters() if n in masks}
-        importance, fixed_importance = split_importance(accumulated, prunable)
-        masks = reconfigure(
-            weights,
-            masks,
-            importance,
-            time_per_param,
-            fixed_time_s,
-            fixed_importance=fixed_importance,
-            delta=delta,
-            max_density=max_density,
-            allow_regrowth=False,
-        ).masks
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in masks:
-                    p.mul_(masks[n])
-        kept = sum(kept_counts(masks).values())
-        total = sum(m.numel() for m in masks.values())
-        sizes.append(kept)
-        history.append((iteration, kept, train_acc))
-        if on_reconfigure is not None:
-            on_reconfigure(iteration, kept, total, train_acc)
-        accumulated, since_reconfig = None, 0
-        if size_converged(sizes, window, tolerance):
-            return InitialPruning(masks, iteration, "converged", history)
-    return InitialPruning(masks, iteration, "max-iterations", history)
+        weight_name, layer = layers[name]
+        dense = torch.zeros(layer.weight_shape, dtype=scores.dtype)
+        dense.view(-1)[layer.mask().reshape(-1)] = scores
+        out[weight_name] = dense
+    return out

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -35,13 +36,15 @@ from strategies.results import source_digest
 class Start:
     """What a method's starting point is built from: the freshly built (seeded) model,
     which the method may train or re-initialise in place, the prior cost profile, the
-    server's own data, and the data's shape."""
+    server's own data, the data's shape, and the formats the server's layers compute in
+    for a mask (`strategies.server_formats`; None: masked dense)."""
 
     model: torch.nn.Module
     profile: CostProfile
     server_data: Examples
     num_classes: int
     input_shape: tuple[int, int, int]
+    formats_for: Callable[[Masks], dict[str, str]] | None = None
 
 
 class PruningMethod:

@@ -14,6 +14,7 @@ from fedprune.initial_pruning import initial_prune
 from fedprune.masks import Masks, model_density
 from fedprune.reconfigure import reconfigure, stability_delta
 from fedprune.settings import Settings
+from fedprune.sparse import compact_formats
 from strategies.method import Start
 from strategies.sparse_fedavg import SparseFedAvg
 
@@ -117,16 +118,27 @@ def initial_pruning(settings: Settings, start: Start) -> tuple[Masks, dict]:
     place and returns its masks and a summary of the phase."""
 
     t0 = time.time()
+    # The formats trained in since the last reconfiguration, and when training began
+    # (after the server's profile is read or measured: the time left is the training's).
+    phase = {"formats": "dense", "training_since": None}
+
+    def chosen(masks: Masks) -> dict[str, str]:
+        formats = start.formats_for(masks) if start.formats_for else {}
+        phase["formats"] = compact_formats(formats) or "dense"
+        if phase["training_since"] is None:
+            phase["training_since"] = time.time()
+        return formats
 
     def progress(iteration: int, kept: int, total: int, acc: float) -> None:
         # A line, not a bar: the ServerApp's output reaches the user through Flower's log
         # stream (`flwr run --stream`, `flwr log`), not a terminal a bar could redraw.
         done = iteration / settings.ip_max_iterations
-        left = (time.time() - t0) * (1 - done) / done if done else float("nan")
+        spent = time.time() - (phase["training_since"] or t0)
+        left = spent * (1 - done) / done if done else float("nan")
         log(
             INFO,
             "[fedprune] initial pruning: iteration %4d of at most %d (%3.0f%%, at most %.0f s "
-            "left) | train acc %.3f | kept %s of %s prunable weights (%.4f)",
+            "left) | train acc %.3f | kept %s of %s prunable weights (%.4f) | trained as %s",
             iteration,
             settings.ip_max_iterations,
             100 * done,
@@ -135,6 +147,7 @@ def initial_pruning(settings: Settings, start: Start) -> tuple[Masks, dict]:
             f"{kept:,}",
             f"{total:,}",
             kept / total,
+            phase["formats"],
         )
 
     phase1 = initial_prune(
@@ -153,6 +166,7 @@ def initial_pruning(settings: Settings, start: Start) -> tuple[Masks, dict]:
         max_density=settings.max_density,
         seed=settings.seed,
         on_reconfigure=progress,
+        formats_for=chosen,
     )
     info = {
         "enabled": True,

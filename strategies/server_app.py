@@ -31,7 +31,6 @@ from fedprune.models import build_model, count_parameters, output_positions, pru
 from fedprune.reconfigure import stability_delta
 from fedprune.sample_counts import ExampleBounds
 from fedprune.settings import Settings, SettingsError
-from fedprune.training import evaluate
 from strategies.accounting import RoundStats
 from strategies.expected_examples import example_bounds
 from strategies.method import Start
@@ -39,6 +38,7 @@ from strategies.methods import ignored_settings, method_of
 from strategies.node_sampling import NodeSampler
 from strategies.results import RunRecorder, inference_summary, train_formats_summary
 from strategies.run_state import resume_run, rng_state, set_rng_state, write_checkpoint
+from strategies.server_formats import GlobalEvaluation, server_formats
 from strategies.sparse_fedavg import SparseFedAvg
 
 app = ServerApp()
@@ -77,7 +77,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.load_state_dict(resumed["strategy"])
         set_rng_state(resumed["rng"])
     strategy.stats[0] = round0
-    round_end = RoundEnd(settings, strategy, out_dir, t0, phase1, resumed)
+    round_end = RoundEnd(settings, strategy, out_dir, t0, phase1, resumed, start.formats_for)
     t2 = time.time()
     strategy.start(
         grid=grid,
@@ -133,7 +133,8 @@ def starting_inputs(settings: Settings) -> Start:
             f"setting 'model' = {settings.model!r} does not fit dataset {settings.dataset!r}: {exc}"
         ) from exc
     profile = prior_profile(settings, model, input_shape)
-    return Start(model, profile, server_share(spec), num_classes, input_shape)
+    formats_for = server_formats(settings, num_classes, input_shape)
+    return Start(model, profile, server_share(spec), num_classes, input_shape, formats_for)
 
 
 def prior_profile(settings: Settings, model: torch.nn.Module, input_shape) -> CostProfile:
@@ -235,7 +236,9 @@ class RoundEnd:
     """Called by the round loop after each round (and for round 0): evaluate the global
     model on the test split, record the round's row, write a checkpoint."""
 
-    def __init__(self, settings, strategy, out_dir: Path, t0: float, phase1, resumed) -> None:
+    def __init__(
+        self, settings, strategy, out_dir: Path, t0: float, phase1, resumed, formats_for=None
+    ) -> None:
         self.settings, self.strategy, self.out_dir, self.phase1 = (
             settings,
             strategy,
@@ -244,7 +247,11 @@ class RoundEnd:
         )
         self.test_data = heldout_split(settings.server_data_spec())
         num_classes, input_shape = data_shape(settings.server_data_spec())
-        self.eval_model = build_model(settings.model, num_classes, input_shape=input_shape)
+        self.evaluate = GlobalEvaluation(
+            build_model(settings.model, num_classes, input_shape=input_shape),
+            self.test_data,
+            formats_for,
+        )
         self.recorder = RunRecorder(out_dir, t0=t0, rows=resumed["rows"] if resumed else None)
         self.evaluation_s = self.checkpoint_s = 0.0  # wall time inside the round loop
         if resumed is None:
@@ -254,8 +261,7 @@ class RoundEnd:
         if self.recorder.rows and self.recorder.rows[-1]["round"] >= server_round:
             return MetricRecord({})  # round 0 was recorded when the run began
         t0 = time.time()
-        self.eval_model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(self.eval_model, self.test_data)
+        loss, accuracy = self.evaluate(arrays.to_torch_state_dict(), self.strategy.masks)
         self.evaluation_s += time.time() - t0
         self.recorder.add_round(server_round, accuracy, loss, self.strategy)
         t1 = time.time()
