@@ -697,12 +697,17 @@ def cached_measurements(
     repeats: int,
     input_shape: tuple[int, int, int],
     seed: int = 0,
+    formats_only: bool = False,
 ) -> tuple[dict, bool]:
     """(this machine's raw profile of `model`, whether it came from the disk cache):
     `profile_device` measured once per machine, model, round shape and thread count
-    (`fedprune.profile_cache`), so the virtual nodes of a simulation and the server that
-    prunes the model on the same machine measure it once between them. Runs with torch's
-    current number of threads, which is part of the key."""
+    (`fedprune.profile_cache`), so the virtual nodes of a simulation on one machine
+    measure it once between them. Runs with torch's current number of threads, which is
+    part of the key.
+
+    formats_only: measure what `sparse_crossovers` needs and no more (the layers alone;
+    one whole-model calibration round, no check round): half the time, for a caller that
+    picks layer formats but prices no round (the server). Part of the key."""
     # Imported here: profile_cache reads the hardware, which nothing else here needs.
     from fedprune.models import param_shapes
     from fedprune.profile_cache import cached_profile, profile_key
@@ -715,6 +720,10 @@ def cached_measurements(
         "profiler": PROFILER_VERSION,
         "track_importance": TRACKS_IMPORTANCE,
     }
+    lean = {}
+    if formats_only:
+        round_shape["formats_only"] = True
+        lean = {"calibration_densities": (1.0,), "check_density": None}
 
     def measure() -> dict:
         _, measurements = profile_device(
@@ -725,6 +734,7 @@ def cached_measurements(
             repeats=repeats,
             input_shape=tuple(input_shape),
             seed=seed,
+            **lean,
         )
         return measurements
 

@@ -38,10 +38,10 @@ EVAL_BATCH = 100
 def server_formats(settings: Settings, num_classes: int, input_shape) -> FormatsFor:
     """The function that gives the server's layer formats for a mask (`layer-format`, as
     on the nodes): with "measured", each layer's sparse format up to the crossover density
-    the server measured on itself (`fedprune.profiler.cached_measurements`, with the
-    server's threads: once per machine and model, then from the disk cache), else masked
-    dense. The profile is read (or measured) at the first call, not before: a run checks
-    its federation first."""
+    the server measured on itself (`fedprune.profiler.cached_measurements`, the layers
+    only, with the server's threads: once per machine and model, then from the disk
+    cache), else masked dense. The profile is read (or measured) at the first call, not
+    before: a run checks its federation first."""
     shapes = skeleton(settings.model, num_classes, input_shape=input_shape)
     crossovers: dict | None = None
 
@@ -58,6 +58,7 @@ def server_formats(settings: Settings, num_classes: int, input_shape) -> Formats
                 repeats=settings.profile_repeats,
                 input_shape=tuple(input_shape),
                 seed=settings.seed,
+                formats_only=True,
             )
             crossovers = sparse_crossovers(measurements)
             log(

@@ -43,3 +43,30 @@ def test_another_model_or_round_is_measured_again_and_a_broken_file_too(tmp_path
     for path in tmp_path.glob("profile-*.json"):
         path.write_text("{broken")
     assert cached_profile(first, lambda: {"n": 2}) == ({"n": 2}, False)
+
+
+def test_the_servers_formats_only_profile_is_its_own_entry_and_is_leaner(tmp_path, monkeypatch):
+    import fedprune.profiler as profiler
+    from fedprune.models import build_model
+
+    monkeypatch.setenv("FEDPRUNE_CACHE_DIR", str(tmp_path))
+    seen = []
+    real = profiler.profile_device
+
+    def spy(*args, **kw):
+        seen.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(profiler, "profile_device", spy)
+    model = build_model("small-cnn", seed=0)
+    kw = dict(repeats=1, input_shape=(1, 28, 28))
+    node, cached = profiler.cached_measurements(model, 1, 4, 1e6, **kw)
+    assert not cached
+    server, cached = profiler.cached_measurements(model, 1, 4, 1e6, formats_only=True, **kw)
+    assert not cached, "the formats-only profile reused the full one's entry"
+    again, cached = profiler.cached_measurements(model, 1, 4, 1e6, formats_only=True, **kw)
+    assert cached and again == server
+    assert len(seen) == 2
+    assert "check_density" not in seen[0] and seen[1]["check_density"] is None
+    assert len(server["calibration/densities"]) == 1 < len(node["calibration/densities"])
+    assert profiler.sparse_crossovers(server).keys() == profiler.sparse_crossovers(node).keys()
