@@ -189,14 +189,9 @@ def initial_prune(
 
 
 def _train_block(model, masks, data, steps, batch_size, lr, generator) -> dict:
-    """One block of `steps` SGD iterations; its importance per parameter (a sparse layer's
-    for its kept values only, keyed "<layer>.values"). With every layer dense this is
-    `train_masked` exactly."""
-    if not sparse_layers(model):
-        result = train_masked(
-            model, masks, data, steps=steps, batch_size=batch_size, lr=lr, generator=generator
-        )
-        return result.importance
+    """One block of `steps` SGD iterations and its importance per parameter, as
+    `train_masked` computes it (a sparse layer's for its kept values only, keyed
+    "<layer>.values")."""
     _, samples, grad_sum = masked_steps(
         model,
         masks,
