@@ -899,8 +899,8 @@ def mutated(draw):
         elif op == "xor":
             a = msg[key]
             if a.size and a.dtype == np.uint8:
-                a = a.copy()
-                a[draw(st.integers(0, a.size - 1))] ^= draw(st.integers(1, 255))
+                a = a.copy()  # contiguous: its flat view writes through, whatever its shape
+                a.reshape(-1)[draw(st.integers(0, a.size - 1))] ^= draw(st.integers(1, 255))
                 msg[key] = a
         elif op == "swapform":
             prefix, name = key.split("/", 1)
