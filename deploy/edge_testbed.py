@@ -94,6 +94,7 @@ from deploy.wallclock import (
     write_table,
 )
 from experiments.local_run import QUIET_ENV, _alive, descendants, tool_env
+from fedprune import hardware
 
 FEDERATION = "edge-testbed"
 PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandwidth setting)
@@ -418,7 +419,7 @@ def git_commit(project_dir: Path) -> str:
 def machine_info() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": hardware.cpu(),
         "cpus": os.cpu_count(),
         "cpus_usable": sorted(os.sched_getaffinity(0)),
         "python": platform.python_version(),

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedprune import hardware
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 # Top-level packages, and the parts of flwr_datasets worth naming.
@@ -236,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": {
             "platform": platform.platform(),
+            "processor": hardware.cpu(),
             "cpus": os.cpu_count(),
             "load_average_1m": os.getloadavg()[0],
         },
@@ -246,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         "import_profile_s": import_profile(),
         "handlers": handler_costs(args.model, args.num_partitions),
     }
-    print(f"{result['date']}, commit {result['commit']}, {result['machine']['platform']}")
+    print(
+        f"{result['date']}, commit {result['commit']}, {result['machine']['platform']}, "
+        f"{result['machine']['processor']}"
+    )
     walls = result["import_wall_s"]
     print(
         f"import clients.client_app, fresh process: median {statistics.median(walls):.2f} s "

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from clients.partitions import client_partition
+from fedprune import hardware
 from fedprune.costs import named_profile
 from fedprune.data import data_shape, heldout_split, server_share
 from fedprune.importance_code import ImportanceCode, ImportanceSum, decode_importance
@@ -91,7 +92,7 @@ def commit() -> str:
 
 def machine() -> str:
     return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{platform.platform()}, {hardware.cpu()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}, numpy {np.__version__}"
     )
 

@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedprune import hardware
 from fedprune.codec import decode_kept, encode_kept_update, encode_model
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
@@ -488,7 +489,7 @@ def machine() -> dict:
 
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": hardware.cpu(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "numba": numba.__version__,

@@ -43,12 +43,13 @@ import contextlib
 import ctypes
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from fedprune import hardware
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 RESULTS_DIR = PROJECT_DIR / "experiments" / "results"
@@ -189,7 +190,7 @@ def report(rows: dict[str, list[dict]], repeats: int) -> str:
         f"- command: `python -m experiments.bench_memory --repeats {repeats}`",
         f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}; "
         f"commit {git_commit()}",
-        f"- machine: {platform.platform()}, {platform.machine()}, {os.cpu_count()} CPUs",
+        f"- machine: {platform.platform()}, {hardware.describe()}",
         f"- one fresh process per case and repeat ({repeats} each, median shown); peak = "
         "VmHWM after the round less VmRSS before it, from the message's arrays in to the "
         "reply's arrays out (build, decode, load, 5 steps of batch 20, encode); "

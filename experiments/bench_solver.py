@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from experiments.legacy_solver import legacy_reconfigure
+from fedprune import hardware
 from fedprune.costs import PAPER_COMM_S_PER_PARAM, paper_conv2
 from fedprune.reconfigure import reconfigure
 
@@ -189,7 +190,7 @@ def compare(kwargs: dict, repeats: int) -> dict:
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": hardware.cpu(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedprune import hardware
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
 from fedprune.models import conv2
@@ -187,7 +188,7 @@ def make_round(fn, model: nn.Module, masks, data: Examples, **kw) -> Callable[[]
 def machine() -> dict:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": hardware.cpu(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprune import hardware
 from fedprune.maskcode import (
     decode_mask_bytes,
     decode_mask_change,
@@ -65,7 +66,7 @@ def commit() -> str:
 
 def machine() -> str:
     return (
-        f"{platform.platform()}, {platform.processor() or platform.machine()}, "
+        f"{platform.platform()}, {hardware.cpu()}, "
         f"{os.cpu_count()} CPUs, numpy {np.__version__}, load average (1 min) "
         f"{os.getloadavg()[0]:.1f}"
     )

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from fedprune import hardware
+
 
 def cache_dir() -> Path:
     """Where profiles are kept (see the module docstring)."""
@@ -37,11 +39,10 @@ def cache_dir() -> Path:
 
 
 def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "cpu model", "hardware")):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    """The CPU, precisely enough that two kinds of core never share a profile: a bare
+    model name such as "AMD EPYC" can be a Zen 3 with AVX2 or a Zen 4 with AVX-512
+    (`fedprune.hardware.identity`)."""
+    return hardware.identity()
 
 
 def profile_key(shapes: Mapping[str, tuple[int, ...]], round_shape: Mapping[str, Any]) -> dict:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedprune import hardware
 from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP, CostProfile, LayerCost
 from fedprune.data import Examples
 from fedprune.models import MNIST_SHAPE, prunable_names
@@ -334,7 +335,7 @@ def profile_device(
         "densities": list(densities),
         "layers": list(inputs),
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+        "machine": f"{platform.platform()}; {hardware.cpu()}; "
         f"{os.cpu_count()} CPUs; torch {torch.__version__}",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

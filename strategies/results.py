@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
+from fedprune import hardware
 from fedprune.masks import layer_densities, to_prune_state
 from fedprune.portable import export_portable
 from fedprune.sparse import (
@@ -345,7 +346,7 @@ def write_bytes_by_kind(rows: list[dict[str, Any]], path: Path) -> dict[str, dic
 def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": hardware.cpu(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
