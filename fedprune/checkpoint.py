@@ -10,6 +10,9 @@ A checkpoint is one file: a header line, then the state saved with `torch.save`:
   checksum test with a message that says so, before anything is unpickled.
 - Safe to load: the payload is read with `torch.load(weights_only=True)`, so a checkpoint
   file cannot run code; it may hold tensors, numbers, strings, lists, tuples and dicts.
+- Off the critical path where asked (`BackgroundWriter`): the state is serialised at
+  once, so later changes to it do not reach the file, and the checksum, write, flush and
+  rename run in a thread while the caller goes on.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,16 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` to `path` atomically (see the module doc); return the path."""
-    path = Path(path)
+    return _write_payload(Path(path), _serialise(state))
+
+
+def _serialise(state: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    payload = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def _write_payload(path: Path, payload: bytes) -> Path:
     digest = hashlib.sha256(payload).hexdigest()
     header = b"%s %d %d %s\n" % (MAGIC, FORMAT_VERSION, len(payload), digest.encode())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,6 +67,60 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class BackgroundWriter:
+    """Checkpoints written in a thread, one at a time and in order, so that a round's
+    checksum, write and flush to disk (about 0.2 s for Conv-2's 58 MB state on 2 cores)
+    overlap the next round instead of delaying it.
+
+    `save` serialises the state before it returns (the caller may change it at once),
+    waits for the previous write, then hands the bytes to a new thread. `wait` returns
+    when the last write is on disk. A write that failed is not lost: the next `save` or
+    `wait` raises CheckpointError with its cause. The thread is not a daemon, so a
+    process that ends normally finishes its last write first; a process that is killed
+    keeps the previous checkpoint whole (the writes are atomic), one round older at most.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._failure: tuple[Path, BaseException] | None = None
+
+    def save(
+        self,
+        path: str | os.PathLike,
+        state: dict[str, Any],
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Write `state` to `path` atomically, in the background; then call `then` (in the
+        writer's thread, after the rename), if given."""
+        payload = _serialise(state)
+        self.wait()
+        path = Path(path)
+        self._thread = threading.Thread(
+            target=self._write, args=(path, payload, then), name="fedprune-checkpoint"
+        )
+        self._thread.start()
+
+    def _write(self, path: Path, payload: bytes, then: Callable[[], None] | None) -> None:
+        try:
+            _write_payload(path, payload)
+            if then is not None:
+                then()
+        except BaseException as exc:  # kept for the caller's thread, raised there
+            self._failure = (path, exc)
+
+    def wait(self) -> None:
+        """Block until the last write is done; CheckpointError if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failure is not None:
+            path, exc = self._failure
+            self._failure = None
+            raise CheckpointError(
+                f"writing checkpoint {path} failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> None:

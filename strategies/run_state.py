@@ -18,7 +18,12 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from fedprune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
+from fedprune.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    copy_checkpoint,
+    load_checkpoint,
+)
 from fedprune.settings import Settings, SettingsError
 
 CHECKPOINT = "checkpoint.pt"  # after the last finished round
@@ -43,12 +48,29 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def write_checkpoint(out_dir: Path, state: dict, nodes_hold_importance: bool) -> None:
-    """Write `state` (after its "round") as the latest checkpoint, and as the restart
-    checkpoint too when no node holds importance the server has not received."""
-    save_checkpoint(out_dir / CHECKPOINT, state)
-    if not nodes_hold_importance:
-        copy_checkpoint(out_dir / CHECKPOINT, out_dir / RESTART_CHECKPOINT)
+class CheckpointFiles:
+    """A run's checkpoint files, written off the round's critical path
+    (`fedprune.checkpoint.BackgroundWriter`): `write` returns once the state is
+    serialised; `close` returns once the last one is on disk."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.writer = BackgroundWriter()
+
+    def write(self, state: dict, nodes_hold_importance: bool) -> None:
+        """Write `state` (after its "round") as the latest checkpoint, and as the restart
+        checkpoint too when no node holds importance the server has not received."""
+        latest = self.out_dir / CHECKPOINT
+        restart = None
+        if not nodes_hold_importance:
+
+            def restart() -> None:
+                copy_checkpoint(latest, self.out_dir / RESTART_CHECKPOINT)
+
+        self.writer.save(latest, state, then=restart)
+
+    def close(self) -> None:
+        self.writer.wait()
 
 
 def resume_run(settings: Settings) -> tuple[Settings, dict, Path]:

@@ -11,7 +11,13 @@ from flwr.app import ConfigRecord
 
 from fedprune import checkpoint
 from fedprune import protocol as P
-from fedprune.checkpoint import CheckpointError, copy_checkpoint, load_checkpoint, save_checkpoint
+from fedprune.checkpoint import (
+    BackgroundWriter,
+    CheckpointError,
+    copy_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedprune.costs import named_profile
 from fedprune.settings import Settings
 from strategies.prunefl import PruneFL
@@ -155,3 +161,43 @@ def test_strategy_state_goes_on_in_a_fresh_federation_bitwise(tmp_path, upload, 
     assert second.mask_version == whole.mask_version > 0
     for k, v in whole.masked_params().items():
         assert torch.equal(v, second.masked_params()[k]), k
+
+
+def test_background_writes_are_snapshots_in_order_and_complete_on_wait(tmp_path):
+    writer = BackgroundWriter()
+    tensor = torch.arange(5.0)
+    order = []
+    for r in range(3):
+        state = {"round": r, "t": tensor}
+        writer.save(tmp_path / "c.pt", state, then=lambda r=r: order.append(r))
+        tensor.add_(100.0)  # changed after save returned: the file must not see it
+        state["round"] = -1
+    writer.wait()
+    saved = load_checkpoint(tmp_path / "c.pt")
+    assert saved["round"] == 2 and torch.equal(saved["t"], torch.arange(5.0) + 200.0)
+    assert order == [0, 1, 2]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_background_write_is_raised_not_lost(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint's folder should be")
+    writer = BackgroundWriter()
+    writer.save(blocker / "c.pt", STATE)  # returns: the write fails in the thread
+    with pytest.raises(CheckpointError, match=r"writing checkpoint .*c\.pt failed"):
+        writer.wait()
+    writer.wait()  # reported once
+    writer.save(tmp_path / "ok.pt", STATE)
+    writer.wait()
+    assert load_checkpoint(tmp_path / "ok.pt")["round"] == STATE["round"]
+
+
+def test_run_checkpoints_copy_the_restart_file_only_when_nodes_hold_nothing(tmp_path):
+    from strategies.run_state import CHECKPOINT, RESTART_CHECKPOINT, CheckpointFiles
+
+    files = CheckpointFiles(tmp_path)
+    files.write({**STATE, "round": 1}, nodes_hold_importance=False)
+    files.write({**STATE, "round": 2}, nodes_hold_importance=True)
+    files.close()
+    assert load_checkpoint(tmp_path / CHECKPOINT)["round"] == 2
+    assert load_checkpoint(tmp_path / RESTART_CHECKPOINT)["round"] == 1
