@@ -96,13 +96,17 @@ def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return crow.to(torch.int32), (flat % cols).to(torch.int32), flat
 
 
-def _gather(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """src[idx] for a contiguous 1-D float tensor and int64 indices."""
+def _gather(
+    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """src[idx] for a contiguous 1-D float tensor and int32 or int64 indices (into `out`,
+    of len(idx) and src's dtype, if given)."""
     if kernels.available() and src.is_contiguous() and src.dtype in (torch.float32, torch.float64):
-        out = torch.empty(len(idx), dtype=src.dtype)
-        kernels.gather(src.numpy(), idx.numpy(), out.numpy())
+        if out is None:
+            out = torch.empty(len(idx), dtype=src.dtype)
+        kernels.gather(src.detach().numpy(), idx.numpy(), out.numpy())
         return out
-    return torch.index_select(src, 0, idx)
+    return torch.index_select(src, 0, idx, out=out)
 
 
 def _scatter_into_zeros(out: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor) -> None:
@@ -251,7 +255,7 @@ class SparseLinear(nn.Module):
         return torch.sparse_csr_tensor(
             crow_t,
             col_t,
-            torch.index_select(values, 0, perm, out=out),
+            _gather(values.detach(), perm, out),
             (self.in_features, self.out_features),
             check_invariants=False,
         )
