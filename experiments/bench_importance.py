@@ -35,7 +35,6 @@ import argparse
 import copy
 import datetime as dt
 import json
-import os
 import platform
 import subprocess
 import time
@@ -92,8 +91,8 @@ def commit() -> str:
 
 def machine() -> str:
     return (
-        f"{platform.platform()}, {hardware.cpu()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, numpy {np.__version__}"
+        f"{platform.platform()}, {hardware.describe()}, "
+        f"torch {torch.__version__}, numpy {np.__version__}"
     )
 
 

@@ -66,9 +66,8 @@ def commit() -> str:
 
 def machine() -> str:
     return (
-        f"{platform.platform()}, {hardware.cpu()}, "
-        f"{os.cpu_count()} CPUs, numpy {np.__version__}, load average (1 min) "
-        f"{os.getloadavg()[0]:.1f}"
+        f"{platform.platform()}, {hardware.describe()}, numpy {np.__version__}, "
+        f"load average (1 min) {os.getloadavg()[0]:.1f}"
     )
 
 

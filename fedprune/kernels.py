@@ -352,11 +352,11 @@ def available() -> bool:
 
 
 def _self_test_key() -> str:
-    from fedprune.profile_cache import _cpu_model
+    from fedprune import hardware
 
     digest = hashlib.sha256(Path(__file__).read_bytes())
     versions = (getattr(numba, "__version__", "none"), np.__version__)
-    for part in (*versions, _cpu_model(), platform.machine()):
+    for part in (*versions, hardware.identity(), platform.machine()):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:20]
 

@@ -38,13 +38,6 @@ def cache_dir() -> Path:
     return Path(base) / "fedprune"
 
 
-def _cpu_model() -> str:
-    """The CPU, precisely enough that two kinds of core never share a profile: a bare
-    model name such as "AMD EPYC" can be a Zen 3 with AVX2 or a Zen 4 with AVX-512
-    (`fedprune.hardware.identity`)."""
-    return hardware.identity()
-
-
 def profile_key(shapes: Mapping[str, tuple[int, ...]], round_shape: Mapping[str, Any]) -> dict:
     """Everything a profile depends on, as plain data: the machine, the software, the
     threads, the model's parameter shapes and the round (steps, batch, input shape...)."""
@@ -55,7 +48,9 @@ def profile_key(shapes: Mapping[str, tuple[int, ...]], round_shape: Mapping[str,
     except ImportError:  # pragma: no cover - numba is a dependency
         numba_version = "none"
     return {
-        "cpu": _cpu_model(),
+        # model name, family/model and vector ISA: a bare "AMD EPYC" can be a Zen 3 with
+        # AVX2 or a Zen 4 with AVX-512, whose profiles differ
+        "cpu": hardware.identity(),
         "cpus": os.cpu_count(),
         "arch": platform.machine(),
         "torch": torch.__version__,

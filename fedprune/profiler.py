@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import os
 import platform
 import random
 import statistics
@@ -335,8 +334,7 @@ def profile_device(
         "densities": list(densities),
         "layers": list(inputs),
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.platform()}; {hardware.cpu()}; "
-        f"{os.cpu_count()} CPUs; torch {torch.__version__}",
+        "machine": f"{platform.platform()}; {hardware.describe()}; torch {torch.__version__}",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
     if sparse_conv_unavailable_reason() is not None:  # why convolutions were not timed sparse

@@ -96,9 +96,7 @@ def _csr_structure(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return crow.to(torch.int32), (flat % cols).to(torch.int32), flat
 
 
-def _gather(
-    src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _gather(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """src[idx] for a contiguous 1-D float tensor and int32 or int64 indices (into `out`,
     of len(idx) and src's dtype, if given)."""
     if kernels.available() and src.is_contiguous() and src.dtype in (torch.float32, torch.float64):
@@ -255,7 +253,7 @@ class SparseLinear(nn.Module):
         return torch.sparse_csr_tensor(
             crow_t,
             col_t,
-            _gather(values.detach(), perm, out),
+            _gather(values, perm, out),
             (self.in_features, self.out_features),
             check_invariants=False,
         )

@@ -11,6 +11,7 @@ round after which they held none; a resume goes on from there when it must.
 from __future__ import annotations
 
 import random
+from functools import partial
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -61,13 +62,8 @@ class CheckpointFiles:
         """Write `state` (after its "round") as the latest checkpoint, and as the restart
         checkpoint too when no node holds importance the server has not received."""
         latest = self.out_dir / CHECKPOINT
-        restart = None
-        if not nodes_hold_importance:
-
-            def restart() -> None:
-                copy_checkpoint(latest, self.out_dir / RESTART_CHECKPOINT)
-
-        self.writer.save(latest, state, then=restart)
+        restart = partial(copy_checkpoint, latest, self.out_dir / RESTART_CHECKPOINT)
+        self.writer.save(latest, state, then=None if nodes_hold_importance else restart)
 
     def close(self) -> None:
         self.writer.wait()

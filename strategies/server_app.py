@@ -291,7 +291,7 @@ class RoundEnd:
         export_s = time.time() - t0
         t1 = time.time()
         self.checkpoints.close()  # the last round's, written while the model was exported
-        split["checkpoints"] = split.get("checkpoints", 0.0) + time.time() - t1
+        split["checkpoints"] += time.time() - t1
         split = {key: round(seconds, 2) for key, seconds in {**split, "export": export_s}.items()}
         log(INFO, "[fedprune] wall time by phase: %s",
             ", ".join(f"{key} {seconds:.1f} s" for key, seconds in split.items()))  # fmt: skip

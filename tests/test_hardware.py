@@ -14,9 +14,9 @@ def _as(monkeypatch, info):
 
 def test_two_cores_with_one_model_name_are_two_machines(monkeypatch):
     _as(monkeypatch, ZEN3)
-    zen3 = (hardware.identity(), hardware.cpu(), profile_cache._cpu_model())
+    zen3 = (hardware.identity(), hardware.cpu(), profile_cache.profile_key({}, {})["cpu"])
     _as(monkeypatch, ZEN4)
-    zen4 = (hardware.identity(), hardware.cpu(), profile_cache._cpu_model())
+    zen4 = (hardware.identity(), hardware.cpu(), profile_cache.profile_key({}, {})["cpu"])
     assert all(a != b for a, b in zip(zen3, zen4, strict=True))
     assert zen3[1] == "AMD EPYC (family 25, model 1), AVX2"
     assert zen4[1] == "AMD EPYC (family 25, model 17), AVX-512"
