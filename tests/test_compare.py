@@ -24,6 +24,10 @@ methods = ["fedavg", "snip"]
 """
 
 
+# Three real simulations (about 3 minutes on 2 cores): in the slow suite, which CI runs,
+# to keep the default suite near 10 minutes. The report's tables have fast tests
+# (test_report.py).
+@pytest.mark.slow
 def test_harness_runs_two_methods_and_writes_tables_and_plots(tmp_path, capsys):
     preset = tmp_path / "tiny.toml"
     preset.write_text(TINY)

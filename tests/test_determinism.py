@@ -4,6 +4,8 @@ per round. Flower gives the nodes new ids in every run; the sample follows the s
 import csv
 import json
 
+import pytest
+
 from experiments.local_run import local_superlink
 from strategies.results import COLUMNS as RESULT_COLUMNS
 from strategies.results import MEASURED_COLUMNS
@@ -12,6 +14,9 @@ from strategies.results import MEASURED_COLUMNS
 COLUMNS = [c for c in RESULT_COLUMNS if c not in MEASURED_COLUMNS]
 
 
+# Two real simulations (about 2 minutes on 2 cores): in the slow suite, which CI runs,
+# to keep the default suite near 10 minutes.
+@pytest.mark.slow
 def test_two_runs_with_the_same_seed_give_the_same_metrics(tmp_path):
     tables, sampled = [], []
     with local_superlink(tmp_path / "flwr-home") as link:

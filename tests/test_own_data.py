@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 from experiments.local_run import local_superlink
 from tests.image_folders import write_image_folder
 
@@ -37,6 +39,9 @@ def test_a_grayscale_folder_with_its_own_test_split_and_a_model_by_import_path(t
     assert summary["final_accuracy"] * 50 == round(summary["final_accuracy"] * 50)
 
 
+# In the slow suite, which CI runs (about 90 s on 2 cores): the grayscale test above keeps
+# the local-data route in the default suite.
+@pytest.mark.slow
 def test_a_colour_folder_of_64x64_images_split_by_test_fraction(tmp_path):
     folder = write_image_folder(tmp_path / "colour", 3, (3, 64, 64), per_class=40)
     rows, summary = run(

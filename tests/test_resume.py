@@ -74,12 +74,11 @@ def kill_after_a_round(link, checkpoint, config, nodes) -> int:
     return load_checkpoint(checkpoint)["round"]
 
 
-@pytest.mark.parametrize(
-    "mode",
-    # The sampled mode takes three more real simulations: in the slow suite (CI runs it),
-    # to keep the default suite near 10 minutes on 2 cores.
-    [pytest.param(m, marks=pytest.mark.slow) if m == "2 of 4 sampled" else m for m in MODES],
-)
+# Three real simulations per mode (about 3 minutes each on 2 cores): in the slow suite,
+# which CI runs, to keep the default suite near 10 minutes. The checkpoint format and the
+# refusal of a bad checkpoint have fast tests (test_checkpoint.py and the one below).
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
 def test_a_resumed_run_ends_as_an_uninterrupted_one(tmp_path, mode):
     extra, nodes = MODES[mode]
     with local_superlink(tmp_path / "home-a") as link:
