@@ -22,7 +22,7 @@ other, so they add up to the message's time from dispatch to collection):
     the reply goes to the SuperNode over loopback                        `reply`
     the SuperNode sees it (polls every 0.5 s)                            `upload_wait`
     the SuperNode uploads it over the node's link                        `upload`
-    the ServerApp polls (every 3 s) and fetches it from the SuperLink    `collect`
+    the ServerApp polls (0.05 to 0.5 s, PromptGrid) and fetches it       `collect`
 
 `upload_wait` can be negative: the SuperNode starts uploading objects as soon as the
 reply's envelope arrives, while the ClientApp is still pushing the rest. A message's

@@ -36,6 +36,7 @@ from strategies.expected_examples import example_bounds
 from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
 from strategies.node_sampling import NodeSampler
+from strategies.prompt_grid import prompt
 from strategies.results import RunRecorder, inference_summary, train_formats_summary
 from strategies.run_state import CheckpointFiles, resume_run, rng_state, set_rng_state
 from strategies.server_formats import GlobalEvaluation, server_formats
@@ -47,6 +48,7 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     t0 = time.time()
+    grid = prompt(grid)  # a deployed grid collects replies within 0.5 s, not 3 s
     settings, resumed, out_dir = load_run(context)
     method = method_of(settings)
     for key in ignored_settings(settings):
