@@ -212,6 +212,7 @@ def testbed_federation(
     project_dir: Path = PROJECT_DIR,
     startup_timeout_s: float = 180.0,
     started: list[Federation] | None = None,
+    warm_clientapp: bool = True,
 ) -> Iterator[Federation]:
     """The SuperLink in the hub namespace and one registered SuperNode in each node
     namespace, all started through the probe; everything stopped on exit. The federation
@@ -256,6 +257,7 @@ def testbed_federation(
         FEDERATION,
         cli_prefix=hub,
         seen_pids={link.pid},
+        warm_clientapp=warm_clientapp,
     )
     if started is not None:
         started.append(fed)
@@ -441,7 +443,8 @@ def markdown_report(report: dict) -> str:
         f"Edge testbed, {report['date']}, commit {report['commit']}; "
         f"{report['num_supernodes']} SuperNodes, links "
         + ", ".join(f"{r / 1e6:.3g} MB/s" for r in report["rates_bytes_per_s"])
-        + f"; CPUs: {json.dumps(report['placement'])}",
+        + f"; CPUs: {json.dumps(report['placement'])}"
+        + f"; ClientApp starts: {report.get('clientapp_start', 'cold')}",
         "",
         "| method | rounds | final acc. | "
         + " | ".join(f"to {t:g}: wall / no run-queue / model (s)" for t in targets)
@@ -576,6 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-pin", action="store_true", help="do not pin nodes to CPUs")
     parser.add_argument(
+        "--cold-clientapp",
+        action="store_true",
+        help="Flower's own ClientApp starts (a fresh process that imports everything, per "
+        "message) instead of forking them warm (deploy/warm_clientapp.py)",
+    )
+    parser.add_argument(
         "--server-cpus", default="", help="CPUs of the SuperLink and ServerApp (default: any)"
     )
     parser.add_argument(
@@ -671,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_supernodes": args.num_supernodes,
         "rates_bytes_per_s": rates,
         "placement": placement.to_dict(),
+        "clientapp_start": "cold" if args.cold_clientapp else "warm",
         "targets": args.targets,
         "methods": {},
     }
@@ -693,7 +703,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"the bucket allows no less than {c['min_expected_s']:.2f} s",
                         flush=True,
                     )
-            with testbed_federation(net, workdir, placement, node_configs, started=started) as fed:
+            with testbed_federation(
+                net,
+                workdir,
+                placement,
+                node_configs,
+                started=started,
+                warm_clientapp=not args.cold_clientapp,
+            ) as fed:
                 print(
                     f"[testbed] SuperLink (pid {fed.superlink.pid}) in {net.hub}; "
                     f"{len(fed.supernodes)} SuperNodes online: "

@@ -45,6 +45,7 @@ from experiments.local_run import (
 )
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+WARM_CLIENTAPP = Path(__file__).resolve().parent / "warm_clientapp.py"
 # A SuperNode the SuperLink refuses to activate (e.g. its public key is not registered)
 # logs "Exit Code: 305 ... Failed to activate SuperNode" (flwr.supercore.exit) and exits
 # with status 1.
@@ -265,6 +266,9 @@ class Federation:
     supernodes: list[SuperNode]
     name: str
     cli_prefix: list[str] = field(default_factory=list)
+    # SuperNodes start their ClientApp processes forked from a process that has imported
+    # torch and Flower once (deploy/warm_clientapp.py); False: Flower's cold starts.
+    warm_clientapp: bool = True
     _others: list[subprocess.Popen] = field(default_factory=list)
     seen_pids: set[int] = field(default_factory=set)
 
@@ -338,8 +342,10 @@ class Federation:
         return proc
 
     def supernode_command(self, node: SuperNode) -> list[str]:
+        warm = [sys.executable, str(WARM_CLIENTAPP), "--"] if self.warm_clientapp else []
         return [
             *node.wrap,
+            *warm,
             *(node.program or [executable("flower-supernode")]),
             "--superlink",
             node.superlink or self.address,

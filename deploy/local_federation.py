@@ -83,8 +83,11 @@ def local_federation(
     node_configs: list[str] | None = None,
     project_dir: Path = PROJECT_DIR,
     startup_timeout_s: float = 120.0,
+    warm_clientapp: bool = True,
 ) -> Iterator[Federation]:
     """Start a SuperLink and `num_supernodes` registered SuperNodes; stop them all on exit.
+    Their ClientApp processes start warm (deploy/warm_clientapp.py) unless
+    `warm_clientapp` is False.
 
     Node i gets `--node-config "partition-id=i num-partitions=N"`; with `data_dir` also
     `data-path="data_dir/partition-<i>"` (folders written by `python -m
@@ -121,6 +124,7 @@ def local_federation(
             [],
             FEDERATION,
             seen_pids={link.pid},
+            warm_clientapp=warm_clientapp,
         )
         try:
             wait_https_health(link, port, tls["ca_cert"], startup_timeout_s, log)
@@ -160,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         help="start the federation, print how to use it, and wait for Ctrl-C",
     )
     parser.add_argument("--timeout-s", type=float, default=3600.0)
+    parser.add_argument(
+        "--cold-clientapp",
+        action="store_true",
+        help="Flower's own ClientApp starts (a fresh process that imports everything, per "
+        "message) instead of forking them warm (deploy/warm_clientapp.py)",
+    )
     args = parser.parse_args(argv)
 
     signal.signal(signal.SIGTERM, raise_on_sigterm)
@@ -169,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     run_name = args.run_name or time.strftime("deploy-%Y%m%d-%H%M%S")
     out_root = args.output_dir.resolve()
     try:
-        with local_federation(args.num_supernodes, args.workdir, args.data_dir) as fed:
+        with local_federation(
+            args.num_supernodes,
+            args.workdir,
+            args.data_dir,
+            warm_clientapp=not args.cold_clientapp,
+        ) as fed:
             print(
                 f"[deploy] SuperLink https://{fed.address} (pid {fed.superlink.pid}); "
                 f"{len(fed.supernodes)} SuperNodes online: "
