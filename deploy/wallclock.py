@@ -271,8 +271,7 @@ def round_table(
         if mine:
             prev_train_dispatch = first_dispatch
         setup_s = (
-            max(p.collected or p.pushed for p in setup)
-            - max(start, min(p.dispatch for p in setup))
+            max(p.collected or p.pushed for p in setup) - max(start, min(p.dispatch for p in setup))
             if setup
             else 0.0
         )

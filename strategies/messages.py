@@ -82,16 +82,16 @@ class ModelPayloads:
         from the previous reference."""
         key = (self.model.model_version, form, reference.version if reference else 0)
         if key not in self._cache:
-            self._cache = {
-                k: v for k, v in self._cache.items() if (k[0], k[2]) == (key[0], key[2])
-            }
+            self._cache = {k: v for k, v in self._cache.items() if (k[0], k[2]) == (key[0], key[2])}
             model = self.model
             if form == VALUE_CHANGE:
                 arrays = reference.change
             else:
                 held = model.previous_masks if form == CHANGE else None
-                params = model.params if reference is None else reference.dense(
-                    model.params, model.masks
+                params = (
+                    model.params
+                    if reference is None
+                    else reference.dense(model.params, model.masks)
                 )
                 arrays = encode_model(
                     params, model.masks, include_masks=form != NONE, held_masks=held

@@ -48,7 +48,7 @@ def test_a_colour_folder_of_64x64_images_split_by_test_fraction(tmp_path):
         tmp_path, f"dataset='local' data-source='{folder}' model='small-cnn'", "colour"
     )
     # small-cnn for 3x64x64 and 3 classes: fc1 sees 16 x 16 x 16, fc2 has 3 outputs.
-    assert summary["parameters"] == (8 * 3 * 25 + 8) + (16 * 8 * 25 + 16) + (
-        4096 * 64 + 64
-    ) + (64 * 3 + 3)
+    assert summary["parameters"] == (8 * 3 * 25 + 8) + (16 * 8 * 25 + 16) + (4096 * 64 + 64) + (
+        64 * 3 + 3
+    )
     assert float(rows[-1]["accuracy"]) > 1 / 3  # three classes: beats chance
