@@ -48,6 +48,7 @@ from pathlib import Path
 
 COMMAND = "flwr-clientapp"
 ENV_SOCKET = "FEDPRUNE_WARM_SOCKET"
+TMP_PREFIX = "fedprune-warm-"  # + the launcher's pid: its socket and shim
 # What a ClientApp process of this app imports before its handler runs, minus the app.
 PRELOAD = (
     "torch",
@@ -319,9 +320,25 @@ def start_server(address: Path, preload: list[str], timeout_s: float = 120.0):
     return server
 
 
+def remove_stale(tmp_root: Path) -> list[Path]:
+    """Delete the folders of launchers that were killed (SIGKILL leaves them: a socket and
+    a shim); a folder is named after its launcher's pid. Returns what it deleted."""
+    import shutil
+
+    gone = []
+    for folder in tmp_root.glob(f"{TMP_PREFIX}*-*"):
+        pid = folder.name[len(TMP_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        gone.append(folder)
+    return gone
+
+
 def launch(command: list[str], preload: list[str]) -> int:
     """Run `command` (a SuperNode) with warm ClientApp starts; its exit status."""
-    with tempfile.TemporaryDirectory(prefix="fedprune-warm-") as tmp:
+    remove_stale(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         address = Path(tmp) / "fork.sock"
         server = start_server(address, preload)
         bin_dir = Path(tmp) / "bin"

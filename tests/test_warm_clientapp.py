@@ -149,4 +149,16 @@ def test_the_launcher_runs_the_command_and_leaves_nothing(tmp_path):
     starts = [line for line in out.splitlines() if line.startswith("preloaded")]
     assert starts == ["preloaded True", "preloaded True"], out
     assert descendants(proc.pid) == []
-    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("fedprune-warm-*/fork.sock"))
+    address = next(w for w in out.split() if w.endswith("fork.sock:"))[:-1]
+    assert not Path(address).parent.exists()  # its socket and shim are gone
+
+
+def test_a_killed_launchers_folder_is_removed_by_the_next(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{warm.TMP_PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{warm.TMP_PREFIX}{os.getpid()}-def"
+    for folder in (stale, live):
+        (folder / "bin").mkdir(parents=True)
+    assert warm.remove_stale(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
