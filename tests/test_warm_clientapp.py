@@ -88,33 +88,36 @@ def test_a_start_runs_the_command_behind_the_shim_in_a_forked_child(setup):
     assert again.returncode == 0 and lines(again.stdout)["pid"] != out["pid"]
 
 
-def test_a_signal_to_the_shim_reaches_the_child(setup):
-    shim, env, server, _ = setup
+def start_sleeping(shim, env) -> tuple[subprocess.Popen, int]:
+    """A shim whose child sleeps; (the shim's process, the child's pid)."""
     proc = subprocess.Popen(
         [str(shim), "sleep"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    child = int(proc.stdout.readline().split()[1])
+    return proc, int(proc.stdout.readline().split()[1])
+
+
+def gone(child: int, server: subprocess.Popen, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while child in descendants(server.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return child not in descendants(server.pid)
+
+
+def test_a_signal_to_the_shim_reaches_the_child(setup):
+    shim, env, server, _ = setup
+    proc, child = start_sleeping(shim, env)
     assert child in descendants(server.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=20) == -signal.SIGTERM  # ended as the child did
-    deadline = time.monotonic() + 10
-    while child in descendants(server.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child not in descendants(server.pid)
+    assert gone(child, server)
 
 
 def test_a_shim_that_dies_takes_its_child_with_it(setup):
     shim, env, server, _ = setup
-    proc = subprocess.Popen(
-        [str(shim), "sleep"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    child = int(proc.stdout.readline().split()[1])
+    proc, child = start_sleeping(shim, env)
     proc.kill()  # SIGKILL: nothing forwarded, the connection just closes
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while child in descendants(server.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert child not in descendants(server.pid)
+    assert gone(child, server)
 
 
 def test_without_the_fork_server_it_says_so_and_starts_cold(setup):
