@@ -74,6 +74,15 @@ def shim_script(python: str = sys.executable) -> str:
     )
 
 
+def install_shim(bin_dir: Path) -> Path:
+    """Write the shim as `bin_dir/flwr-clientapp` (put `bin_dir` first on PATH)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    shim = bin_dir / COMMAND
+    shim.write_text(shim_script())
+    shim.chmod(0o755)
+    return shim
+
+
 def cold_target(shim_path: str, env_path: str) -> str | None:
     """The `flwr-clientapp` this shim stands for: the first on PATH that is not a shim."""
     import shutil
@@ -257,14 +266,13 @@ def serve(address: str, preload: list[str], parent: int | None) -> int:
         if parent is not None and os.getppid() != parent:
             break
         for key, _ in sel.select(timeout=1.0):
-            if key.data == "wake":
+            if key.data == "wake":  # a signal came in: drain; reap() below collects exits
                 while True:
                     try:
                         if not os.read(wake_r, 512):
                             break
                     except BlockingIOError:
                         break
-                reap()
             elif key.data == "accept":
                 conn, _ = listener.accept()
                 conn.settimeout(10.0)
@@ -341,11 +349,7 @@ def launch(command: list[str], preload: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix=f"{TMP_PREFIX}{os.getpid()}-") as tmp:
         address = Path(tmp) / "fork.sock"
         server = start_server(address, preload)
-        bin_dir = Path(tmp) / "bin"
-        bin_dir.mkdir()
-        shim = bin_dir / COMMAND
-        shim.write_text(shim_script())
-        shim.chmod(0o755)
+        bin_dir = install_shim(Path(tmp) / "bin").parent
         env = {
             **os.environ,
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",

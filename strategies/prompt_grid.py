@@ -93,11 +93,16 @@ class PromptGrid(Grid):
         return replies
 
 
+def in_simulation(grid: Grid) -> bool:
+    """Whether `grid` is the Simulation Engine's (Flower's in-memory grid)."""
+    # By name: importing the class would load the SuperLink's modules into a deployed
+    # ServerApp, which never has this grid.
+    return type(grid).__name__ == "InMemoryGrid"
+
+
 def prompt(grid: Grid) -> Grid:
     """The grid to run the ServerApp on: a deployed grid wrapped to collect replies
     promptly; the Simulation Engine's (which pulls every 0.1 s) as it is."""
-    # By name: importing the class would load the SuperLink's modules into a deployed
-    # ServerApp, which never has this grid.
-    if type(grid).__name__ == "InMemoryGrid" or isinstance(grid, PromptGrid):
+    if in_simulation(grid) or isinstance(grid, PromptGrid):
         return grid
     return PromptGrid(grid)

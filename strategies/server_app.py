@@ -36,7 +36,7 @@ from strategies.expected_examples import example_bounds
 from strategies.method import Start
 from strategies.methods import ignored_settings, method_of
 from strategies.node_sampling import NodeSampler
-from strategies.prompt_grid import prompt
+from strategies.prompt_grid import in_simulation, prompt
 from strategies.results import RunRecorder, inference_summary, train_formats_summary
 from strategies.run_state import CheckpointFiles, resume_run, rng_state, set_rng_state
 from strategies.server_formats import GlobalEvaluation, server_formats
@@ -187,10 +187,7 @@ def simulated_clients(grid: Grid, settings: Settings, nodes: int) -> int:
     """How many clients the run stands for (`simulated-clients`), 0 for one per node: only
     in a simulation (Flower's in-memory grid; a deployment's devices are real) whose
     federation has fewer nodes than that. Says so once, with how to turn it off."""
-    # By name: importing the class would load the SuperLink's modules into a deployed
-    # ServerApp, which never has this grid.
-    simulation = type(grid).__name__ == "InMemoryGrid"
-    if not simulation or not 0 < nodes < settings.simulated_clients:
+    if not in_simulation(grid) or not 0 < nodes < settings.simulated_clients:
         return 0
     per_node = -(-settings.simulated_clients // nodes)
     log(INFO, "[fedprune] a simulation of %d nodes stands for simulated-clients = %d: each "

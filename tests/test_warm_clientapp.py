@@ -37,21 +37,24 @@ TARGET = textwrap.dedent(
 )
 
 
-@pytest.fixture
-def setup(tmp_path):
-    """A stand-in flwr-clientapp on PATH, a running fork server and a shim in front."""
+def stand_in(tmp_path) -> Path:
+    """A folder holding the stand-in flwr-clientapp (TARGET)."""
     real = tmp_path / "real"
     real.mkdir()
     target = real / warm.COMMAND
     target.write_text(TARGET.format(python=sys.executable))
     target.chmod(0o755)
+    return real
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A stand-in flwr-clientapp on PATH, a running fork server and a shim in front."""
+    real = stand_in(tmp_path)
     address = tmp_path / "fork.sock"
     server = warm.start_server(address, ["json"], timeout_s=60)
-    shims = tmp_path / "shims"
-    shims.mkdir()
-    shim = shims / warm.COMMAND
-    shim.write_text(warm.shim_script())
-    shim.chmod(0o755)
+    shim = warm.install_shim(tmp_path / "shims")
+    shims = shim.parent
     env = {
         **os.environ,
         "PATH": f"{shims}{os.pathsep}{real}{os.pathsep}{os.environ['PATH']}",
@@ -130,11 +133,7 @@ def test_without_the_fork_server_it_says_so_and_starts_cold(setup):
 
 
 def test_the_launcher_runs_the_command_and_leaves_nothing(tmp_path):
-    real = tmp_path / "real"
-    real.mkdir()
-    target = real / warm.COMMAND
-    target.write_text(TARGET.format(python=sys.executable))
-    target.chmod(0o755)
+    real = stand_in(tmp_path)
     node = tmp_path / "node.sh"  # a "SuperNode" that starts two ClientApps by name
     node.write_text(f"#!/bin/sh\n{warm.COMMAND} first 0\n{warm.COMMAND} second 7\nexit $?\n")
     node.chmod(0o755)
