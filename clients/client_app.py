@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from fedprune.costs import BYTES_PER_VALUE_ROUND_TRIP
 from fedprune.data import client_examples, data_shape, load_folder
 from fedprune.identities import clients_of_node
 from fedprune.importance_code import ImportanceCode
+from fedprune.jit_warmup import compile_node_path
 from fedprune.memory import PeakMemory
 from fedprune.models import build_model, param_shapes, prunable_names, skeleton
 from fedprune.profiler import cached_measurements, sparse_crossovers
@@ -171,7 +172,13 @@ def evaluate(msg: Message, context: Context) -> Message:
 def identify(msg: Message, context: Context) -> Message:
     """The node's stable client id (its partition id, if its node config has one), the
     federation's size as it knows it, and how many examples it holds, or why it cannot
-    load them: the server samples by these, not by node ids, and only nodes with data."""
+    load them: the server samples by these, not by node ids, and only nodes with data.
+
+    It is a node's first message, before the server's initial pruning: the node compiles
+    here what its rounds will run (`compile_node_path`), so that no round pays for it."""
+    seconds = compile_node_path()
+    if seconds > 1.0:
+        log(INFO, "[fedprune] compiled this node's kernels and coders in %.1f s", seconds)
     identity = {}
     for key in (P.PARTITION_ID, P.NUM_PARTITIONS):
         if key in context.node_config:

@@ -492,9 +492,12 @@ def _check_kernels(rng, dtype) -> str | None:
     gather(src, flat, got)
     back = np.empty(91, dtype)
     scatter_into_zeros(back, flat, got)
+    transposed = np.empty(len(perm), dtype)  # the transpose's values: int32 indices
+    gather(got, perm, transposed)
     if not (
         np.array_equal(got, src[want_flat])
         and np.array_equal(back, np.where(mask.reshape(-1), src, 0))
+        and np.array_equal(transposed, got[perm])
     ):
         return "gather/scatter"
     p = torch.from_numpy(rng.standard_normal(3 * _CHUNK + 5).astype(dtype))

@@ -1,0 +1,59 @@
+"""Compile, when a node joins, every numba function its rounds will call.
+
+numba compiles a function at its first call with a given signature and caches the machine
+code on disk, keyed by the source file's path. A deployed node runs the app from its own
+copy of the FAB, so its first rounds compiled whatever they first used: measured on the
+edge testbed, the training kernels in round 1, the importance coder (`rans._encode` on
+uint16 symbols) in round 10 and the mask-change decoder (`maskcode._merge`) in round 11,
+each a round handler of 18-20 s (9 s of CPU) instead of about 10 s. Those rounds were
+not what the cost model predicts, and nothing in them was training or transfer.
+
+`compile_node_path` runs each of them once on tiny inputs, with the one thread a node
+trains with, and checks each round trip, so that the compiling happens once, at the
+node's first message (the server's identity query, before initial pruning), and later
+messages load the machine code from the cache. In simulation the cache is shared by the
+machine's virtual nodes, so this costs a load from disk per process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from fedprune import kernels, maskcode
+from fedprune.importance_code import decode_importance, encode_importance
+
+# Large enough that every coder takes its general path (both mask halves non-empty, more
+# than one rANS word), small enough to cost nothing once compiled.
+_POSITIONS = 4099
+
+
+def compile_node_path() -> float:
+    """Compile (or load from numba's cache) the kernels and coders of a node's rounds;
+    return the seconds it took. Raises RuntimeError if a coder's round trip is wrong: the
+    node would then corrupt every message, so it must not join."""
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels' serial variants, as `receive` trains
+    try:
+        kernels.load(sparse=True)  # says once, itself, if the kernels do not run here
+    finally:
+        torch.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    old = rng.random(_POSITIONS) < 0.3
+    new = old ^ (rng.random(_POSITIONS) < 0.05)
+    _check("mask", maskcode.decode_mask_bytes(maskcode.encode_mask_bytes(old), old.size), old)
+    change = maskcode.encode_mask_change(old, new)
+    _check("mask change", maskcode.decode_mask_change(old, change), new)
+    importance = rng.random(_POSITIONS).astype(np.float32)
+    upload = decode_importance(encode_importance(importance, old, min_sent=0), old)
+    # Values travel quantised (4 mantissa bits by default: relative error at most 1/32).
+    _check("importance", np.isclose(upload.kept_values, importance[old], rtol=2**-5), True)
+    return time.perf_counter() - start
+
+
+def _check(what: str, got, want) -> None:
+    if not np.all(got == want):
+        raise RuntimeError(f"the compiled {what} coder gives a wrong round trip on this machine")
