@@ -4,9 +4,10 @@ numba compiles a function at its first call with a given signature and caches th
 code on disk, keyed by the source file's path. A deployed node runs the app from its own
 copy of the FAB, so its first rounds compiled whatever they first used: measured on the
 edge testbed, the training kernels in round 1, the importance coder (`rans._encode` on
-uint16 symbols) in round 10 and the mask-change decoder (`maskcode._merge`) in round 11,
-each a round handler of 18-20 s (9 s of CPU) instead of about 10 s. Those rounds were
-not what the cost model predicts, and nothing in them was training or transfer.
+uint16 symbols) in round 10 and the mask-change decoder (`maskcode._merge`) in round 11:
+handlers of 18-20 s (9 s of CPU) in rounds 1 and 11 and 7 s in round 10, against about
+3 s in the others. Those rounds were not what the cost model predicts, and nothing in
+them was training or transfer.
 
 `compile_node_path` runs each of them once on tiny inputs, with the one thread a node
 trains with, and checks each round trip, so that the compiling happens once, at the
@@ -20,7 +21,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from fedprune import kernels, maskcode
 from fedprune.importance_code import decode_importance, encode_importance
@@ -35,12 +35,8 @@ def compile_node_path() -> float:
     return the seconds it took. Raises RuntimeError if a coder's round trip is wrong: the
     node would then corrupt every message, so it must not join."""
     start = time.perf_counter()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the kernels' serial variants, as `receive` trains
-    try:
+    with kernels.threads(1):  # the kernels' serial variants, as `receive` trains
         kernels.load(sparse=True)  # says once, itself, if the kernels do not run here
-    finally:
-        torch.set_num_threads(threads)
     rng = np.random.default_rng(0)
     old = rng.random(_POSITIONS) < 0.3
     new = old ^ (rng.random(_POSITIONS) < 0.05)

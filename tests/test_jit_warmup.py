@@ -38,10 +38,9 @@ SCRIPT = textwrap.dedent(
     fed = Federation(settings, 2)
     for server_round in (1, 2, 3):
         fed.train_round(strategy, server_round)
-    after = compiled()
+    added = {k: sorted(set(v) - set(at_join.get(k, []))) for k, v in compiled().items()}
     print(json.dumps({"version": strategy.mask_version, "at_join": at_join,
-                      "added": {k: sorted(set(v) - set(at_join.get(k, []))) for k, v in
-                                after.items() if set(v) - set(at_join.get(k, []))}}))
+                      "added": {k: v for k, v in added.items() if v}}))
     """
 )
 
