@@ -48,6 +48,11 @@ _CHUNK = 1 << 16
 # (x[-1] is the last element), and that check per access keeps LLVM from vectorising the
 # inner loops (measured: 2.7 vs 35 G multiply-adds per second). All offsets are
 # non-negative by construction.
+#
+# Zeros are typed from an array's dtype (`g.dtype.type(0)`), never written `g[0] * 0`:
+# numba types the literal 0 as int64, so that product is float64, and accumulators started
+# from it sum float32 data in float64. In the weight gradient that halved the vector width
+# and added a conversion per product: 2.3x slower (tests/test_kernel_types.py).
 
 if numba is not None:
     _u = np.uint64
@@ -108,7 +113,7 @@ if numba is not None:
         gb = gbase[m]
         k = rowptr[m]
         end = rowptr[m + 1]
-        zero = g[0] * 0  # of g's dtype
+        zero = g.dtype.type(0)  # of g's dtype (see the note above)
         while k + 8 <= end:
             c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = zero
             for s in range(nseg):
@@ -178,7 +183,7 @@ if numba is not None:
 
     @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
     def _masked_sgd_range(p, g, keep, lr, start, end):
-        zero = p[0] * 0
+        zero = p.dtype.type(0)
         for i in range(start, end):
             v = p[i] - lr * g[i]
             p[i] = v if keep[i] else zero
