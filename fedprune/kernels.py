@@ -182,6 +182,61 @@ if numba is not None:
             )  # fmt: skip
 
     @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
+    def csr_sddmm_row(g, x, crow, col, out, m, b):
+        """out[k] = dot(g[m*b : (m+1)*b], x[col[k]*b : (col[k]+1)*b]) for the kept k of row
+        m: a CSR Linear layer's weight gradient at its kept positions, from the output
+        gradient and the input, both transposed (features x batch, row-major). Eight kept
+        weights at a time share each load of g's row."""
+        gb = _u(m) * b
+        k = np.int64(crow[m])  # signed, as in sddmm_row: uint64 + 1 would be float64
+        end = np.int64(crow[m + 1])
+        zero = g.dtype.type(0)
+        while k + 8 <= end:
+            a0, a1, a2, a3 = (
+                _u(col[k]) * b,
+                _u(col[k + 1]) * b,
+                _u(col[k + 2]) * b,
+                _u(col[k + 3]) * b,
+            )
+            a4, a5, a6, a7 = (
+                _u(col[k + 4]) * b,
+                _u(col[k + 5]) * b,
+                _u(col[k + 6]) * b,
+                _u(col[k + 7]) * b,
+            )
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = zero
+            for j in range(b):
+                gv = g[gb + j]
+                c0 += gv * x[a0 + j]
+                c1 += gv * x[a1 + j]
+                c2 += gv * x[a2 + j]
+                c3 += gv * x[a3 + j]
+                c4 += gv * x[a4 + j]
+                c5 += gv * x[a5 + j]
+                c6 += gv * x[a6 + j]
+                c7 += gv * x[a7 + j]
+            out[k], out[k + 1], out[k + 2], out[k + 3] = c0, c1, c2, c3
+            out[k + 4], out[k + 5], out[k + 6], out[k + 7] = c4, c5, c6, c7
+            k += 8
+        while k < end:
+            a0 = _u(col[k]) * b
+            c0 = zero
+            for j in range(b):
+                c0 += g[gb + j] * x[a0 + j]
+            out[k] = c0
+            k += 1
+
+    @njit(fastmath=True, boundscheck=False, cache=True)
+    def csr_sddmm_serial(g, x, crow, col, out, b):
+        for m in range(len(crow) - 1):
+            csr_sddmm_row(g, x, crow, col, out, m, _u(b))
+
+    @njit(fastmath=True, boundscheck=False, cache=True, parallel=True)
+    def csr_sddmm_parallel(g, x, crow, col, out, b):
+        for m in prange(len(crow) - 1):
+            csr_sddmm_row(g, x, crow, col, out, m, _u(b))
+
+    @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
     def _masked_sgd_range(p, g, keep, lr, start, end):
         zero = p.dtype.type(0)
         for i in range(start, end):
@@ -478,6 +533,23 @@ def _check_kernels(rng, dtype) -> str | None:
     mask = rng.random((7, 13)) < 0.4
     crow, col, flat = csr_structure(mask.reshape(-1), 7, 13)
     want_flat = np.flatnonzero(mask)
+    # About 20 kept a row (blocks of eight and a tail), a batch of 21 (not a vector width).
+    wide = rng.random((5, 40)) < 0.5
+    w_crow, w_col, w_flat = csr_structure(wide.reshape(-1), 5, 40)
+    gt, xt = rng.standard_normal((5, 21)).astype(dtype), rng.standard_normal((40, 21)).astype(dtype)
+    wgrad = np.empty(len(w_col), dtype)
+    run(
+        csr_sddmm_serial,
+        csr_sddmm_parallel,
+        gt.reshape(-1),
+        xt.reshape(-1),
+        w_crow,
+        w_col,
+        wgrad,
+        21,
+    )
+    if not np.allclose(wgrad, (gt @ xt.T).reshape(-1)[w_flat], rtol=tol, atol=tol):
+        return "CSR weight gradient"
     if not (
         np.array_equal(flat, want_flat)
         and np.array_equal(col, want_flat % 13)

@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from fedprune import kernels
 from fedprune.data import Examples
 from fedprune.masks import apply_masks, full_masks
 from fedprune.models import build_model
@@ -74,6 +75,25 @@ def test_csr_forward_and_gradients_match_masked_dense(n_in, n_out, batch, densit
     torch.testing.assert_close(xs.grad, gx_ref)
     torch.testing.assert_close(sparse.values.grad, gw_ref[mask])
     torch.testing.assert_close(sparse.bias.grad, gb_ref)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_csr_weight_gradient_with_and_without_the_compiled_kernel(compiled, monkeypatch):
+    """The weight gradient comes from `kernels.csr_sddmm_*` where the kernels run, from
+    MKL's sampled_addmm where they do not; both equal the masked dense gradient (fc1's
+    shape at the main job's density and batch, rows long enough for the kernel's blocks
+    of eight)."""
+    if compiled and not kernels.available():
+        pytest.skip("the compiled kernels do not run here")
+    if not compiled:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    layer, mask = linear_with_mask(3136, 64, 0.04, seed=5)
+    g = torch.Generator().manual_seed(6)
+    x, grad_out = torch.randn(20, 3136, generator=g), torch.randn(20, 64, generator=g)
+    _, _, gw_ref, _ = masked_dense_pass(layer, mask, x, grad_out)
+    sparse = SparseLinear.from_linear(layer, mask)
+    sparse(x).backward(grad_out)
+    torch.testing.assert_close(sparse.values.grad, gw_ref[mask])
 
 
 def test_exact_zero_weights_keep_their_place_and_train():
