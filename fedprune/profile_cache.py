@@ -4,8 +4,10 @@ Measuring a profile takes seconds of the device's compute, and every node of a s
 on one machine would measure the same thing (10 virtual nodes profiling themselves on 2
 shared cores cost the default job two minutes in round 1). So a profile is cached on disk,
 keyed by what it depends on: the hardware (CPU model, core count, architecture), the
-software (torch and numba versions, the profiler's version), the threads it ran with, and
-the model's shape with the round's size (K steps of batch B on inputs of one shape).
+software (torch and numba versions, the profiler's version, and the source of the modules
+whose speed it times: a faster kernel makes every older profile wrong), the threads it
+ran with, and the model's shape with the round's size (K steps of batch B on inputs of
+one shape).
 Concurrent callers (virtual nodes starting together) take a file lock: the first measures,
 the others wait and read its result.
 
@@ -28,6 +30,22 @@ from typing import Any
 import torch
 
 from fedprune import hardware
+
+# The modules whose speed a profile measures (the layers' formats, their kernels, the
+# training loop and the profiler itself). A profile timed with other versions of them
+# says nothing about these: at commit df931cd a 2.3x faster sparse-convolution kernel
+# moved conv2's crossover density from 0.25 to 0.37, and nodes that read the old profile
+# from the cache would have kept it.
+TIMED_MODULES = ("kernels", "sparse", "sparse_conv", "training", "profiler")
+_SOURCE_DIR = Path(__file__).resolve().parent
+
+
+def code_digest() -> str:
+    """A digest of the source of `TIMED_MODULES`: part of every profile's key."""
+    digest = hashlib.sha256()
+    for name in TIMED_MODULES:
+        digest.update(name.encode() + b"\0" + (_SOURCE_DIR / f"{name}.py").read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -55,6 +73,7 @@ def profile_key(shapes: Mapping[str, tuple[int, ...]], round_shape: Mapping[str,
         "arch": platform.machine(),
         "torch": torch.__version__,
         "numba": numba_version,
+        "code": code_digest(),
         "threads": torch.get_num_threads(),
         "shapes": {name: list(shape) for name, shape in shapes.items()},
         "round": dict(round_shape),

@@ -70,3 +70,27 @@ def test_the_servers_formats_only_profile_is_its_own_entry_and_is_leaner(tmp_pat
     assert "check_density" not in seen[0] and seen[1]["check_density"] is None
     assert len(server["calibration/densities"]) == 1 < len(node["calibration/densities"])
     assert profiler.sparse_crossovers(server).keys() == profiler.sparse_crossovers(node).keys()
+
+
+def test_a_change_to_the_timed_code_is_measured_again(tmp_path, monkeypatch):
+    """A profile timed with other kernels is never reused: the key holds a digest of the
+    source of the modules whose speed it measures."""
+    import shutil
+
+    from fedprune import profile_cache
+
+    monkeypatch.setenv("FEDPRUNE_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "fedprune"
+    source.mkdir()
+    for name in profile_cache.TIMED_MODULES:
+        shutil.copy(profile_cache._SOURCE_DIR / f"{name}.py", source / f"{name}.py")
+    monkeypatch.setattr(profile_cache, "_SOURCE_DIR", source)
+    shapes, round_shape = {"w": (4, 3)}, {"local_steps": 5, "batch_size": 20}
+    before = profile_key(shapes, round_shape)
+    assert cached_profile(before, lambda: {"n": 0}) == ({"n": 0}, False)
+    assert cached_profile(profile_key(shapes, round_shape), lambda: {"n": 1}) == ({"n": 0}, True)
+    with (source / "kernels.py").open("a") as f:
+        f.write("\n# a faster kernel\n")
+    after = profile_key(shapes, round_shape)
+    assert after["code"] != before["code"]
+    assert cached_profile(after, lambda: {"n": 2}) == ({"n": 2}, False)
