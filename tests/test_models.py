@@ -133,3 +133,47 @@ def test_a_skeleton_takes_decoded_tensors_as_its_weights_without_a_copy():
         assert p.data_ptr() == params[name].data_ptr() and p.requires_grad, name
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(model(x), real(x))
+
+
+@pytest.mark.parametrize("formats", ["dense", "sparse"])
+def test_two_conv_nets_in_place_relu_trains_exactly_as_out_of_place(formats):
+    """TwoConvNet applies ReLU in place to its convolutions' outputs to save an
+    activation; the parameters and importance after a local round are the bits an
+    out-of-place ReLU gives, masked dense and in the sparse formats."""
+    import copy
+
+    from fedprune.data import Examples
+    from fedprune.masks import full_masks
+    from fedprune.sparse import sparse_conv_available, train_sparse
+
+    if formats == "sparse" and not sparse_conv_available():
+        pytest.skip("the compiled kernels do not run here")
+
+    def out_of_place(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+    g = torch.Generator().manual_seed(0)
+    data = Examples(
+        torch.rand(60, 1, 28, 28, generator=g), torch.randint(0, 10, (60,), generator=g)
+    )
+    base = build_model("small-cnn", 10, seed=0)
+    masks = {n: torch.rand(m.shape, generator=g) < 0.3 for n, m in full_masks(base).items()}
+    chosen = {
+        n: ("dense" if formats == "dense" else "sparse-conv" if m.dim() == 4 else "csr")
+        for n, m in masks.items()
+    }
+    results = []
+    for forward in (None, out_of_place):
+        model = copy.deepcopy(base)
+        if forward is not None:
+            model.forward = forward.__get__(model)
+        local = train_sparse(
+            model, masks, data, steps=3, batch_size=20, lr=0.1, formats=chosen,
+            generator=torch.Generator().manual_seed(1), track_importance=True,
+        )  # fmt: skip
+        results.append(({n: p.detach() for n, p in model.named_parameters()}, local.importance))
+    (params, importance), (params_ref, importance_ref) = results
+    assert all(torch.equal(params[n], params_ref[n]) for n in params_ref)
+    assert all(torch.equal(importance[n], importance_ref[n]) for n in importance_ref)
