@@ -186,7 +186,9 @@ if numba is not None:
         """out[k] = dot(g[m*b : (m+1)*b], x[col[k]*b : (col[k]+1)*b]) for the kept k of row
         m: a CSR Linear layer's weight gradient at its kept positions, from the output
         gradient and the input, both transposed (features x batch, row-major). Eight kept
-        weights at a time share each load of g's row."""
+        weights at a time share each load of g's row, as in `sddmm_row`, whose offsets
+        come from an array: here they are computed from the column indices the layer
+        already holds, so no nnz-long offset array (2 MB on fc1) exists."""
         gb = _u(m) * b
         k = np.int64(crow[m])  # signed, as in sddmm_row: uint64 + 1 would be float64
         end = np.int64(crow[m + 1])
