@@ -1,0 +1,196 @@
+"""Each product of Conv-2's two sparse layers timed alone: the numbers behind the kernel
+claims in `fedprune/sparse_conv.py`, `fedprune/sparse.py` and experiments/RESULTS.md.
+
+- conv2 (32 -> 64 channels, 5x5, padding 2, 14x14, batch 20) as a `SparseConv2d` at
+  density 0.18: the forward, input-gradient and weight-gradient kernels alone, in G kept
+  multiply-adds per second, beside oneDNN's dense forward of the same layer;
+- fc1 (3136 -> 2048, batch 20) as a `SparseLinear` at density 0.039: its forward, input
+  gradient (MKL on the transposed structure, the gather included), weight gradient
+  (`SparseLinear._weight_grad`, MKL's sampled_addmm beside it), and the layer's forward
+  and backward against dense `nn.Linear`.
+
+Fastest of `--calls` calls per cell (these kernels take about a millisecond, and the
+fastest call is the least disturbed by the rest of the machine), at each of `--threads`.
+The report names the directory fedprune was imported from and that checkout's commit, so
+the same script measures older code too:
+
+    python -m experiments.bench_kernel_parts
+    git worktree add /tmp/old <commit>
+    PYTHONPATH=/tmp/old python experiments/bench_kernel_parts.py --out /tmp/old.md
+
+Writes experiments/results/bench_kernel_parts.{md,json} (`--out` for elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import fedprune
+from fedprune import hardware
+from fedprune.sparse import SparseLinear
+from fedprune.sparse_conv import SparseConv2d
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernel_parts.md"
+BATCH = 20
+CONV2_DENSITY = 0.18
+FC1_DENSITY = 0.039
+
+
+def fastest_ms(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def conv2_cells(calls: int) -> dict:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(32, 64, 5, padding=2)
+    mask = torch.rand(conv.weight.shape) < CONV2_DENSITY
+    layer = SparseConv2d(mask, conv.weight.detach()[mask], conv.bias.detach(), padding=2)
+    x = torch.rand(BATCH, 32, 14, 14)
+    grad_out = torch.rand(BATCH, 64, 14, 14)
+    plan = layer._plan(x)
+    xp = layer._pad_input(x, plan)
+    g = layer._pad_grad(grad_out, plan)
+    g_w = g if plan.wgrad_in_padded_g else layer._tight_grad(grad_out)
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+    ms = {
+        "forward": fastest_ms(
+            lambda: layer._forward_kernel(xp, layer.values, layer.bias, plan), calls
+        ),
+        "input gradient": fastest_ms(
+            lambda: layer._input_grad_kernel(g, layer.values, plan, torch.contiguous_format), calls
+        ),
+        "weight gradient": fastest_ms(lambda: layer._weight_grad_kernel(g_w, xp, plan), calls),
+        "dense forward (oneDNN)": fastest_ms(
+            lambda: torch.nn.functional.conv2d(x, weight, bias, padding=2), calls
+        ),
+    }
+    kept = int(mask.sum()) * 14 * 14 * BATCH
+    dense = mask.numel() * 14 * 14 * BATCH
+    return {
+        name: {"ms": t, "gmac_s": (dense if name.startswith("dense") else kept) / t / 1e6}
+        for name, t in ms.items()
+    }
+
+
+def fc1_cells(calls: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(2048, 3136, generator=g) < FC1_DENSITY
+    dense = torch.nn.Linear(3136, 2048)
+    layer = SparseLinear(mask, dense.weight.detach()[mask], dense.bias.detach())
+    xt = torch.rand(3136, BATCH, generator=g)
+    gt = torch.rand(2048, BATCH, generator=g)
+    values = layer.values.detach()
+    x = torch.rand(BATCH, 3136, generator=g, requires_grad=True)
+    grad_out = torch.rand(BATCH, 2048, generator=g)
+
+    def mkl_weight_grad():
+        grad = layer._grad_buffer()
+        torch.sparse.sampled_addmm(grad, gt, xt.t(), beta=0.0, out=grad)
+        return grad.values().clone()
+
+    cells = {
+        "forward": lambda: torch.addmm(layer.bias.detach().unsqueeze(1), layer.csr(values), xt),
+        "input gradient (transposed, gather included)": lambda: torch.sparse.mm(
+            layer.csr_transposed(values, reuse_buffer=True), gt
+        ),
+        "weight gradient, MKL sampled_addmm": mkl_weight_grad,
+        "sparse layer forward and backward": lambda: layer(x).backward(grad_out),
+        "dense layer forward and backward": lambda: dense(x).backward(grad_out),
+    }
+    if hasattr(layer, "_weight_grad"):  # the layer's own path (compiled where it runs)
+        cells["weight gradient, the layer's"] = lambda: layer._weight_grad(gt, xt)
+    return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}
+
+
+def checkout() -> dict:
+    where = Path(fedprune.__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(where), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "-C", str(where), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
+        commit = sha + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"fedprune_from": str(where), "commit": commit}
+
+
+def markdown(result: dict) -> str:
+    out = [
+        "# bench_kernel_parts: each product of Conv-2's sparse layers alone",
+        "",
+        f"- date: {result['date']}; fedprune from {result['fedprune_from']} at commit "
+        f"{result['commit']}",
+        f"- machine: {result['machine']}",
+        f"- batch {BATCH}; fastest of {result['calls']} calls per cell; conv2 at density "
+        f"{CONV2_DENSITY}, fc1 at density {FC1_DENSITY}",
+        "",
+    ]
+    for threads, run in result["threads"].items():
+        out += [
+            f"## {threads} thread{'s' if threads != '1' else ''}",
+            "",
+            "| conv2 (SparseConv2d) | ms | G multiply-adds per second |",
+            "|---|---:|---:|",
+        ]
+        out += [
+            f"| {name} | {c['ms']:.3f} | {c['gmac_s']:.1f} |" for name, c in run["conv2"].items()
+        ]
+        out += ["", "| fc1 (SparseLinear) | ms |", "|---|---:|"]
+        out += [f"| {name} | {c['ms']:.3f} |" for name, c in run["fc1"].items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="markdown path (+ .json)")
+    args = parser.parse_args(argv)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **checkout(),
+        "machine": f"{platform.platform()}, {hardware.describe()}, torch {torch.__version__}",
+        "calls": args.calls,
+        "threads": {},
+    }
+    before = torch.get_num_threads()
+    try:
+        for n in args.threads:
+            torch.set_num_threads(n)
+            result["threads"][str(n)] = {
+                "conv2": conv2_cells(args.calls),
+                "fc1": fc1_cells(args.calls),
+            }
+    finally:
+        torch.set_num_threads(before)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(markdown(result))
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
