@@ -52,7 +52,8 @@ _CHUNK = 1 << 16
 # Zeros are typed from an array's dtype (`g.dtype.type(0)`), never written `g[0] * 0`:
 # numba types the literal 0 as int64, so that product is float64, and accumulators started
 # from it sum float32 data in float64. In the weight gradient that halved the vector width
-# and added a conversion per product: 2.3x slower (tests/test_kernel_types.py).
+# and added a conversion per product: 2.3 to 2.5x slower on one thread
+# (`python -m experiments.bench_kernel_parts`; tests/test_kernel_types.py guards it).
 
 if numba is not None:
     _u = np.uint64

@@ -33,7 +33,7 @@ from fedprune import hardware
 
 # The modules whose speed a profile measures (the layers' formats, their kernels, the
 # training loop and the profiler itself). A profile timed with other versions of them
-# says nothing about these: at commit df931cd a 2.3x faster sparse-convolution kernel
+# says nothing about these: at commit df931cd a 2.3x faster sparse-convolution weight gradient
 # moved conv2's crossover density from 0.25 to 0.37, and nodes that read the old profile
 # from the cache would have kept it.
 TIMED_MODULES = ("kernels", "sparse", "sparse_conv", "training", "profiler")

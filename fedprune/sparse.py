@@ -257,8 +257,9 @@ class SparseLinear(nn.Module):
         output gradient and the input transposed (features x batch, contiguous).
 
         The compiled kernel (`kernels.csr_sddmm_*`) where it runs: on fc1 at the main
-        job's density it took 0.6 against MKL's sampled_addmm's 0.8 ms on one thread and
-        1.2 ms on two (2026-12-03, AVX-512)."""
+        job's density it took 0.53 against MKL's sampled_addmm's 0.85 ms on one thread and
+        0.48 against 0.8 ms on two (`python -m experiments.bench_kernel_parts`,
+        2026-12-03, AVX-512)."""
         if (
             kernels.available()
             and gt.dtype in (torch.float32, torch.float64)

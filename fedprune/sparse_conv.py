@@ -42,14 +42,13 @@ gradient comes back in the input's format. The padded buffers are reused across 
 (`_Buffers`), so their padding is zeroed once, not at every step.
 
 Measured (Conv-2's conv2 at density 0.18, batch 20, 1 thread, AMD EPYC with AVX-512,
-fastest of 200 calls, three runs): on 2026-12-01 the kernels reached 40 G kept
-multiply-adds per second forward, 33 for the input gradient and 26 for the weight
-gradient, against about 125 for oneDNN's dense forward. On 2026-12-03 (at commit
-df931cd), on a host that ran oneDNN's dense forward at 46 to 63, they reached 21 to 23
-forward, 22 to 24 for the input gradient and 26 to 28 for the weight gradient: the weight
-gradient had been summing float32 in float64 (see `fedprune.kernels`), and is now the
-fastest of the three. With it the layer's training step breaks even with dense near
-density 0.3 (`experiments/bench_kernels.py`).
+fastest of 200 calls, `python -m experiments.bench_kernel_parts`): on 2026-12-03 (commit
+7fec4ef), on a host that ran oneDNN's dense forward at 45 to 47, the kernels reached 19
+to 20 G kept multiply-adds per second forward, 21 to 23 for the input gradient and 26
+for the weight gradient. The weight gradient had been summing float32 in float64 (see
+`fedprune.kernels`): 10 to 11 at commit 43c69aa on the same host, now the fastest of the
+three. With it the layer's training step breaks even with dense near density 0.3
+(`experiments/bench_kernels.py`).
 
 When the layer tracks importance (PruneFL's grow-back scores), it keeps each step's input
 and output gradient and `dense_grad_sum()` forms the dense weight gradient at every
