@@ -136,10 +136,11 @@ def test_a_skeleton_takes_decoded_tensors_as_its_weights_without_a_copy():
 
 
 @pytest.mark.parametrize("formats", ["dense", "sparse"])
-def test_two_conv_nets_in_place_relu_trains_exactly_as_out_of_place(formats):
-    """TwoConvNet applies ReLU in place to its convolutions' outputs to save an
-    activation; the parameters and importance after a local round are the bits an
-    out-of-place ReLU gives, masked dense and in the sparse formats."""
+def test_two_conv_nets_pooled_in_place_relu_trains_exactly_as_the_textbook_order(formats):
+    """TwoConvNet pools its convolutions' outputs first and applies ReLU in place to the
+    pooled tensors, to save work and activations; the parameters and importance after a
+    local round are the bits of the textbook conv -> ReLU -> pool, masked dense and in the
+    sparse formats."""
     import copy
 
     from fedprune.data import Examples
