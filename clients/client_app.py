@@ -46,6 +46,7 @@ from fedprune.profiler import cached_measurements, sparse_crossovers
 from fedprune.settings import Settings, parse_ids
 from fedprune.sparse import (
     FORMATS,
+    LayerMasks,
     choose_formats,
     kept_parameters,
     model_in_formats,
@@ -91,6 +92,8 @@ def train(msg: Message, context: Context) -> Message:
         # never dense on the node (`model_in_formats`), and nothing is converted back.
         model, received = model_in_formats(model, kept, masks, formats), None
     del kept  # the model holds the values now (a sparse layer its own copy of them)
+    # And a sparse layer holds its mask as its indices: no bool copy through the round.
+    masks = LayerMasks(model, masks)
     clients = client_ids(config, context)
     if len(clients) > len(data):
         log(WARNING, "node with %d examples cannot train as %d clients: it trains as %d",

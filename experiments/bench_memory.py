@@ -6,9 +6,10 @@ its peak, from the message's arrays in to the reply's arrays out, as the ClientA
 it (`clients.client_app.receive` and `train`): the model's skeleton, the server's message
 decoded into the values it carries (`fedprune.codec.decode_kept`), the model built from
 them with each layer in its format (`fedprune.sparse.model_in_formats`: a sparse layer
-never dense), K = 5 steps of batch 20 (`fedprune.sparse.train_sparse`), the reply
-encoded from the layers' kept values (`fedprune.sparse.kept_parameters`,
-`fedprune.codec.encode_kept_update`).
+never dense), the masks then held as the node holds them (`fedprune.sparse.LayerMasks`:
+a sparse layer's as its indices, no bool copy), K = 5 steps of batch 20
+(`fedprune.sparse.train_sparse`), the reply encoded from the layers' kept values
+(`fedprune.sparse.kept_parameters`, `fedprune.codec.encode_kept_update`).
 Cases:
 
 - `dense`: FedAvg's node, every weight kept, dense layers;
@@ -91,7 +92,7 @@ def child(case: str) -> dict:
     from fedprune.masks import full_masks
     from fedprune.memory import PeakMemory
     from fedprune.models import build_model, param_shapes, prunable_names, skeleton
-    from fedprune.sparse import kept_parameters, model_in_formats, train_sparse
+    from fedprune.sparse import LayerMasks, kept_parameters, model_in_formats, train_sparse
 
     torch.set_num_threads(1)  # as a node of the simulation
     g = torch.Generator().manual_seed(0)
@@ -124,6 +125,7 @@ def child(case: str) -> dict:
         arrays = {k: v.copy() for k, v in message.items()}
         kept, got_masks = decode_kept(arrays, shapes, prunable, None)
         model = model_in_formats(skeleton("conv2", 10), kept, got_masks, formats)
+        got_masks = LayerMasks(model, got_masks)  # as the ClientApp holds them
         del kept, arrays
         result = train_sparse(
             model,

@@ -535,6 +535,14 @@ def encode_update(
     return encode_kept_update(kept, masks, importance, importance_code=importance_code)
 
 
+def _kept_count(masks: Mapping[str, torch.Tensor], name: str) -> int:
+    """How many positions `masks[name]` keeps. A mapping that can say without building
+    the mask (`fedprune.sparse.LayerMasks`, for the layers it holds as indices) is asked;
+    otherwise count_nonzero (a bool tensor's sum() costs 20x more: 18 ms on fc1's)."""
+    kept_count = getattr(masks, "kept_count", None)
+    return kept_count(name) if kept_count is not None else int(torch.count_nonzero(masks[name]))
+
+
 def encode_kept_update(
     kept: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
@@ -553,8 +561,7 @@ def encode_kept_update(
     out: dict[str, np.ndarray] = {}
     for name, t in kept.items():
         flat = _param_flat(name, t)
-        # count_nonzero: a bool tensor's sum() costs 20x more (18 ms on fc1's mask).
-        kept_count = int(torch.count_nonzero(masks[name])) if name in masks else flat.numel()
+        kept_count = _kept_count(masks, name) if name in masks else flat.numel()
         if flat.numel() != kept_count:
             raise ValueError(f"{name!r}: {flat.numel()} values, but its mask keeps {kept_count}")
         # Always a copy: the message must not alias the live model.

@@ -178,7 +178,7 @@ class SparseLinear(nn.Module):
         if mask.dim() != 2 or mask.dtype != torch.bool:
             raise ValueError(f"mask must be a 2-D bool tensor, not {mask.dtype} {mask.dim()}-D")
         self.out_features, self.in_features = mask.shape
-        crow, col, flat = _csr_structure(mask)
+        crow, col, _ = _csr_structure(mask)
         nnz = len(col)
         if values is None:
             values = torch.zeros(
@@ -188,7 +188,6 @@ class SparseLinear(nn.Module):
             raise ValueError(f"values has shape {tuple(values.shape)}, the mask keeps {nnz}")
         self.register_buffer("crow_indices", crow, persistent=False)
         self.register_buffer("col_indices", col, persistent=False)
-        self.register_buffer("flat_indices", flat, persistent=False)
         self.values = nn.Parameter(values.detach().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         self.track_importance = False
@@ -211,6 +210,16 @@ class SparseLinear(nn.Module):
     @property
     def nnz(self) -> int:
         return len(self.col_indices)
+
+    @property
+    def flat_indices(self) -> torch.Tensor:
+        """The kept weights' flat positions in the (out, in) weight, row-major (int64).
+        Made from the CSR structure when asked for, not held: at 8 bytes a kept weight it
+        would be the layer's largest array (2.4 MB on the main job's fc1), and only
+        conversions to and from dense read it."""
+        counts = torch.diff(self.crow_indices.to(torch.int64))
+        rows = torch.repeat_interleave(torch.arange(self.out_features), counts)
+        return rows.mul_(self.in_features).add_(self.col_indices)
 
     @property
     def density(self) -> float:
@@ -536,6 +545,45 @@ def model_in_formats(
         raise ValueError(f"values do not fit the model: extra {extra}, missing {missing}")
     model.load_state_dict(dense, strict=False, assign=True)
     return model
+
+
+class LayerMasks(Mapping[str, torch.Tensor]):
+    """The masks of a model's prunable weights, without a bool copy of those the model's
+    sparse layers already hold as their index structure.
+
+    A node keeps the masks for its whole round (training reads the dense layers'; the
+    reply and the importance upload read all of them), and fc1's alone is 6.4 MB of bools
+    on Conv-2, a fifth of what a local round in the main job's formats holds at its peak.
+    For a weight whose layer is sparse in `model` (`sparse_layers`), this mapping holds
+    the layer instead and builds the bool mask from its indices each time it is read (a
+    fresh tensor, about a millisecond on fc1): nothing in the training loop reads those
+    (`fedprune.training.MaskedSGD` looks up masks by parameter), so the bools exist only
+    briefly, after training, for the reply. The other masks are held as given. Names and
+    their order are those of `masks`."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+        sparse = sparse_layers(model)
+        self._names = list(masks)
+        self._layers = {n: sparse[n] for n in self._names if n in sparse}
+        self._held = {n: m for n, m in masks.items() if n not in self._layers}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        layer = self._layers.get(name)
+        return self._held[name] if layer is None else layer.mask()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._layers or name in self._held
+
+    def kept_count(self, name: str) -> int:
+        """How many positions the mask of `name` keeps, without building it."""
+        layer = self._layers.get(name)
+        return int(torch.count_nonzero(self._held[name])) if layer is None else layer.nnz
 
 
 def _in_sparse_layer(model: nn.Module, param_name: str) -> bool:

@@ -95,9 +95,11 @@ class MaskedSGD:
         # converted once here to the parameter's dtype.
         fused = self.plain and kernels.available()
         self.masked = []
-        for n, m in masks.items():
-            p = params.get(n)
-            if p is None:
+        for n, p in params.items():
+            # By parameter, not by mask: a mask whose layer is sparse names no parameter
+            # here and is not read (`fedprune.sparse.LayerMasks` builds those on access).
+            m = masks.get(n)
+            if m is None:
                 continue
             if fused and p.dtype in (torch.float32, torch.float64) and p.device.type == "cpu":
                 self.masked.append((p, m.to(torch.bool).contiguous(), True))

@@ -273,3 +273,53 @@ def test_export_needs_an_architecture_for_unknown_models(tmp_path):
         export_for_inference(
             model, {"0.weight": torch.ones(3, 4, dtype=torch.bool)}, tmp_path / "m"
         )
+
+
+@pytest.mark.parametrize("track_importance", [False, True])
+def test_layer_masks_hold_no_bool_copy_of_a_sparse_layers_mask_and_train_the_same(
+    track_importance,
+):
+    """A node's round holds its masks as `LayerMasks`: the bool mask of a layer built
+    sparse is freed (the layer's indices stand for it), reading it gives the same mask,
+    and training and the reply are the bits the plain dict gives."""
+    import gc
+    import weakref
+
+    from fedprune.codec import encode_kept_update
+    from fedprune.sparse import LayerMasks, kept_parameters, model_in_formats
+
+    g = torch.Generator().manual_seed(0)
+    base = build_model("small-cnn", 10, seed=0)
+    masks = {n: torch.rand(m.shape, generator=g) < 0.3 for n, m in full_masks(base).items()}
+    formats = {n: "csr" if n.startswith("fc1") else "dense" for n in masks}
+    kept = {
+        n: p.detach()[masks[n]] if n in masks else p.detach().clone()
+        for n, p in base.named_parameters()
+    }
+    x, y = torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g)
+    data = Examples(x, y)
+    replies = []
+    for wrap in (False, True):
+        round_masks = {n: m.clone() for n, m in masks.items()}
+        fresh = {n: v.clone() for n, v in kept.items()}  # training writes what the model takes
+        model = model_in_formats(copy.deepcopy(base), fresh, round_masks, formats)
+        if wrap:
+            freed = weakref.ref(round_masks["fc1.weight"])
+            round_masks = LayerMasks(model, round_masks)
+            gc.collect()
+            assert freed() is None  # nothing holds fc1's bools any longer
+            assert list(round_masks) == list(masks) and len(round_masks) == len(masks)
+            for n, m in masks.items():
+                assert torch.equal(round_masks[n], m), n
+                assert round_masks.kept_count(n) == int(m.sum()), n
+        local = train_sparse(
+            model, round_masks, data, steps=2, batch_size=20, lr=0.1, formats=formats,
+            generator=torch.Generator().manual_seed(1), track_importance=track_importance,
+        )  # fmt: skip
+        uploaded = {n: local.importance[n] for n in masks} if track_importance else None
+        replies.append(
+            encode_kept_update(kept_parameters(model, round_masks), round_masks, uploaded)
+        )
+    plain, wrapped = replies
+    assert plain.keys() == wrapped.keys()
+    assert all((plain[k] == wrapped[k]).all() for k in plain)
