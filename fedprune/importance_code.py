@@ -17,7 +17,11 @@ Each sent value is rounded to a short float, the float32 bit pattern rounded to
 ``mantissa_bits`` mantissa bits (a log-scale quantiser, 2**mantissa_bits steps per
 octave, relative error at most 2**-(mantissa_bits + 1)), and its distance below the
 layer's largest code is entropy coded with rANS (`fedprune.rans`) under a frequency table
-sent with it.
+sent with it.  The distance is at most 4095 codes (`MAX_ALPHABET`): 4095 / 2**mantissa_bits
+octaves, 256 at the default 4 bits (more than float32's range) but 32 at 7 bits.  A value
+further below the layer's largest is sent as that lowest level, above its true value, and
+the error bound holds for the others only; such a weight has 2**-32 of the layer's
+largest importance or less, far below any that regrowth could choose.
 
 The server sums the uploads over nodes and rounds (`ImportanceSum`).  A pruned weight that
 one upload left out has, for that node, an importance below the smallest pruned one it
@@ -140,7 +144,8 @@ def encode_importance(
             finite and >= 0.
         mask: the bool mask the node trained with (True = kept), same size.
         mantissa_bits: precision of each value, 0..7 (relative error at most
-            2**-(mantissa_bits + 1)).
+            2**-(mantissa_bits + 1) within 4095 / 2**mantissa_bits octaves of the
+            largest value; below that, the lowest level).
         top_fraction: share (fraction in [0, 1]) of the layer's pruned weights sent.
         min_sent: at least this many pruned weights are sent (all of them in small layers).
 
