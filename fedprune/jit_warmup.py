@@ -1,8 +1,9 @@
 """Compile, when a node joins, every numba function its rounds will call.
 
 numba compiles a function at its first call with a given signature and caches the machine
-code on disk, keyed by the source file's path. A deployed node runs the app from its own
-copy of the FAB, so its first rounds compiled whatever they first used: measured on the
+code on disk (`fedprune.numba_cache`: by the module's text, so every copy of the same code
+shares it; until commit f3f6aca by the file's path, so each copy of the FAB compiled
+again). A node's first rounds compiled whatever they first used: measured on the
 edge testbed, the training kernels in round 1, the importance coder (`rans._encode` on
 uint16 symbols) in round 10 and the mask-change decoder (`maskcode._merge`) in round 11:
 handlers of 18-20 s (9 s of CPU) in rounds 1 and 11 and 7 s in round 10, against about

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedprune import numba_cache
+
 _log = logging.getLogger(__name__)
 
 try:  # numba is optional at import time: without it callers use torch's dense ops.
@@ -56,57 +58,8 @@ _CHUNK = 1 << 16
 # (`python -m experiments.bench_kernel_parts`; tests/test_kernel_types.py guards it).
 
 
-# --- Where numba keeps the compiled kernels ------------------------------------------
-
-
-def _compiled_cache_dir(source: Path) -> Path:
-    """fedprune's cache directory, under a digest of `source`'s text."""
-    from fedprune.profile_cache import cache_dir
-
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    return cache_dir() / "numba" / f"kernels-{digest}"
-
-
 if numba is not None:
-    from numba.core import caching as _numba_caching
-
-    class _SharedCacheLocator(
-        _numba_caching._SourceFileBackedLocatorMixin, _numba_caching._CacheLocator
-    ):
-        """numba's disk cache for this module's kernels in `_compiled_cache_dir`, not in
-        the `__pycache__` beside the file.
-
-        Flower runs an app from its own copy of the project (`apps/<FAB hash>/` under
-        FLWR_HOME). Beside the file, every new copy (any code change, and every fresh
-        FLWR_HOME, such as each test's and benchmark's) started with an empty cache, so
-        every process of a run compiled every kernel it used again: 6.4 s of the main
-        job's initial pruning on the server (py-spy, 2026-12-03), and the same again in
-        each simulation worker's first round. Keyed by the text of this file, one compile
-        serves every copy of the same code, and copies of other versions keep their own.
-        numba still checks its entries against the source (a content hash) and the CPU.
-        A user's `NUMBA_CACHE_DIR` comes first, as numba documents; where this directory
-        cannot be written, numba's own locators apply."""
-
-        def __init__(self, py_func, py_file) -> None:
-            self._py_file = py_file
-            self._lineno = py_func.__code__.co_firstlineno
-            self._cache_path = str(_compiled_cache_dir(Path(py_file)))
-
-        def get_cache_path(self) -> str:
-            return self._cache_path
-
-        @classmethod
-        def from_function(cls, py_func, py_file):
-            try:
-                if Path(py_file).resolve() != Path(__file__).resolve():
-                    return None  # another module's functions: numba's own locators
-            except OSError:
-                return None
-            return super().from_function(py_func, py_file)  # None where not writable
-
-    _locators = _numba_caching.CacheImpl._locator_classes
-    if _SharedCacheLocator not in _locators:  # after the user's NUMBA_CACHE_DIR
-        _locators.insert(1, _SharedCacheLocator)
+    numba_cache.install()  # one compile per version of this file, not per copy of it
 
     _u = np.uint64
 

@@ -37,8 +37,10 @@ import math
 import numba
 import numpy as np
 
-from fedprune import rans
+from fedprune import numba_cache, rans
 from fedprune.errors import CodecError
+
+numba_cache.install()  # one compile per version of this file, not per copy of it
 
 __all__ = [
     "DIFF_FORMAT",

@@ -25,6 +25,10 @@ from typing import ClassVar
 import numba
 import numpy as np
 
+from fedprune import numba_cache
+
+numba_cache.install()  # one compile per version of this file, not per copy of it
+
 __all__ = [
     "LOOKUP_BITS",
     "LOWER",
