@@ -46,12 +46,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numba
 import numpy as np
 import torch
 
-from fedprune import rans
+from fedprune import numba_cache, rans
 from fedprune.errors import CodecError
 from fedprune.maskcode import decode_body, encode_body, read_varint, read_words, write_varint
+
+numba_cache.install()  # one compile per version of this file, not per copy of it
 
 __all__ = [
     "IMPORTANCE_FORMAT",
@@ -168,18 +171,14 @@ def encode_importance(
         raise ValueError("importance must be finite and >= 0")
     g = g + np.float32(0.0)  # -0.0 -> +0.0, so bit patterns order like values
 
-    pruned_idx = np.flatnonzero(~m)
-    s = sent_count(pruned_idx.size, top_fraction, min_sent)
-    gp = g[pruned_idx]
-    sent = np.full(pruned_idx.size, s == pruned_idx.size, dtype=np.bool_)
-    if 0 < s < pruned_idx.size:
-        sent[np.argpartition(gp, pruned_idx.size - s)[pruned_idx.size - s :]] = True
+    s = sent_count(g.size - int(np.count_nonzero(m)), top_fraction, min_sent)
+    sent, sent_values = _select_top(g, m, s)
     _, pos_words = encode_body(sent)
     head = bytearray([IMPORTANCE_FORMAT, mantissa_bits])
     head += write_varint(s) + write_varint(pos_words.shape[0])
     parts = [np.frombuffer(bytes(head), dtype=np.uint8), _le(pos_words)]
 
-    values = np.concatenate([g[m], gp[sent]])
+    values = np.concatenate([g[m], sent_values])
     if values.size:
         q = _codes(values, mantissa_bits)
         qmax = int(q.max())
@@ -196,6 +195,58 @@ def encode_importance(
             _le(rans.encode(sym.astype(np.uint16), table)),
         ]
     return np.concatenate(parts)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _select_top(g, keep, s):  # pragma: no cover - compiled
+    """The `s` most important pruned positions: (flags over the pruned positions, in
+    position order; their importance, in position order). `g`: the importance, float32,
+    >= 0 and without -0.0, so that its bit patterns order like its values; `keep`: the
+    mask. A radix selection on the patterns, 16 bits at a time (two histogram passes
+    and one marking pass), instead of gathering the pruned values and partially sorting
+    them: 30 against 155 ms on fc1 (6.1 M pruned positions, 10 % sent; a probe,
+    2026-12-03). Ties at the threshold go to the lowest positions."""
+    bits = g.view(np.uint32)
+    n = bits.shape[0]
+    hist = np.zeros(1 << 16, np.int64)
+    pruned = 0
+    for i in range(n):
+        if not keep[i]:
+            hist[bits[i] >> 16] += 1
+            pruned += 1
+    sent = np.zeros(pruned, np.bool_)
+    values = np.empty(max(s, 0), np.float32)
+    if s <= 0:
+        return sent, values
+    high = (1 << 16) - 1
+    above = 0  # pruned patterns above the threshold's upper 16 bits
+    while above + hist[high] < s:
+        above += hist[high]
+        high -= 1
+    hist[:] = 0
+    for i in range(n):
+        if not keep[i] and (bits[i] >> 16) == high:
+            hist[bits[i] & 0xFFFF] += 1
+    low = (1 << 16) - 1
+    while above + hist[low] < s:
+        above += hist[low]
+        low -= 1
+    threshold = (np.uint32(high) << np.uint32(16)) | np.uint32(low)
+    ties = s - above  # positions at exactly the threshold to send
+    j = 0
+    k = 0
+    for i in range(n):
+        if keep[i]:
+            continue
+        v = bits[i]
+        if v > threshold or (v == threshold and ties > 0):
+            if v == threshold:
+                ties -= 1
+            sent[j] = True
+            values[k] = g[i]
+            k += 1
+        j += 1
+    return sent, values
 
 
 def _le(words: np.ndarray) -> np.ndarray:
