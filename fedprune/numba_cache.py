@@ -20,6 +20,7 @@ directory is cleared (a few MB each).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -30,8 +31,13 @@ def compiled_cache_dir(source: Path) -> Path:
     """Where numba caches the functions of the module at `source`."""
     from fedprune.profile_cache import cache_dir
 
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    return cache_dir() / "numba" / f"{source.stem}-{digest}"
+    return cache_dir() / "numba" / f"{source.stem}-{_digest(source.resolve())}"
+
+
+@functools.cache
+def _digest(source: Path) -> str:
+    """The module's text, hashed once per process (not once per compiled function)."""
+    return hashlib.sha256(source.read_bytes()).hexdigest()[:16]
 
 
 def _in_package(py_file: str) -> bool:

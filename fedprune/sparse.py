@@ -553,10 +553,10 @@ class LayerMasks(Mapping[str, torch.Tensor]):
 
     A node keeps the masks for its whole round (training reads the dense layers'; the
     reply and the importance upload read all of them), and fc1's alone is 6.4 MB of bools
-    on Conv-2, a fifth of what a local round in the main job's formats holds at its peak.
-    For a weight whose layer is sparse in `model` (`sparse_layers`), this mapping holds
-    the layer instead and builds the bool mask from its indices each time it is read (a
-    fresh tensor, about a millisecond on fc1): nothing in the training loop reads those
+    on Conv-2, where a warm local round in the main job's formats peaks near 30 MB
+    (`experiments/bench_memory.py`). For a weight whose layer is sparse in `model`
+    (`sparse_layers`), this mapping holds the layer instead and builds the bool mask from
+    its indices each time it is read (a fresh tensor): nothing in the training loop reads those
     (`fedprune.training.MaskedSGD` looks up masks by parameter), so the bools exist only
     briefly, after training, for the reply. The other masks are held as given. Names and
     their order are those of `masks`."""
