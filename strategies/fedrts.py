@@ -66,13 +66,20 @@ class FedRTS(FedDST):
     def wants_importance(self, server_round: int) -> bool:
         return False  # the nodes send top-gradient positions instead (configure_train)
 
+    def _delta(self, server_round: int) -> float:
+        return stability_delta(server_round, self.delta_initial, self.delta_half_life)
+
+    def _aggregated(self, server_round: int) -> bool:
+        stats = self.stats.get(server_round)
+        return stats is not None and stats.replies >= max(self.min_replies, 1)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._votes = {n: torch.zeros(m.numel(), dtype=torch.int32) for n, m in self.masks.items()}
         self._voters, self._fraction = 0, None
         if self.adjusts(server_round):
-            self._fraction = stability_delta(server_round, self.delta_initial, self.delta_half_life)
+            self._fraction = self._delta(server_round)
             config = ConfigRecord({**dict(config), P.TOP_GRADIENTS: self._fraction})
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -94,17 +101,23 @@ class FedRTS(FedDST):
         return update
 
     def update_mask(self, server_round, importance, fixed) -> Masks | None:
-        if self._fraction is None:
+        adjusting = self._fraction is not None
+        fraction = self._fraction if adjusting else self._delta(server_round)
+        if self._aggregated(server_round):
+            # The kept links, observed in the new global model every round; the pruned ones
+            # only when the clients voted (`fedprune.thompson`).
+            weights = self.model.masked_params()
+            kept = {k: weights[k] for k in self.masks}
+            votes = {k: v.reshape(self.masks[k].shape) for k, v in self._votes.items()}
+            reward = rewards(kept, self.masks, votes, self._voters, fraction)
+            self.posterior.observe(reward, where=None if adjusting else self.masks)
+        if not adjusting:
             return None
-        weights = self.model.masked_params()
-        kept = {k: weights[k] for k in self.masks}
-        votes = {k: v.reshape(self.masks[k].shape) for k, v in self._votes.items()}
-        self.posterior.observe(rewards(kept, self.masks, votes, self._voters, self._fraction))
         rng = np.random.default_rng([self.rts_seed, server_round])
         theta = self.posterior.sample(rng)
         log(INFO, "round %d: FedRTS samples a topology (fraction %.3f, %d clients voted)",
             server_round, self._fraction, self._voters)  # fmt: skip
-        return sampled_topology(theta, self.masks, self._fraction)
+        return sampled_topology(theta, self.masks, self._fraction, self.posterior.evidence())
 
     # The posterior is part of the method's state: a resumed run goes on with it.
     def state_dict(self) -> dict:

@@ -67,6 +67,29 @@ def test_the_sampled_topology_keeps_the_count_and_changes_at_most_the_fraction()
     assert new.nonzero().squeeze(1).tolist() == [0, 2, 4, 9]
 
 
+def test_growth_goes_to_links_with_evidence_not_to_the_largest_of_a_million_priors():
+    # 100 kept links, 1 M pruned ones at their prior Beta(1, 2); clients voted for 10.
+    mask = torch.zeros(1_000_100, dtype=torch.bool)
+    mask[:100] = True
+    votes = torch.zeros(mask.numel(), dtype=torch.int32)
+    voted = torch.arange(500_000, 500_010)
+    votes[voted] = 1
+    weights = torch.zeros(mask.numel())
+    weights[:100] = torch.linspace(1, 2, 100)
+    post = LinkPosterior.from_masks({"w": mask})
+    post.observe(rewards({"w": weights}, {"w": mask}, {"w": votes}, voters=1, fraction=0.1))
+    evidence = post.evidence()["w"]
+    assert evidence.nonzero().squeeze(1).tolist() == list(range(100)) + voted.tolist()
+    theta = post.sample(np.random.default_rng(0))
+    grown = lambda new: set((new & ~mask).nonzero().squeeze(1).tolist())  # noqa: E731
+    # Over all pruned links, the 10 free slots go to unvoted links: the maximum of 1 M
+    # prior samples beats a voted link's Beta(2, 2) sample.
+    assert not grown(sampled_topology(theta, {"w": mask}, 0.1)["w"]) & set(voted.tolist())
+    new = sampled_topology(theta, {"w": mask}, 0.1, post.evidence())["w"]
+    assert int(new.sum()) == 100
+    assert grown(new) and grown(new) <= set(voted.tolist())
+
+
 def test_nodes_vote_for_their_largest_gradients_among_pruned_links_only():
     importance = {"w": torch.tensor([9.0, 9, 9, 9, 1, 5, 2, 7, 0, 3])}
     chosen = top_gradient_positions(importance, MASK, 0.5)
