@@ -53,10 +53,20 @@ def tool_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "PATH": os.pathsep.join([str(BIN_DIR), env.get("PATH", "")])}
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and not handed out before by this process. The kernel may
+    give a just-released port again: a Ray head and worker asked for 15 ports got one
+    twice (CI, 2026-12-03), so each port is handed out once."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def descendants(pid: int) -> list[int]:
