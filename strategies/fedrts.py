@@ -69,10 +69,6 @@ class FedRTS(FedDST):
     def _delta(self, server_round: int) -> float:
         return stability_delta(server_round, self.delta_initial, self.delta_half_life)
 
-    def _aggregated(self, server_round: int) -> bool:
-        stats = self.stats.get(server_round)
-        return stats is not None and stats.replies >= max(self.min_replies, 1)
-
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -103,7 +99,7 @@ class FedRTS(FedDST):
     def update_mask(self, server_round, importance, fixed) -> Masks | None:
         adjusting = self._fraction is not None
         fraction = self._fraction if adjusting else self._delta(server_round)
-        if self._aggregated(server_round):
+        if self.aggregated(server_round):
             # The kept links, observed in the new global model every round; the pruned ones
             # only when the clients voted (`fedprune.thompson`).
             weights = self.model.masked_params()

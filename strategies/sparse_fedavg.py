@@ -370,7 +370,7 @@ class SparseFedAvg(FedAvg, PruningMethod):
             loss.add(update.num_examples, update.loss)
         kept = self.model.kept_counts()
         stats.sim_time_s = self.profile.round_time_s(kept, stats.busiest_node_bytes())
-        aggregated = stats.replies >= max(self.min_replies, 1)
+        aggregated = self.aggregated(server_round)
         if aggregated:
             self.model.set_kept(mean.mean())
             if getattr(mean, "clipped", 0):
@@ -461,6 +461,11 @@ class SparseFedAvg(FedAvg, PruningMethod):
         self.nodes.forget(sent_to - answered)
         for node_id in answered:
             self.nodes.confirm(node_id, version, values_version)
+
+    def aggregated(self, server_round: int) -> bool:
+        """Whether this round had enough replies for its updates to be aggregated."""
+        stats = self.stats.get(server_round)
+        return stats is not None and stats.replies >= max(self.min_replies, 1)
 
     def _update_mask(self, server_round: int, importance, fixed: float) -> None:
         if importance is not None:
