@@ -178,3 +178,53 @@ def test_two_conv_nets_pooled_in_place_relu_trains_exactly_as_the_textbook_order
     (params, importance), (params_ref, importance_ref) = results
     assert all(torch.equal(params[n], params_ref[n]) for n in params_ref)
     assert all(torch.equal(importance[n], importance_ref[n]) for n in importance_ref)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_max_pool_in_channels_last_is_torchs_to_the_bit(threads):
+    """`fedprune.models.MaxPool2d` pools NCHW input in channels-last memory (torch's NCHW
+    kernel is many times slower): the same output and input gradient bits as
+    `nn.MaxPool2d`, on real digits through Conv-2's conv1, where the blank background
+    makes ties in most windows (so the choice among equal maxima is checked too)."""
+    from fedprune.data import heldout_split
+    from fedprune.models import MaxPool2d
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        digits = heldout_split(Settings.from_run_config({}).server_data_spec()).x[:40]
+        conv1 = build_model("conv2", 10, seed=0).conv1
+        with torch.no_grad():
+            features = conv1(digits)
+        assert features.is_contiguous()
+        windows = features.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)
+        ties = (windows == windows.amax(-1, keepdim=True)).sum(-1) > 1
+        assert ties.float().mean() > 0.25  # the case that could differ
+
+        upstream = torch.randn(
+            features[:, :, ::2, ::2].shape, generator=torch.Generator().manual_seed(1)
+        )
+        outputs, grads = [], []
+        for pool in (nn.MaxPool2d(2), MaxPool2d(2)):
+            x = features.clone().requires_grad_()
+            y = pool(x)
+            (y * upstream).sum().backward()
+            outputs.append(y.detach())
+            grads.append(x.grad)
+        assert outputs[1].is_contiguous()  # NCHW out, as torch's: the next layer is unchanged
+        assert torch.equal(outputs[0], outputs[1])
+        assert torch.equal(grads[0], grads[1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_max_pool_takes_torchs_path_where_it_cannot_pool_in_channels_last():
+    """Overlapping windows and channels-last input are torch's own pooling, unchanged."""
+    from fedprune.models import MaxPool2d
+
+    x = torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(MaxPool2d(3, stride=2)(x), nn.MaxPool2d(3, stride=2)(x))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    out = MaxPool2d(2)(channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, nn.MaxPool2d(2)(x))
