@@ -825,7 +825,7 @@ def _train_loop(
         layer._stash.clear()
     # The sparse layers' values have no mask (pruned positions do not exist in them); the
     # masks of the layers that stay dense apply as in train_masked.
-    loss, samples, grad_sum = masked_steps(
+    loss, samples, grad_sum, _ = masked_steps(
         model,
         masks,
         data,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -148,6 +149,18 @@ class MaskedSGD:
         self._first = False
 
 
+class Steps(NamedTuple):
+    """What `masked_steps` did: mean loss, samples drawn, the summed gradient per
+    parameter (None without importance tracking), and how many of the samples the model
+    classified right as it trained on them (a running training accuracy, free: the
+    logits exist anyway)."""
+
+    loss: float
+    samples: int
+    grad_sum: dict[str, torch.Tensor] | None
+    correct: int
+
+
 def masked_steps(
     model: nn.Module,
     masks: Mapping[str, torch.Tensor],
@@ -160,20 +173,22 @@ def masked_steps(
     weight_decay: float,
     generator: torch.Generator,
     track_importance: bool,
-) -> tuple[float, int, dict[str, torch.Tensor] | None]:
+) -> Steps:
     """The training loop of `train_masked` (and of `fedprune.sparse.train_sparse`, whose
-    sparse layers' parameters simply have no mask): (mean loss, samples drawn, summed
-    gradient per parameter or None). The summed gradients (every parameter, pruned
-    positions included) are only formed when `track_importance` is set."""
+    sparse layers' parameters simply have no mask). The summed gradients (every
+    parameter, pruned positions included) are only formed when `track_importance` is
+    set."""
     params = dict(model.named_parameters())
     opt = MaskedSGD(params, masks, lr=lr, momentum=momentum, weight_decay=weight_decay)
     grad_sum: dict[str, torch.Tensor] | None = {} if track_importance else None
     model.train()
     total_loss = 0.0
     samples = 0
+    correct = torch.zeros((), dtype=torch.int64)
     for idx in batches(len(data), steps, batch_size, generator):
         opt.zero_grad()
-        loss = F.cross_entropy(model(data.x[idx]), data.y[idx])
+        logits, labels = model(data.x[idx]), data.y[idx]
+        loss = F.cross_entropy(logits, labels)
         loss.backward()
         if grad_sum is not None:
             with torch.no_grad():
@@ -189,8 +204,9 @@ def masked_steps(
         opt.step()
         total_loss += loss.item()
         samples += len(idx)
+        correct += (logits.detach().argmax(1) == labels).sum()
     opt.zero_grad()  # no stale gradients held beyond the round
-    return total_loss / max(steps, 1), samples, grad_sum
+    return Steps(total_loss / max(steps, 1), samples, grad_sum, int(correct))
 
 
 def train_masked(
@@ -211,7 +227,7 @@ def train_masked(
     `track_importance` the importance of every parameter, pruned positions included."""
     if len(data) == 0:
         raise ValueError("no local training data")
-    loss, samples, grad_sum = masked_steps(
+    loss, samples, grad_sum, _ = masked_steps(
         model,
         masks,
         data,

@@ -138,3 +138,24 @@ def test_training_reduces_loss_on_a_learnable_task():
     )
     loss1, acc1 = evaluate(model, data)
     assert loss1 < loss0 and acc1 > 0.9
+
+
+def test_steps_count_the_examples_classified_right_as_they_were_trained_on():
+    """`masked_steps` reports how many of the examples it drew the model got right before
+    the step that trained on them (initial pruning's running training accuracy): with one
+    step over the whole data that is the model's accuracy on it just before training."""
+    from fedprune.training import masked_steps
+
+    model, masks = masked_model()
+    data = toy_data(n=50)
+    with torch.no_grad():
+        model.eval()
+        expected = int((model(data.x).argmax(1) == data.y).sum())
+    kwargs = dict(lr=0.5, momentum=0.0, weight_decay=0.0, track_importance=False)
+    g = torch.Generator().manual_seed(0)
+    first = masked_steps(model, masks, data, steps=1, batch_size=50, generator=g, **kwargs)
+    assert first.samples == 50 and first.correct == expected
+    with torch.no_grad():
+        after = int((model(data.x).argmax(1) == data.y).sum())
+    second = masked_steps(model, masks, data, steps=1, batch_size=50, generator=g, **kwargs)
+    assert second.correct == after  # counted with the weights of its own step
