@@ -4,8 +4,8 @@
 (setting `warm-start`), drawing the very same batches as `initial_prune` until its first
 reconfiguration.
 
-Every `interval` iterations, once training accuracy (on the batches trained on since the
-last reconfiguration) is above chance (1.5 / classes), the server reconfigures the mask
+Every `interval` iterations, once training accuracy (on the batches of the last `interval`
+iterations) is above chance (1.5 / classes), the server reconfigures the mask
 with removals only. It stops when the kept size changed by at most `tolerance` (relative)
 over the last `window` reconfigurations, or at `max_iterations`. No target density is
 given: the cost model decides how small the model gets.
@@ -21,6 +21,7 @@ the end.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -134,7 +135,8 @@ def initial_prune(
     sizes: list[int] = []
     history: list[tuple[int, int, float]] = []
     iteration, since_reconfig = 0, 0
-    seen, correct = 0, 0  # examples trained on, and classified right, in this interval
+    # (examples, classified right) of the blocks of the last `interval` iterations
+    recent: deque[tuple[int, int]] = deque(maxlen=max(1, -(-interval // local_steps)))
     originals: dict[str, nn.Module] = {}  # layers in sparse formats until the next reconfig
     converted = False
     try:
@@ -148,8 +150,7 @@ def initial_prune(
             )
             iteration += steps
             since_reconfig += steps
-            seen += drawn
-            correct += right
+            recent.append((drawn, right))
             if accumulated is None:
                 accumulated = importance
             else:
@@ -157,10 +158,13 @@ def initial_prune(
                     accumulated[n].add_(g)
             if since_reconfig < interval:
                 continue
-            # The accuracy on the batches trained on since the last reconfiguration, as
-            # the model was when it saw each: free, where evaluating the whole share at
-            # each reconfiguration cost a tenth of the phase (Conv-2, 400 examples).
-            train_acc, seen, correct = correct / max(seen, 1), 0, 0
+            # The accuracy on the batches of the last `interval` iterations, as the model
+            # was when it trained on each: free, where evaluating the whole share at each
+            # reconfiguration cost a tenth of the phase (Conv-2, 400 examples). Over a
+            # whole interval, as at the first check, also when a check fails: an
+            # untrained model scores above chance on one block's 100 examples by luck.
+            seen = sum(n for n, _ in recent)
+            train_acc = sum(r for _, r in recent) / max(seen, 1)
             if train_acc <= chance:
                 continue  # too early: gradients of an untrained model say little
             accumulated = _dense_importance(model, accumulated)
@@ -190,6 +194,7 @@ def initial_prune(
             if on_reconfigure is not None:
                 on_reconfigure(iteration, kept, total, train_acc)
             accumulated, since_reconfig = None, 0
+            recent.clear()
             if size_converged(sizes, window, tolerance):
                 return InitialPruning(masks, iteration, "converged", history)
         return InitialPruning(masks, iteration, "max-iterations", history)
