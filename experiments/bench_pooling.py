@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
@@ -38,10 +36,11 @@ from experiments.bench_kernels import (
     random_masks,
     step_fn,
 )
-from fedprune import hardware
 from fedprune.data import Examples
+from fedprune.masks import apply_masks
 from fedprune.models import MaxPool2d, conv2
 from fedprune.sparse import to_formats
+from strategies.results import machine
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bench_pooling.md"
 FORMATS = {
@@ -95,10 +94,7 @@ def bench(threads: int, repeats: int, seed: int) -> dict:
             net.pool = make()
             held = {}
             if case == "final mask":
-                with torch.no_grad():
-                    for n, p in net.named_parameters():
-                        if n in masks:
-                            p.mul_(masks[n])
+                apply_masks(net, masks)
                 to_formats(net, masks, FORMATS)
                 held = {n: masks[n] for n, f in FORMATS.items() if f == "dense"}
             tasks[("steps", case, name)] = step_fn(net, held, data)
@@ -125,7 +121,7 @@ def markdown(result: dict) -> str:
         "",
         f"- date: {result['date']}; commit {result['commit']}",
         f"- machine: {result['machine']['platform']}, {result['machine']['processor']}, "
-        f"{result['machine']['cpu_count']} CPUs, torch {result['machine']['torch']}",
+        f"{result['machine']['cpus']} CPUs, torch {result['machine']['torch']}",
         f"- {result['repeats']} interleaved samples per cell, medians; batch {BATCH}; "
         f"the final mask {FINAL_MASK} (random masks at those densities) in the formats "
         f"{FORMATS}",
@@ -159,12 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "date": date,
         "commit": git_commit(),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": hardware.cpu(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-        },
+        "machine": machine(),
         "repeats": args.repeats,
         "command": command,
         "runs": runs,
