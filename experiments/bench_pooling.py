@@ -1,5 +1,6 @@
-"""Max-pooling in channels-last memory (`fedprune.models.MaxPool2d`) against torch's NCHW
-max-pooling (`nn.MaxPool2d`), side by side in one process.
+"""The model's max-pooling (`fedprune.models.MaxPool2d`: the compiled 2x2 kernels) against
+torch's (`nn.MaxPool2d`) and against pooling a channels-last copy (the model's pooling
+before the kernels), side by side in one process.
 
     python -m experiments.bench_pooling [--threads 1 2] [--repeats 15]
 
@@ -7,12 +8,12 @@ Run it alone on the machine (`flock /tmp/fedprune-cpu.lock ...`). For each threa
 interleaved in a shuffled order within each repetition (`bench_kernels.interleaved`):
 - the pooling alone, forward and backward, on Conv-2's two pooled tensors at batch 20
   (conv1's output 32x28x28, conv2's 64x14x14, both NCHW as a dense convolution leaves
-  them);
+  them, and conv2's in channels-last, as the sparse convolution leaves it);
 - K = 5 training steps of Conv-2 at batch 20 (`masked_steps`, as a node trains), dense
   and at the default run's final mask with the layers in the formats a node uses there
   (conv1 masked dense, conv2 the sparse convolution, fc1 CSR, fc2 masked dense), with
   each pooling module in turn.
-It also checks that both poolings give the same bits (outputs and input gradients).
+It also checks that all three give the same bits (outputs and input gradients).
 Writes experiments/results/bench_pooling.{md,json} (with --out, elsewhere).
 """
 
@@ -38,7 +39,7 @@ from experiments.bench_kernels import (
 )
 from fedprune.data import Examples
 from fedprune.masks import apply_masks
-from fedprune.models import MaxPool2d, conv2
+from fedprune.models import MaxPool2d, _PoolInChannelsLast, conv2
 from fedprune.sparse import to_formats
 from strategies.results import machine
 
@@ -49,7 +50,25 @@ FORMATS = {
     "fc1.weight": "csr",
     "fc2.weight": "dense",
 }
-POOLS = {"torch": lambda: nn.MaxPool2d(2), "channels-last": lambda: MaxPool2d(2)}
+
+
+class ChannelsLastPool(nn.MaxPool2d):
+    """The previous `MaxPool2d` (until the compiled kernels): NCHW input pooled by torch in
+    channels-last memory and returned NCHW; channels-last input pooled by torch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last):
+            return _PoolInChannelsLast.apply(x, self.kernel_size)
+        return super().forward(x)
+
+
+# torch's own pooling (NCHW input pooled NCHW), the channels-last route, and the model's
+# pooling (`fedprune.models.MaxPool2d`: the compiled kernels where they run).
+POOLS = {
+    "torch": lambda: nn.MaxPool2d(2),
+    "channels-last": lambda: ChannelsLastPool(2),
+    "kernel": lambda: MaxPool2d(2),
+}
 
 
 def pool_task(pool: nn.Module, x: torch.Tensor):
@@ -79,11 +98,16 @@ def bench(threads: int, repeats: int, seed: int) -> dict:
                 torch.relu(nn.functional.max_pool2d(model.conv1(data.x[:BATCH]), 2))
             ),
         }
+        features["conv2 output 64x14x14, channels-last"] = features[
+            "conv2 output 64x14x14"
+        ].contiguous(memory_format=torch.channels_last)
     tasks, same_bits = {}, {}
     for label, x in features.items():
         runs = {name: pool_task(make(), x) for name, make in POOLS.items()}
-        (out_a, grad_a), (out_b, grad_b) = (run() for run in runs.values())
-        same_bits[label] = torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+        (out_a, grad_a), *others = (run() for run in runs.values())
+        same_bits[label] = all(
+            torch.equal(out_a, out) and torch.equal(grad_a, grad) for out, grad in others
+        )
         for name, run in runs.items():
             tasks[("pool", label, name)] = run
     masks = random_masks(model, FINAL_MASK, seed)
@@ -108,7 +132,10 @@ def bench(threads: int, repeats: int, seed: int) -> dict:
                 "case": label,
                 "torch_ms": round(ms["torch"], 3),
                 "channels_last_ms": round(ms["channels-last"], 3),
+                "kernel_ms": round(ms["kernel"], 3),
                 "ratio": round(ms["channels-last"] / ms["torch"], 3),
+                "kernel_ratio": round(ms["kernel"] / ms["torch"], 3),
+                "kernel_vs_channels_last": round(ms["kernel"] / ms["channels-last"], 3),
                 "same_bits": same_bits.get(label),
             }
         )
@@ -117,7 +144,7 @@ def bench(threads: int, repeats: int, seed: int) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        "# bench_pooling: max-pooling in channels-last memory vs torch's NCHW kernel",
+        "# bench_pooling: the model's max-pooling vs torch's",
         "",
         f"- date: {result['date']}; commit {result['commit']}",
         f"- machine: {result['machine']['platform']}, {result['machine']['processor']}, "
@@ -127,15 +154,22 @@ def markdown(result: dict) -> str:
         f"{FORMATS}",
         f"- command: `{result['command']}`",
         "",
-        "| threads | what | case | torch's pooling ms | channels-last ms | ratio | same bits |",
-        "|---|---|---|---|---|---|---|",
+        "Arms: torch's `nn.MaxPool2d`; channels-last (torch pooling a channels-last copy, "
+        "returned NCHW; the model's pooling until the compiled kernels); the model's "
+        "`fedprune.models.MaxPool2d` (the compiled 2x2 kernels in the input's own format). "
+        "Ratios are against torch's.",
+        "",
+        "| threads | what | case | torch ms | channels-last ms | kernel ms | channels-last "
+        "ratio | kernel ratio | kernel / channels-last | same bits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in result["runs"]:
         for row in run["rows"]:
             same = "" if row["same_bits"] is None else ("yes" if row["same_bits"] else "NO")
             lines.append(
                 f"| {run['threads']} | {row['what']} | {row['case']} | {row['torch_ms']} | "
-                f"{row['channels_last_ms']} | {row['ratio']:.2f} | {same} |"
+                f"{row['channels_last_ms']} | {row['kernel_ms']} | {row['ratio']:.2f} | "
+                f"{row['kernel_ratio']:.2f} | {row['kernel_vs_channels_last']:.2f} | {same} |"
             )
     return "\n".join(lines) + "\n"
 

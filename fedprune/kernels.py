@@ -262,6 +262,136 @@ if numba is not None:
         for c in prange((n + _CHUNK - 1) // _CHUNK):
             _masked_sgd_range(p, g, keep, lr, _u(c * _CHUNK), _u(min(n, (c + 1) * _CHUNK)))
 
+    # --- 2x2 max-pooling, stride 2 (Conv-2's and VGG-11's), forward and backward ---
+    #
+    # The same values, chosen positions and gradients as torch's CPU kernels, bit for bit:
+    # each window is scanned row by row, left to right, and a value replaces the maximum
+    # so far when it is greater or NaN (torch's rule: the first of equal maxima wins, the
+    # last NaN wins). No fastmath: it would let LLVM assume there are no NaNs. Indices are
+    # flat h * W + w within each (sample, channel) plane, as torch's, in int32.
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _max4(a, b, c, d, q, w):
+        """(maximum, its index) of the window a b / c d whose top left is at index q, in
+        torch's order; w is the input's row length."""
+        m, i = a, q
+        if b > m or b != b:
+            m, i = b, q + 1
+        if c > m or c != c:
+            m, i = c, q + w
+        if d > m or d != d:
+            m, i = d, q + w + 1
+        return m, i
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _pool2_planes(x, out, idx, p0, p1, h, w):
+        """NCHW planes p0..p1-1 of x (flat) into out and idx (flat, (h // 2) x (w // 2)
+        per plane)."""
+        ho, wo = h // 2, w // 2
+        for p in range(p0, p1):
+            xb, ob = _u(p) * _u(h * w), _u(p) * _u(ho * wo)
+            for i in range(ho):
+                r0 = xb + _u(2 * i * w)
+                o = ob + _u(i * wo)
+                q0 = np.int32(2 * i * w)
+                for j in range(wo):
+                    c = _u(2 * j)
+                    m, k = _max4(
+                        x[r0 + c], x[r0 + c + 1], x[r0 + _u(w) + c], x[r0 + _u(w) + c + 1],
+                        q0 + np.int32(2 * j), np.int32(w),
+                    )  # fmt: skip
+                    out[o + _u(j)] = m
+                    idx[o + _u(j)] = k
+
+    @njit(boundscheck=False, cache=True)
+    def max_pool2_nchw_serial(x, out, idx, planes, h, w):
+        _pool2_planes(x, out, idx, 0, planes, h, w)
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def max_pool2_nchw_parallel(x, out, idx, planes, h, w):
+        for p in prange(planes):
+            _pool2_planes(x, out, idx, p, p + 1, h, w)
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _unpool2_planes(grad, idx, grad_x, p0, p1, h, w):
+        """grad_x (NCHW planes p0..p1-1, flat) = the output gradient at the recorded
+        maxima, 0.0 everywhere else (rows and columns the pooling dropped included): one
+        pass, no zero fill before it."""
+        ho, wo = h // 2, w // 2
+        zero = grad_x.dtype.type(0)
+        for p in range(p0, p1):
+            xb, ob = _u(p) * _u(h * w), _u(p) * _u(ho * wo)
+            for q in range(h * w):
+                grad_x[xb + _u(q)] = zero
+            for o in range(ho * wo):
+                grad_x[xb + _u(idx[ob + _u(o)])] = grad[ob + _u(o)]
+
+    @njit(boundscheck=False, cache=True)
+    def unpool2_nchw_serial(grad, idx, grad_x, planes, h, w):
+        _unpool2_planes(grad, idx, grad_x, 0, planes, h, w)
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def unpool2_nchw_parallel(grad, idx, grad_x, planes, h, w):
+        for p in prange(planes):
+            _unpool2_planes(grad, idx, grad_x, p, p + 1, h, w)
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _pool2_nhwc_rows(x, out, idx, r0, r1, h, w, c):
+        """Output rows r0..r1-1 (row r: sample r // (h // 2), output row r % (h // 2)) of
+        a channels-last x (flat, (n, h, w, c)); channels innermost, so each window's four
+        loads are four contiguous runs of c values."""
+        ho, wo = h // 2, w // 2
+        for r in range(r0, r1):
+            n, i = r // ho, r % ho
+            top = (_u(n) * _u(h) + _u(2 * i)) * _u(w) * _u(c)
+            below = top + _u(w) * _u(c)
+            o = _u(r) * _u(wo) * _u(c)
+            for j in range(wo):
+                a = _u(2 * j) * _u(c)
+                q = np.int32(2 * i * w + 2 * j)
+                for ch in range(c):
+                    m, k = _max4(
+                        x[top + a + _u(ch)], x[top + a + _u(c + ch)],
+                        x[below + a + _u(ch)], x[below + a + _u(c + ch)],
+                        q, np.int32(w),
+                    )  # fmt: skip
+                    out[o + _u(j) * _u(c) + _u(ch)] = m
+                    idx[o + _u(j) * _u(c) + _u(ch)] = k
+
+    @njit(boundscheck=False, cache=True)
+    def max_pool2_nhwc_serial(x, out, idx, n, h, w, c):
+        _pool2_nhwc_rows(x, out, idx, 0, n * (h // 2), h, w, c)
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def max_pool2_nhwc_parallel(x, out, idx, n, h, w, c):
+        for r in prange(n * (h // 2)):
+            _pool2_nhwc_rows(x, out, idx, r, r + 1, h, w, c)
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _unpool2_nhwc_samples(grad, idx, grad_x, n0, n1, h, w, c):
+        """grad_x (channels-last samples n0..n1-1, flat) = the output gradient at the
+        recorded maxima, 0.0 elsewhere."""
+        ho, wo = h // 2, w // 2
+        zero = grad_x.dtype.type(0)
+        for n in range(n0, n1):
+            xb = _u(n) * _u(h * w) * _u(c)
+            for q in range(_u(h * w) * _u(c)):
+                grad_x[xb + q] = zero
+            ob = _u(n) * _u(ho * wo) * _u(c)
+            for o in range(ho * wo):
+                for ch in range(c):
+                    e = ob + _u(o) * _u(c) + _u(ch)
+                    grad_x[xb + _u(idx[e]) * _u(c) + _u(ch)] = grad[e]
+
+    @njit(boundscheck=False, cache=True)
+    def unpool2_nhwc_serial(grad, idx, grad_x, n, h, w, c):
+        _unpool2_nhwc_samples(grad, idx, grad_x, 0, n, h, w, c)
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def unpool2_nhwc_parallel(grad, idx, grad_x, n, h, w, c):
+        for s in prange(n):
+            _unpool2_nhwc_samples(grad, idx, grad_x, s, s + 1, h, w, c)
+
     # --- Structure of a CSR layer (conversion to and from dense, once per round) ---
 
     @njit(cache=True, boundscheck=False)
@@ -364,6 +494,50 @@ def masked_sgd(p: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, lr: floa
         keep.view(-1).numpy(),
         p_np.dtype.type(lr),
     )
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    """A 1-D numpy view of a contiguous tensor (never a copy: kernels write through it)."""
+    if not t.is_contiguous():
+        raise ValueError(f"expected a contiguous tensor, got strides {t.stride()}")
+    return t.numpy().reshape(-1)
+
+
+def max_pool2(x: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """2x2 max-pooling with stride 2 of a 4-D CPU float tensor, contiguous NCHW or (with
+    `channels_last`) contiguous channels-last: (output, int32 indices flat h * W + w
+    within each plane), both in that memory format; the bits of torch's
+    `max_pool2d_with_indices`. Requires `available()`."""
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((n, c, h // 2, w // 2), dtype=x.dtype, memory_format=fmt)
+    idx = torch.empty(out.shape, dtype=torch.int32, memory_format=fmt)
+    if channels_last:
+        flat = [_flat(t.detach().permute(0, 2, 3, 1)) for t in (x, out, idx)]
+        run(max_pool2_nhwc_serial, max_pool2_nhwc_parallel, *flat, n, h, w, c)
+    else:
+        flat = [_flat(t.detach()) for t in (x, out, idx)]
+        run(max_pool2_nchw_serial, max_pool2_nchw_parallel, *flat, n * c, h, w)
+    return out, idx
+
+
+def max_unpool2(
+    grad: torch.Tensor, idx: torch.Tensor, input_shape, channels_last: bool
+) -> torch.Tensor:
+    """The input gradient of `max_pool2`: `grad` (the output's gradient) at the positions
+    `idx` recorded, 0.0 elsewhere, in the memory format the pooling ran in. Requires
+    `available()`."""
+    n, c, h, w = input_shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    grad = grad.contiguous(memory_format=fmt)
+    grad_x = torch.empty((n, c, h, w), dtype=grad.dtype, memory_format=fmt)
+    if channels_last:
+        flat = [_flat(t.permute(0, 2, 3, 1)) for t in (grad, idx, grad_x)]
+        run(unpool2_nhwc_serial, unpool2_nhwc_parallel, *flat, n, h, w, c)
+    else:
+        flat = [_flat(t) for t in (grad, idx, grad_x)]
+        run(unpool2_nchw_serial, unpool2_nchw_parallel, *flat, n * c, h, w)
+    return grad_x
 
 
 class threads:
@@ -585,6 +759,9 @@ def _check_kernels(rng, dtype) -> str | None:
         and np.array_equal(transposed, got[perm])
     ):
         return "gather/scatter"
+    wrong = _check_pooling(rng, dtype)
+    if wrong:
+        return wrong
     p = torch.from_numpy(rng.standard_normal(3 * _CHUNK + 5).astype(dtype))
     grad = torch.from_numpy(rng.standard_normal(len(p)).astype(dtype))
     keep = torch.from_numpy(rng.random(len(p)) < 0.3)
@@ -592,4 +769,29 @@ def _check_kernels(rng, dtype) -> str | None:
     masked_sgd(p, grad, keep, 0.1)
     if not torch.allclose(p, want, rtol=tol, atol=tol):
         return "masked SGD update"
+    return None
+
+
+def _check_pooling(rng, dtype) -> str | None:
+    """ "max-pooling" unless `max_pool2` and `max_unpool2` give torch's bits, in both memory
+    formats, on odd sizes with ties, NaN and -inf in the windows."""
+    x = torch.from_numpy(np.round(rng.standard_normal((2, 3, 5, 7)), 1).astype(dtype))
+    x[0, 0, :2, :2] = 0.5  # a tie
+    x[0, 1, 0, 1] = x[1, 2, 3, 3] = float("nan")
+    x[1, 0, :2, 2:4] = float("-inf")
+    want, where = torch.nn.functional.max_pool2d_with_indices(x, 2)
+    grad = torch.from_numpy(rng.standard_normal(want.shape).astype(dtype))
+    want_grad = torch.zeros(x.shape, dtype=x.dtype).view(2, 3, -1)
+    want_grad.scatter_(2, where.view(2, 3, -1), grad.view(2, 3, -1))
+    for channels_last in (False, True):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out, idx = max_pool2(x.contiguous(memory_format=fmt), channels_last)
+        back = max_unpool2(grad, idx, x.shape, channels_last)
+        if not (
+            torch.equal(out.isnan(), want.isnan())
+            and torch.equal(out.nan_to_num(), want.nan_to_num())
+            and torch.equal(idx.long(), where)
+            and torch.equal(back, want_grad.view(x.shape))
+        ):
+            return "max-pooling"
     return None

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from fedprune import kernels
+
 PRUNABLE_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 Shape = tuple[int, int, int]
@@ -35,12 +37,30 @@ MNIST_SHAPE: Shape = (1, 28, 28)
 CIFAR_SHAPE: Shape = (3, 32, 32)
 
 
+class _PoolPairs(torch.autograd.Function):
+    """2x2 max-pooling with stride 2 by the compiled kernels (`fedprune.kernels.max_pool2`),
+    in the input's memory format (NCHW or channels-last). The backward writes the output
+    gradient at the recorded maxima and zeros elsewhere in one pass: windows do not
+    overlap, so each input position gets at most one value, which is what torch's
+    backward adds to its zeros."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        pooled, where = kernels.max_pool2(x, channels_last)
+        ctx.save_for_backward(where)
+        ctx.input_shape, ctx.channels_last = x.shape, channels_last
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (where,) = ctx.saved_tensors
+        return kernels.max_unpool2(grad, where, ctx.input_shape, ctx.channels_last), None
+
+
 class _PoolInChannelsLast(torch.autograd.Function):
     """Non-overlapping max-pooling (window = stride, no padding) of an NCHW tensor,
     computed in channels-last memory and returned NCHW. The backward scatters the output
-    gradient to the recorded maxima directly into an NCHW gradient: windows do not
-    overlap, so each input position gets at most one value, which is what torch's
-    backward adds to its zeros."""
+    gradient to the recorded maxima directly into an NCHW gradient, as `_PoolPairs`."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, window: int) -> torch.Tensor:
@@ -61,35 +81,52 @@ class _PoolInChannelsLast(torch.autograd.Function):
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """`nn.MaxPool2d` that pools NCHW input in channels-last memory, with the same result.
+    """`nn.MaxPool2d` with the same result, computed faster on the CPU.
 
     torch's CPU max-pooling of an NCHW tensor was 14x slower than of the same values in
     channels-last on this project's machines (3.4 against 0.24 ms for Conv-2's conv1
     output at batch 20 on one thread, torch 2.14), a fifth of a client's training step at
-    the final mask; converting the input and back costs a fraction of that. Pooling does
-    no arithmetic, so the values, the chosen maxima (ties included: both kernels take the
-    first in the window) and the gradients are the same bits; tests/test_models.py checks
-    it on real digits, whose blank background makes ties in most windows. The output is
-    NCHW as before, so that the next dense layer computes exactly what it did. Input in
-    channels-last already, pooling with overlapping windows, and export (tracing,
-    scripting) take torch's own path."""
+    the final mask. So non-overlapping windows (window = stride, no padding) are pooled:
+    - 2x2 windows of float32 or float64: by the compiled kernels (`fedprune.kernels`), in
+      the input's own memory format, with no copy to another layout and back and a
+      one-pass backward (`python -m experiments.bench_pooling` measures it);
+    - other windows, or where the kernels do not run here (they say why, once): in
+      channels-last memory by torch, returned NCHW.
+    Pooling does no arithmetic, so the values, the chosen maxima (ties included: every
+    path takes the first in the window, and the last NaN) and the gradients are the same
+    bits as torch's; tests/test_models.py checks it on real digits, whose blank
+    background makes ties in most windows. The output has the input's memory format, as
+    torch's, so the next layer computes exactly what it did. Overlapping windows, other
+    inputs and export (tracing, scripting) take torch's own path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = self.kernel_size
         plain = (
             x.dim() == 4
-            and x.is_contiguous()
-            and not x.is_contiguous(memory_format=torch.channels_last)
+            and x.device.type == "cpu"
             and isinstance(window, int)
             and self.stride in (window, (window, window))
             and self.padding in (0, (0, 0))
             and self.dilation in (1, (1, 1))
             and not self.ceil_mode
             and not self.return_indices
+            and not torch.jit.is_scripting()
+            and not torch.jit.is_tracing()
         )
-        if not plain or torch.jit.is_scripting() or torch.jit.is_tracing():
+        if not plain:
             return super().forward(x)
-        return _PoolInChannelsLast.apply(x, window)
+        nchw = x.is_contiguous()
+        channels_last = not nchw and x.is_contiguous(memory_format=torch.channels_last)
+        if (
+            window == 2
+            and (nchw or channels_last)
+            and x.dtype in (torch.float32, torch.float64)
+            and kernels.available()
+        ):
+            return _PoolPairs.apply(x, channels_last)
+        if nchw and not x.is_contiguous(memory_format=torch.channels_last):
+            return _PoolInChannelsLast.apply(x, window)
+        return super().forward(x)
 
 
 class TwoConvNet(nn.Module):

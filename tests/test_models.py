@@ -180,15 +180,29 @@ def test_two_conv_nets_pooled_in_place_relu_trains_exactly_as_the_textbook_order
     assert all(torch.equal(importance[n], importance_ref[n]) for n in importance_ref)
 
 
+def _pool_both(pool: nn.Module, features: torch.Tensor, upstream: torch.Tensor):
+    x = features.clone().requires_grad_()
+    y = pool(x)
+    (y * upstream).sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("route", ["kernels", "channels-last"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_max_pool_in_channels_last_is_torchs_to_the_bit(threads):
-    """`fedprune.models.MaxPool2d` pools NCHW input in channels-last memory (torch's NCHW
-    kernel is many times slower): the same output and input gradient bits as
-    `nn.MaxPool2d`, on real digits through Conv-2's conv1, where the blank background
-    makes ties in most windows (so the choice among equal maxima is checked too)."""
+def test_max_pool_is_torchs_to_the_bit(threads, route, monkeypatch):
+    """`fedprune.models.MaxPool2d` pools by the compiled kernels (or, where they do not
+    run, by torch in channels-last memory; torch's NCHW kernel is many times slower): the
+    same output and input gradient bits as `nn.MaxPool2d`, on real digits through
+    Conv-2's conv1, where the blank background makes ties in most windows (so the choice
+    among equal maxima is checked too), in NCHW and in channels-last memory."""
+    from fedprune import kernels
     from fedprune.data import heldout_split
     from fedprune.models import MaxPool2d
 
+    if route == "kernels" and not kernels.available():
+        pytest.skip(f"the compiled kernels do not run here: {kernels.unavailable_reason()}")
+    if route == "channels-last":
+        monkeypatch.setattr(kernels, "available", lambda: False)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -204,18 +218,43 @@ def test_max_pool_in_channels_last_is_torchs_to_the_bit(threads):
         upstream = torch.randn(
             features[:, :, ::2, ::2].shape, generator=torch.Generator().manual_seed(1)
         )
-        outputs, grads = [], []
-        for pool in (nn.MaxPool2d(2), MaxPool2d(2)):
-            x = features.clone().requires_grad_()
-            y = pool(x)
-            (y * upstream).sum().backward()
-            outputs.append(y.detach())
-            grads.append(x.grad)
-        assert outputs[1].is_contiguous()  # NCHW out, as torch's: the next layer is unchanged
-        assert torch.equal(outputs[0], outputs[1])
-        assert torch.equal(grads[0], grads[1])
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = features.contiguous(memory_format=layout)
+            want, want_grad = _pool_both(nn.MaxPool2d(2), x, upstream)
+            got, got_grad = _pool_both(MaxPool2d(2), x, upstream)
+            # the input's memory format out, as torch's: the next layer is unchanged
+            assert got.is_contiguous(memory_format=layout)
+            assert got_grad.is_contiguous(memory_format=layout)
+            assert torch.equal(got, want)
+            assert torch.equal(got_grad, want_grad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_max_pool_kernels_choose_as_torch_with_nan_infinity_and_odd_sizes():
+    """Odd sizes (the last row and column are dropped, and get a zero gradient), windows
+    of -inf only (the first position wins) and NaN (it wins, the last one if several),
+    float32 and float64, both memory formats."""
+    from fedprune import kernels
+    from fedprune.models import MaxPool2d
+
+    if not kernels.available():
+        pytest.skip(f"the compiled kernels do not run here: {kernels.unavailable_reason()}")
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(3, 4, 7, 9, generator=g, dtype=dtype).round(decimals=1)
+        x[0, 0, :2, :2] = float("-inf")
+        x[0, 1, 0, 1] = x[0, 1, 1, 0] = float("nan")
+        x[2, 3, 5, 7] = float("nan")
+        upstream = torch.randn(3, 4, 3, 4, generator=g, dtype=dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.contiguous(memory_format=layout)
+            want, want_grad = _pool_both(nn.MaxPool2d(2), xl, upstream)
+            got, got_grad = _pool_both(MaxPool2d(2), xl, upstream)
+            assert torch.equal(got.isnan(), want.isnan())
+            assert torch.equal(got.nan_to_num(), want.nan_to_num())
+            assert torch.equal(got_grad, want_grad)
+            assert not got_grad[:, :, 6, :].any() and not got_grad[:, :, :, 8].any()
 
 
 def test_max_pool_takes_torchs_path_where_it_cannot_pool_in_channels_last():
