@@ -1,5 +1,5 @@
-"""Compiled CPU kernels (numba): the direct sparse convolution's products and the masked
-SGD update.
+"""Compiled CPU kernels (numba): the direct sparse convolution's products, the CSR layer's
+weight gradient and structure, the masked SGD update, and 2x2 max-pooling.
 
 Everything here is compiled by numba at first use (a few seconds on a fresh machine) and
 cached on disk (`cache=True`: next to this file, or in numba's user cache directory where
@@ -8,7 +8,8 @@ the compiling once per process and checks each kernel against a numpy reference.
 is missing, or anything fails to compile or gives a wrong answer, it logs the reason once
 as a warning and returns False, and callers use torch's dense operations instead:
 `fedprune.sparse_conv` layers train masked dense, `fedprune.training.MaskedSGD` masks
-with torch multiplies. Nothing falls back silently.
+with torch multiplies, `fedprune.models.MaxPool2d` pools a channels-last copy with torch.
+Nothing falls back silently.
 
 Threads: each kernel has a serial and a `prange` version; `run` picks the parallel one
 when torch is allowed more than one thread (`torch.get_num_threads()`), with as many
@@ -315,8 +316,8 @@ if numba is not None:
     @njit(boundscheck=False, cache=True, inline="always")
     def _unpool2_planes(grad, idx, grad_x, p0, p1, h, w):
         """grad_x (NCHW planes p0..p1-1, flat) = the output gradient at the recorded
-        maxima, 0.0 everywhere else (rows and columns the pooling dropped included): one
-        pass, no zero fill before it."""
+        maxima, 0.0 everywhere else (rows and columns the pooling dropped included),
+        plane by plane, so each plane is zeroed and written while it is in cache."""
         ho, wo = h // 2, w // 2
         zero = grad_x.dtype.type(0)
         for p in range(p0, p1):
@@ -370,7 +371,7 @@ if numba is not None:
     @njit(boundscheck=False, cache=True, inline="always")
     def _unpool2_nhwc_samples(grad, idx, grad_x, n0, n1, h, w, c):
         """grad_x (channels-last samples n0..n1-1, flat) = the output gradient at the
-        recorded maxima, 0.0 elsewhere."""
+        recorded maxima, 0.0 elsewhere, sample by sample (zeroed and written in cache)."""
         ho, wo = h // 2, w // 2
         zero = grad_x.dtype.type(0)
         for n in range(n0, n1):
@@ -580,7 +581,8 @@ def available() -> bool:
             if reason is not None:
                 _log.warning(
                     "compiled CPU kernels unavailable: sparse convolutions train masked "
-                    "dense and masked SGD uses torch multiplies instead: %s",
+                    "dense, masked SGD uses torch multiplies and max-pooling torch's "
+                    "kernel instead: %s",
                     reason,
                 )
         return bool(_availability["ok"])

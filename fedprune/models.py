@@ -40,9 +40,10 @@ CIFAR_SHAPE: Shape = (3, 32, 32)
 class _PoolPairs(torch.autograd.Function):
     """2x2 max-pooling with stride 2 by the compiled kernels (`fedprune.kernels.max_pool2`),
     in the input's memory format (NCHW or channels-last). The backward writes the output
-    gradient at the recorded maxima and zeros elsewhere in one pass: windows do not
-    overlap, so each input position gets at most one value, which is what torch's
-    backward adds to its zeros."""
+    gradient at the recorded maxima and zeros elsewhere, plane by plane while each is in
+    cache (no zero fill of the whole gradient first): windows do not overlap, so each
+    input position gets at most one value, which is what torch's backward adds to its
+    zeros."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -88,8 +89,9 @@ class MaxPool2d(nn.MaxPool2d):
     output at batch 20 on one thread, torch 2.14), a fifth of a client's training step at
     the final mask. So non-overlapping windows (window = stride, no padding) are pooled:
     - 2x2 windows of float32 or float64: by the compiled kernels (`fedprune.kernels`), in
-      the input's own memory format, with no copy to another layout and back and a
-      one-pass backward (`python -m experiments.bench_pooling` measures it);
+      the input's own memory format, with no copy to another layout and back, and a
+      backward that zeroes and writes each plane while it is in cache (`python -m
+      experiments.bench_pooling` measures it);
     - other windows, or where the kernels do not run here (they say why, once): in
       channels-last memory by torch, returned NCHW.
     Pooling does no arithmetic, so the values, the chosen maxima (ties included: every
