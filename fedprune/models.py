@@ -53,6 +53,7 @@ class _PoolPairs(torch.autograd.Function):
         return pooled
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises, never wrong
     def backward(ctx, grad: torch.Tensor):
         (where,) = ctx.saved_tensors
         return kernels.max_unpool2(grad, where, ctx.input_shape, ctx.channels_last), None
@@ -123,6 +124,7 @@ class MaxPool2d(nn.MaxPool2d):
             window == 2
             and (nchw or channels_last)
             and x.dtype in (torch.float32, torch.float64)
+            and x.shape[2] * x.shape[3] < 2**31  # int32 indices within a plane
             and kernels.available()
         ):
             return _PoolPairs.apply(x, channels_last)
