@@ -45,6 +45,7 @@ class GlobalModel:
         self.model_version = 0
         self.previous_masks: Masks | None = None  # version mask_version - 1, for changes
         self._kept_index: dict[str, torch.Tensor] = {}
+        self._density: float | None = None
 
     @property
     def never_pruned(self) -> int:
@@ -52,8 +53,11 @@ class GlobalModel:
         return sum(v.numel() for k, v in self.params.items() if k not in self.masks)
 
     def density(self) -> float:
-        """Kept fraction of the whole model, biases included."""
-        return density(self.masks, always_kept=self.never_pruned)
+        """Kept fraction of the whole model, biases included (counted once per mask
+        version: a round asks several times)."""
+        if self._density is None:
+            self._density = density(self.masks, always_kept=self.never_pruned)
+        return self._density
 
     def kept_counts(self) -> dict[str, int]:
         """Kept parameters per prunable weight."""
@@ -103,6 +107,7 @@ class GlobalModel:
         self.previous_masks = self.masks
         self.masks = {k: m.clone().bool() for k, m in masks.items()}
         self._kept_index.clear()
+        self._density = None
         self.mask_version += 1
         self.model_version += 1
         return grown, removed
@@ -127,6 +132,7 @@ class GlobalModel:
         self.params = {k: v.clone().float() for k, v in params.items()}
         self.masks = {k: m.clone().bool() for k, m in masks.items()}
         self._kept_index.clear()
+        self._density = None
         self.previous_masks = None  # no node of a new run holds an older version
         self.mask_version = int(state["mask_version"])
         self.model_version += 1

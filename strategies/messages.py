@@ -94,7 +94,11 @@ class ModelPayloads:
                     else reference.dense(model.params, model.masks)
                 )
                 arrays = encode_model(
-                    params, model.masks, include_masks=form != NONE, held_masks=held
+                    params,
+                    model.masks,
+                    include_masks=form != NONE,
+                    held_masks=held,
+                    kept_index={name: model.kept_index(name) for name in model.masks},
                 )
             self._cache[key] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
         return self._cache[key]

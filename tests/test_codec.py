@@ -253,6 +253,21 @@ def test_model_round_trip(density, include_masks):
             assert torch.equal(got2[name], masks[name])
 
 
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_model_encoded_by_kept_index_is_the_same_message(density):
+    """The server gathers kept values by the positions it caches (`GlobalModel.kept_index`)
+    instead of scanning the mask: the message is the same, array by array."""
+    params = make_params(SHAPES)
+    masks = make_masks(SHAPES, PRUNABLE, density)
+    index = {n: torch.nonzero(m.reshape(-1)).squeeze(1) for n, m in masks.items()}
+    want = encode_model(params, masks, include_masks=True, held_masks=MASKS)
+    got = encode_model(params, masks, include_masks=True, held_masks=MASKS, kept_index=index)
+    assert list(got) == list(want)
+    for key, array in want.items():
+        assert got[key].dtype == array.dtype and np.array_equal(got[key], array), key
+    assert not np.shares_memory(got["v/" + PRUNABLE[0]], params[PRUNABLE[0]].numpy())
+
+
 @FAST
 @given(data=model_and_masks(), include_masks=st.booleans())
 def test_model_round_trip_random(data, include_masks):
