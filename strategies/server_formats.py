@@ -13,7 +13,7 @@ the cache, each under its own thread count.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from logging import INFO
 
 import torch
@@ -25,7 +25,7 @@ from fedprune.masks import Masks
 from fedprune.models import build_model, skeleton
 from fedprune.profiler import cached_measurements, sparse_crossovers
 from fedprune.settings import Settings
-from fedprune.sparse import choose_formats, to_formats
+from fedprune.sparse import choose_formats, model_in_formats
 from fedprune.training import evaluate
 
 FormatsFor = Callable[[Masks], dict[str, str]]
@@ -81,31 +81,29 @@ def server_formats(settings: Settings, num_classes: int, input_shape) -> Formats
 
 
 class GlobalEvaluation:
-    """The server's evaluation of a global model on its test split: (loss, accuracy) of
-    a state dict, computed in channels-last memory (torch's CPU convolutions, ReLU and
-    pooling of a batch ran 1.5x faster in it than in NCHW on Conv-2) with each pruned
-    layer in the format `formats_for` gives (None: dense).
+    """The server's evaluation of the global model on its test split: (loss, accuracy) of
+    the model the nodes are sent, its kept values under its masks, built at each call as
+    a node builds it (`fedprune.sparse.model_in_formats`): each pruned layer in the format
+    `formats_for` gives (None: dense), straight from its kept values, so the server never
+    scans a dense copy of fc1 to find them; a dense layer holds 0.0 at its pruned
+    positions. It computes in channels-last memory (torch's CPU convolutions, ReLU and
+    pooling of a batch ran 1.5x faster in it than in NCHW on Conv-2).
 
-    A pruned layer's structure is its weight's nonzeros, so its sparse form computes
-    exactly what the dense layer does (up to the order of float sums), whatever mask the
-    values were aggregated under."""
+    `new_skeleton()` gives the model without memory (`fedprune.models.skeleton`)."""
 
     def __init__(
-        self, model: nn.Module, data: Examples, formats_for: FormatsFor | None = None
+        self,
+        new_skeleton: Callable[[], nn.Module],
+        data: Examples,
+        formats_for: FormatsFor | None = None,
     ) -> None:
-        self.model = model.to(memory_format=torch.channels_last)
-        self.data, self.formats_for = data, formats_for
+        self.new_skeleton, self.data, self.formats_for = new_skeleton, data, formats_for
 
-    def __call__(self, state: Mapping[str, torch.Tensor], pruned: Iterable[str]):
-        """(mean loss, accuracy) of `state`, whose weights named in `pruned` are pruned."""
-        self.model.load_state_dict(state)
-        originals = {}
-        if self.formats_for is not None:
-            nonzero = {name: state[name] != 0 for name in pruned if name in state}
-            originals = to_formats(self.model, nonzero, self.formats_for(nonzero))
-        try:
-            return evaluate(self.model, self.data, batch_size=EVAL_BATCH)
-        finally:
-            # The dense modules go back as they are: the next call loads their weights.
-            for name, module in originals.items():
-                self.model.set_submodule(name, module)
+    def __call__(self, kept: Mapping[str, torch.Tensor], masks: Masks) -> tuple[float, float]:
+        """(mean loss, accuracy) of the model with values `kept` (per parameter, 1-D: a
+        prunable weight's kept values in position order, as `GlobalModel.kept_values`)
+        under `masks`."""
+        formats = self.formats_for(masks) if self.formats_for is not None else {}
+        model = model_in_formats(self.new_skeleton(), kept, masks, formats)
+        model = model.to(memory_format=torch.channels_last)
+        return evaluate(model, self.data, batch_size=EVAL_BATCH)

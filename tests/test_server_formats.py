@@ -4,6 +4,7 @@ its pruned layers sparse. Both must give what the dense computation gives."""
 
 import copy
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -11,17 +12,17 @@ from torch import nn
 
 from fedprune.costs import named_profile
 from fedprune.data import DataSpec, heldout_split, server_share
+from fedprune.global_model import GlobalModel
 from fedprune.initial_pruning import _dense_importance, _train_block, initial_prune
 from fedprune.masks import full_masks
-from fedprune.models import build_model, prunable_names
+from fedprune.models import build_model, prunable_names, skeleton
 from fedprune.sparse import (
-    SparseLinear,
     choose_formats,
     restore_dense,
     sparse_layers,
     to_formats,
 )
-from fedprune.sparse_conv import SparseConv2d, sparse_conv_available
+from fedprune.sparse_conv import sparse_conv_available
 from fedprune.training import evaluate, train_masked
 from strategies.server_formats import GlobalEvaluation
 
@@ -148,28 +149,25 @@ def test_phase1_puts_the_dense_layers_back_when_training_fails():
 @pytest.mark.parametrize("formats", ["sparse", "dense"])
 def test_the_global_evaluation_in_sparse_formats_scores_as_dense(formats):
     model, masks = pruned_model(0.2, seed=1)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # A weight outside the strategy's mask (values aggregated under an older mask) still
-    # counts: the structure is the weight's nonzeros.
-    state["fc1.weight"].view(-1)[(~masks["fc1.weight"]).view(-1).nonzero()[0]] = 0.5
+    global_model = GlobalModel(dict(model.named_parameters()), masks)
     data = heldout_split(DataSpec())
     reference = build_model("small-cnn", seed=5)
-    reference.load_state_dict(state)
+    reference.load_state_dict(global_model.masked_params())
     want_loss, want_acc = evaluate(reference, data)
     used = []
 
-    def formats_for(nonzero):
-        chosen = choose_formats(reference, nonzero, formats)
+    def formats_for(masks):
+        chosen = choose_formats(reference, masks, formats)
         used.append(chosen)
         return chosen
 
-    evaluation = GlobalEvaluation(build_model("small-cnn", seed=9), data, formats_for)
-    for _ in range(2):  # twice: the dense modules are back for the next state
-        loss, acc = evaluation(state, masks)
+    evaluation = GlobalEvaluation(partial(skeleton, "small-cnn"), data, formats_for)
+    for _ in range(2):  # twice: each call builds its own model
+        loss, acc = evaluation(global_model.kept_values(), global_model.masks)
         assert acc == want_acc
         assert loss == pytest.approx(want_loss, rel=1e-5)
-    kinds = {type(m) for m in evaluation.model.modules()}
-    assert SparseLinear not in kinds and SparseConv2d not in kinds
+    # the strategy's model is read, never changed
+    assert torch.equal(global_model.masked_params()["fc1.weight"], reference.fc1.weight)
     if formats == "sparse":
         assert used[-1]["fc1.weight"] == "csr"
         if sparse_conv_available():

@@ -80,8 +80,8 @@ def test_aggregation_is_the_sample_weighted_mean_of_kept_values():
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert torch.all(strategy.masked_params()["fc1.weight"][~mask] == 0)
     assert not torch.equal(before["fc1.weight"], strategy.masked_params()["fc1.weight"])
-    state = arrays.to_torch_state_dict()
-    assert torch.equal(state["fc1.weight"], strategy.masked_params()["fc1.weight"])
+    # The round loop gets the global model in its wire form: the kept values nodes are sent.
+    np.testing.assert_array_equal(arrays["v/fc1.weight"].numpy(), got)
 
 
 def _replace(request: Message, reply: Message, arrays=None, metrics=None) -> Message:
