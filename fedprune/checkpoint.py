@@ -10,14 +10,15 @@ A checkpoint is one file: a header line, then the state saved with `torch.save`:
   checksum test with a message that says so, before anything is unpickled.
 - Safe to load: the payload is read with `torch.load(weights_only=True)`, so a checkpoint
   file cannot run code; it may hold tensors, numbers, strings, lists, tuples and dicts.
-- Off the critical path where asked (`BackgroundWriter`): the state is serialised at
-  once, so later changes to it do not reach the file, and the checksum, write, flush and
-  rename run in a thread while the caller goes on.
+- Off the critical path where asked (`BackgroundWriter`): the state is copied at once
+  (a deep copy), so later changes to it do not reach the file, and the serialising,
+  checksum, write, flush and rename run in a thread while the caller goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import os
@@ -71,11 +72,13 @@ def _write_payload(path: Path, payload: bytes) -> Path:
 
 class BackgroundWriter:
     """Checkpoints written in a thread, one at a time and in order, so that a round's
-    checksum, write and flush to disk (about 0.2 s for Conv-2's 58 MB state on 2 cores)
-    overlap the next round instead of delaying it.
+    serialising, checksum, write and flush to disk overlap the next round instead of
+    delaying it.
 
-    `save` serialises the state before it returns (the caller may change it at once),
-    waits for the previous write, then hands the bytes to a new thread. `wait` returns
+    `save` deep-copies the state before it returns (the caller may change it at once).
+    For the main job's 33 MB state the copy took 4 ms, serialising 16 ms alone and about
+    36 ms within a round (2026-12-04, 2 cores). It then waits for the previous write and
+    hands the copy to a new thread. `wait` returns
     when the last write is on disk. A write that failed is not lost: the next `save` or
     `wait` raises CheckpointError with its cause. The thread is not a daemon, so a
     process that ends normally finishes its last write first; a process that is killed
@@ -94,17 +97,17 @@ class BackgroundWriter:
     ) -> None:
         """Write `state` to `path` atomically, in the background; then call `then` (in the
         writer's thread, after the rename), if given."""
-        payload = _serialise(state)
+        state = copy.deepcopy(state)
         self.wait()
         path = Path(path)
         self._thread = threading.Thread(
-            target=self._write, args=(path, payload, then), name="fedprune-checkpoint"
+            target=self._write, args=(path, state, then), name="fedprune-checkpoint"
         )
         self._thread.start()
 
-    def _write(self, path: Path, payload: bytes, then: Callable[[], None] | None) -> None:
+    def _write(self, path: Path, state: dict[str, Any], then: Callable[[], None] | None) -> None:
         try:
-            _write_payload(path, payload)
+            _write_payload(path, _serialise(state))
             if then is not None:
                 then()
         except BaseException as exc:  # kept for the caller's thread, raised there
