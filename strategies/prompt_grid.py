@@ -8,8 +8,12 @@ deployed federation is about 20 s long: several percent of every round is that s
 `PromptGrid` wraps such a grid and replaces only that wait: it asks again after 0.05 s,
 then backs off to at most `max_interval_s` (0.5 s), so a reply is collected at most half
 a second after it arrives, at the cost of a few small `PullMessages` requests per second
-to the SuperLink while a round is out. Everything else is the wrapped grid's. The
-Simulation Engine's in-memory grid already pulls every 0.1 s and is not wrapped.
+to the SuperLink while a round is out. Everything else is the wrapped grid's.
+
+The Simulation Engine's in-memory grid pulls every 0.1 s: a round waits 0.05 s past its
+last reply on average, about 2 s over the main job's 41 exchanges (of 90 s). Its pulls
+are reads of the SuperLink's state in this process, so it is wrapped to ask every 5 ms
+to 20 ms instead.
 """
 
 from __future__ import annotations
@@ -94,15 +98,21 @@ class PromptGrid(Grid):
 
 
 def in_simulation(grid: Grid) -> bool:
-    """Whether `grid` is the Simulation Engine's (Flower's in-memory grid)."""
+    """Whether `grid` is the Simulation Engine's (Flower's in-memory grid), wrapped or
+    not."""
+    if isinstance(grid, PromptGrid):
+        grid = grid.grid
     # By name: importing the class would load the SuperLink's modules into a deployed
     # ServerApp, which never has this grid.
     return type(grid).__name__ == "InMemoryGrid"
 
 
 def prompt(grid: Grid) -> Grid:
-    """The grid to run the ServerApp on: a deployed grid wrapped to collect replies
-    promptly; the Simulation Engine's (which pulls every 0.1 s) as it is."""
-    if in_simulation(grid) or isinstance(grid, PromptGrid):
+    """The grid to run the ServerApp on, wrapped to collect replies promptly: a deployed
+    grid's every 0.05 s to 0.5 s (a request to the SuperLink each), the Simulation
+    Engine's every 5 ms to 20 ms (a read of state in this process)."""
+    if isinstance(grid, PromptGrid):
         return grid
+    if in_simulation(grid):
+        return PromptGrid(grid, first_interval_s=0.005, max_interval_s=0.02)
     return PromptGrid(grid)

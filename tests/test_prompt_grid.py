@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from strategies import prompt_grid
-from strategies.prompt_grid import PromptGrid, prompt
+from strategies.prompt_grid import PromptGrid, in_simulation, prompt
 
 
 class FakeClock:
@@ -85,10 +85,15 @@ def test_everything_else_is_the_wrapped_grids():
     assert wrapped.node == "the node"
 
 
-def test_the_simulation_engines_grid_is_left_as_it_is():
-    InMemoryGrid = type("InMemoryGrid", (), {})  # matched by name, as server_app does
-    grid = InMemoryGrid()
-    assert prompt(grid) is grid
+def test_the_simulation_engines_grid_is_asked_every_5_to_20_ms(clock):
+    InMemoryGrid = type("InMemoryGrid", (FakeGrid,), {})  # matched by name, as server_app does
+    grid = InMemoryGrid(clock, [0.3, 1.0, 1.004])
+    wrapped = prompt(grid)
+    assert isinstance(wrapped, PromptGrid) and in_simulation(wrapped) and in_simulation(grid)
+    assert not in_simulation(prompt(FakeGrid(clock, [])))
+    assert len(wrapped.send_and_receive([None] * 3, timeout=None)) == 3
+    lags = [grid.collected_at[f"m{i}"] - t for i, t in enumerate(grid.ready)]
+    assert all(0 <= lag <= 0.02 + 1e-9 for lag in lags), lags
 
 
 def test_bad_intervals_are_refused():
