@@ -6,7 +6,8 @@ package, and names the flwr-datasets partitioner that `partitioner` stands for
 a partition back into examples. The server builds the same partitioner from the same
 recipe to know each partition's size (`strategies.expected_examples`). The partitioner is
 cached per process, because the simulation engine calls the ClientApp many times in the
-same worker.
+same worker. Where a server on the same machine has cut the split before, its partitions
+are read from disk (`fedprune.partition_cache`) and flwr-datasets is not imported at all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fedprune.data import (
     client_examples,
     partitioner_recipe,
 )
+from fedprune.partition_cache import cached_partitions
 
 
 def _classes():
@@ -50,6 +52,9 @@ def partition_rows(spec: DataSpec, partition_id: int, num_partitions: int) -> np
     """The client pool's rows of one client, from its partition id among `num_partitions`."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    cached = cached_partitions(spec, num_partitions)
+    if cached is not None:
+        return cached[partition_id]
     part = _partitioner(spec, num_partitions).load_partition(partition_id)
     return np.asarray(part["index"], dtype=np.int64)
 

@@ -330,14 +330,6 @@ def build_partitioner(spec: DataSpec, num_partitions: int, classes: Any) -> Any:
     return partitioner
 
 
-def partition_sizes(spec: DataSpec, num_partitions: int, classes: Any) -> dict[int, int]:
-    """Partition id -> examples of that partition, for every one of `num_partitions` (the
-    sizes the nodes' data has when they hold the configured split). `classes` as for
-    `build_partitioner`."""
-    partitioner = build_partitioner(spec, num_partitions, classes)
-    return {i: len(partitioner.load_partition(i)) for i in range(num_partitions)}
-
-
 def client_examples(spec: DataSpec, indices: np.ndarray) -> Examples:
     """The examples at `indices` of the client pool's `index` column."""
     rows = np.ascontiguousarray(indices, dtype=np.int64).tobytes()

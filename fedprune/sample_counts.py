@@ -9,7 +9,7 @@ A node that claims more than it holds would steer the mean, so the count used is
 
 where the expected size is known when the nodes hold the configured split (simulation, or
 `clients.prepare_data` folders): then it is the size of the node's own partition, which the
-server computes from the same split (`fedprune.data.partition_sizes`), never what a node
+server computes from the same split (`fedprune.partition_cache.partition_sizes`), never what a node
 reports.
 """
 

@@ -16,8 +16,9 @@ import flwr_datasets.partitioner
 import pytest
 
 import experiments.hostile as hostile
-from fedprune.data import DataSpec, data_shape, heldout_split, partition_sizes
+from fedprune.data import DataSpec, data_shape, heldout_split
 from fedprune.models import build_model
+from fedprune.partition_cache import partition_sizes
 from fedprune.settings import Settings
 from fedprune.training import evaluate
 from strategies.accounting import RoundStats
@@ -107,7 +108,7 @@ def test_a_huge_sample_count_is_bounded_by_the_nodes_partition(aggregation, capl
         on = run("num-examples", aggregation=aggregation)
     claims = [r.getMessage() for r in caplog.records if "claims 999999999" in r.getMessage()]
     assert len(claims) == ROUNDS  # once per round: the hostile node trains in each
-    size = partition_sizes(DataSpec(), NODES, flwr_datasets.partitioner)[HOSTILE]
+    size = partition_sizes(DataSpec(), NODES, lambda: flwr_datasets.partitioner)[HOSTILE]
     assert all(f"at most {size}: counted as {size}" in claim for claim in claims)
     lost, agreement = moved(on, run(aggregation=aggregation))
     assert abs(lost) < 0.02 and agreement > 0.98

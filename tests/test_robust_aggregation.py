@@ -8,7 +8,8 @@ import torch
 
 from clients.partitions import client_partition
 from fedprune.aggregate import KeptMean, RobustKept, RobustRule, robust_importance
-from fedprune.data import DataSpec, partition_sizes
+from fedprune.data import DataSpec
+from fedprune.partition_cache import partition_sizes
 from fedprune.replies import MAX_NUM_EXAMPLES
 from fedprune.sample_counts import ExampleBounds
 from strategies.sparse_fedavg import FLOWER_KERNELS
@@ -123,7 +124,7 @@ def test_a_claimed_count_is_bounded_by_the_partition_and_the_setting():
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "shards"])
 def test_the_server_knows_each_partitions_size_as_the_nodes_cut_it(partitioner):
     spec = DataSpec(partitioner=partitioner)
-    sizes = partition_sizes(spec, 5, flwr_datasets.partitioner)
+    sizes = partition_sizes(spec, 5, lambda: flwr_datasets.partitioner)
     assert sizes == {i: len(client_partition(spec, i, 5)) for i in range(5)}
 
 
