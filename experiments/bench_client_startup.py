@@ -10,7 +10,8 @@ both, each in a fresh process, as a SuperNode's ClientApp sees them:
    flwr_datasets and what it pulls in: pandas, HF datasets, matplotlib and seaborn for
    its plots, ...);
 2. a deployed node's messages through the real handlers, each in a fresh process, in a
-   run's order: the identify query (the node makes its partition), the profile query,
+   run's order: the identify query (the node makes its partition; before and after a
+   server on this machine cut the split, `fedprune.partition_cache`), the profile query,
    a train message whose node state holds what the ones before kept (partition rows,
    device profile), and one of a node that holds nothing; each step timed by wrapping
    the module's functions (settings, model and decode, data, layer formats, training,
@@ -187,11 +188,14 @@ print(json.dumps(out))
 """
 
 # A deployed node's messages, each in a fresh process, in the order a run sends them: the
-# identify query (the node makes its partition), the profile query (its device profile:
+# identify query (the node makes its partition) before and after a server on the machine
+# has cut the split (`fedprune.partition_cache`), the profile query (its device profile:
 # from the machine's cache), then train messages whose node state holds both; and, for
 # comparison, a train message in a fresh process of a node that holds nothing.
+NOT_CUT = "identify query, first contact"
 SEQUENCE = (
-    ("identify query, first contact", "identify"),
+    (NOT_CUT, "identify"),
+    ("identify query, first contact, the split cut by a server on this machine", "identify"),
     ("profile query", "profile:held"),
     ("train message, node state held", "train:held"),
     ("train message, nothing held", "train"),
@@ -200,10 +204,20 @@ SEQUENCE = (
 
 def handler_costs(model: str, num_partitions: int) -> dict:
     """Per-step seconds of a deployed node's messages, each in a fresh process."""
+    import flwr_datasets.partitioner
+
+    from fedprune.partition_cache import every_partition, partitions_path
+    from fedprune.settings import Settings
+
     out = {}
+    spec = Settings.from_run_config({"model": model}).data_spec()  # the handler script's
     with tempfile.TemporaryDirectory() as tmp:
         state_file = str(Path(tmp) / "state.json")
         for label, mode in SEQUENCE:
+            if label == NOT_CUT:  # no server has cut this split here: the node cuts it
+                partitions_path(spec, num_partitions).unlink(missing_ok=True)
+            else:  # as the server does at the start of its rounds
+                every_partition(spec, num_partitions, lambda: flwr_datasets.partitioner)
             done = subprocess.run(
                 [sys.executable, "-c", _HANDLER_SCRIPT, model, str(num_partitions), mode,
                  state_file if mode != "train" else str(Path(tmp) / "none.json")],

@@ -63,14 +63,15 @@ def partitions_key(spec: DataSpec, num_partitions: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def _path(key: str) -> Path:
-    return cache_dir() / "partitions" / f"{key}.npz"
+def partitions_path(spec: DataSpec, num_partitions: int) -> Path:
+    """The file that holds the partitions of `spec` into `num_partitions` on this machine."""
+    return cache_dir() / "partitions" / f"{partitions_key(spec, num_partitions)}.npz"
 
 
 def cached_partitions(spec: DataSpec, num_partitions: int) -> list[np.ndarray] | None:
     """The rows of each of the `num_partitions` partitions of `spec`, if a server on this
     machine has cut that split before; else None."""
-    path = _path(partitions_key(spec, num_partitions))
+    path = partitions_path(spec, num_partitions)
     try:
         with np.load(path, allow_pickle=False) as data:
             rows, sizes = data["rows"], data["sizes"]
@@ -86,7 +87,7 @@ def store_partitions(spec: DataSpec, parts: list[np.ndarray]) -> None:
     """Keep `parts` (the rows of every partition of `spec`, as its partitioner cut them)
     for the nodes of this machine. Written atomically; a cache that cannot be written
     costs only the time (nothing reads a partial file)."""
-    path = _path(partitions_key(spec, len(parts)))
+    path = partitions_path(spec, len(parts))
     sizes = np.array([len(p) for p in parts], dtype=np.int64)
     rows = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else sizes
     with contextlib.suppress(OSError):
