@@ -146,7 +146,7 @@ timed(ca, "receive", "model and decode")
 timed(ca, "local_data", "data (partition)")
 timed(ca, "layer_formats", "layer formats (profile)")
 timed(ca, "train_as_clients", "local training (K steps)")
-timed(ca, "encode_update", "encode reply")
+timed(ca, "encode_kept_update", "encode reply")
 
 def saved_state():
     # What the SuperNode kept of this node's state from the messages before (the
