@@ -64,8 +64,6 @@ from deploy.federation import (
     Federation,
     default_node_configs,
     federation_toml,
-    raise_on_sigterm,
-    signals_held,
     spawn,
     superlink_command,
     wait_https_health,
@@ -93,7 +91,14 @@ from deploy.wallclock import (
     run_summary,
     write_table,
 )
-from experiments.local_run import QUIET_ENV, _alive, descendants, tool_env
+from experiments.local_run import (
+    QUIET_ENV,
+    _alive,
+    descendants,
+    raise_on_sigterm,
+    signals_held,
+    tool_env,
+)
 from fedprune import hardware
 
 FEDERATION = "edge-testbed"

@@ -26,10 +26,9 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from experiments.local_run import (
     descendants,
     executable,
     free_port,
+    signals_held,
     stop_tree,
     tool_env,
 )
@@ -92,26 +92,6 @@ def spawn(
             start_new_session=True,
             preexec_fn=_child_setup(frozenset(cpus) if cpus else None) if linux else None,
         )
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while stopping processes, so a second Ctrl-C cannot leave
-    some of them running (each stop is bounded: SIGTERM, then SIGKILL after 10 s)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-
-
-def raise_on_sigterm(signum, frame):
-    """A SIGTERM handler: unwind like Ctrl-C does, so every `finally` runs."""
-    raise SystemExit(128 + signum)
 
 
 def tail(path: Path, n: int = 3000) -> str:

@@ -51,13 +51,12 @@ from deploy.federation import (
     compare_traffic,
     default_node_configs,
     federation_toml,
-    raise_on_sigterm,
     spawn,
     superlink_command,
     wait_https_health,
     write_deploy_summary,
 )
-from experiments.local_run import QUIET_ENV, free_port, tool_env
+from experiments.local_run import QUIET_ENV, free_port, raise_on_sigterm, tool_env
 
 FEDERATION = "local-tls"
 LocalFederation = Federation  # the name this module's users knew it by

@@ -19,10 +19,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -143,6 +144,11 @@ class LocalSuperLink:
     env: dict[str, str]
     process: subprocess.Popen
     flwr_home: Path
+    # The `flwr run` processes in progress. They are this process's too: leaving the
+    # `local_superlink` block stops them before the SuperLink. Otherwise a run whose
+    # caller was interrupted (compare runs them in a thread) outlives its SuperLink, and
+    # `flwr run`, finding no SuperLink, starts Flower's managed one, which nobody stops.
+    runs: set[subprocess.Popen] = field(default_factory=set)
 
     def run(
         self,
@@ -158,9 +164,10 @@ class LocalSuperLink:
         """`flwr run <project> --stream` against this SuperLink; returns when the run ends.
 
         With `capture` the output comes back in the result; with `stdout` (a file) it goes
-        there, stderr included; otherwise it goes to this process's output.
-        `federation_config` adds further `--federation-config` keys, e.g.
-        "init-args-logging-level='INFO'".
+        there, stderr included; otherwise it goes to this process's output. Past
+        `timeout_s`, the run and everything it started are stopped and
+        `subprocess.TimeoutExpired` is raised. `federation_config` adds further
+        `--federation-config` keys, e.g. "init-args-logging-level='INFO'".
         """
         cmd = [
             sys.executable,
@@ -175,20 +182,64 @@ class LocalSuperLink:
         ]
         if run_config:
             cmd += ["--run-config", run_config]
-        streams = (
-            {"capture_output": True}
-            if capture
-            else {"stdout": stdout, "stderr": subprocess.STDOUT if stdout else None}
-        )
-        return subprocess.run(
+        pipe = subprocess.PIPE if capture else None
+        proc = subprocess.Popen(
             cmd,
             env=self.env,
             cwd=project_dir,
-            timeout=timeout_s,
             text=True,
-            check=False,
-            **streams,
+            stdout=pipe if capture else stdout,
+            stderr=pipe if capture else (subprocess.STDOUT if stdout else None),
         )
+        self.runs.add(proc)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        finally:  # a timeout, or this thread interrupted: nothing of the run stays
+            if proc.poll() is None:
+                stop_tree(proc)
+            self.runs.discard(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    def stop_runs(self) -> None:
+        """Stop every `flwr run` still in progress, and what each started, by pid."""
+        for proc in list(self.runs):
+            stop_tree(proc)
+            self.runs.discard(proc)
+
+
+def raise_on_sigterm(signum, frame):
+    """A SIGTERM handler: unwind as Ctrl-C does, so every `finally` that stops our
+    processes runs (Python's default for SIGTERM exits at once and leaves them running)."""
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """In the block, SIGTERM raises SystemExit in the main thread. Only the main thread can
+    set handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while stopping processes, so a second Ctrl-C cannot cut the
+    stop short (each stop is bounded: SIGTERM, then SIGKILL after 10 s)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
@@ -197,12 +248,14 @@ def local_superlink(
     startup_timeout_s: float = 60.0,
     extra_env: dict[str, str] | None = None,
 ) -> Iterator[LocalSuperLink]:
-    """Start a simulation SuperLink in a private FLWR_HOME; stop it and its children on exit.
+    """Start a simulation SuperLink in a private FLWR_HOME; on exit, also on Ctrl-C and on
+    SIGTERM, stop the runs still in progress, then it and its children.
 
     `extra_env` goes into the SuperLink's environment (and so into the simulation it
     starts), e.g. {"RAY_ADDRESS": "HOST:PORT"} to run on an existing Ray cluster.
     """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_unwinds())
         if flwr_home is None:
             flwr_home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="flwr-")))
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -243,11 +296,16 @@ def local_superlink(
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
+        link = None
         try:
             _wait_healthy(proc, http_port, startup_timeout_s, log_file)
-            yield LocalSuperLink(env, proc, flwr_home)
+            link = LocalSuperLink(env, proc, flwr_home)
+            yield link
         finally:
-            stop_tree(proc)
+            with signals_held():
+                if link is not None:
+                    link.stop_runs()
+                stop_tree(proc)
 
 
 def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float, log_file: Path) -> None:

@@ -51,6 +51,8 @@ from experiments.local_run import (
     QUIET_ENV,
     free_port,
     local_superlink,
+    raise_on_sigterm,
+    signals_held,
     stop_tree,
     tool_env,
 )
@@ -300,21 +302,6 @@ def processes_naming(text: str) -> dict[int, str]:
     return out
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while stopping processes, so that a second Ctrl-C cannot
-    leave some of them running (each stop is bounded)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in saved.items():
-            signal.signal(s, handler)
-
-
 # ---------------------------------------------------------------------------- the GCS
 
 
@@ -452,7 +439,7 @@ def local_ray_cluster(
         nodes = _wait_for_nodes(address, 2, procs, logs, startup_timeout_s)
         yield RayCluster(address, temp_dir, procs[0], procs[1], nodes)
     finally:
-        with _signals_held():
+        with signals_held():
             for proc in reversed(procs):  # the worker first, then the head
                 stop_tree(proc)
             if not keep_temp:
@@ -546,7 +533,7 @@ def run_on_cluster(
             actor_nodes, actor_processes = _actors_per_node(cluster, activity, watch)
             t2 = time.monotonic()
     finally:
-        with _signals_held():
+        with signals_held():
             killed = watch.kill_survivors()
             if previous is not None:
                 _set_subreaper(previous)
@@ -605,10 +592,6 @@ def report(r: ClusterRun) -> str:
     return "\n".join(lines)
 
 
-def _raise_on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-supernodes", type=int, default=4)
@@ -620,12 +603,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "outputs")
     parser.add_argument("--run-name", default=None)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     try:
         r = run_on_cluster(args.run_config, args.num_supernodes, args.output_dir, args.run_name)
     except KeyboardInterrupt:
         print("[ray-cluster] interrupted; all processes stopped", file=sys.stderr)
         return 130
+    except SystemExit as exc:  # SIGTERM (raise_on_sigterm)
+        print("[ray-cluster] terminated; all processes stopped", file=sys.stderr)
+        return int(exc.code)
     print(report(r), flush=True)
     if r.left:
         for pid, cmd in r.left.items():
