@@ -81,7 +81,7 @@ from deploy.netns import (
     qdisc_stats,
     stale_namespaces,
 )
-from deploy.probe import ENV_EVENTS, ENV_WHO, install_wrappers
+from deploy.probe import ENV_EVENTS, ENV_POLL, ENV_WHO, install_wrappers
 from deploy.wallclock import (
     ROUND_COLUMNS,
     message_paths,
@@ -104,6 +104,13 @@ from fedprune import hardware
 FEDERATION = "edge-testbed"
 PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandwidth setting)
 DEFAULT_TARGETS = (0.93, 0.95)  # the default comparison's (experiments/presets/default.toml)
+# Flower's SuperNode waits 3 s after every poll that finds no message, so a message waits
+# up to 3 s on the SuperLink (1.5 to 3.8 s of each 7.5 s PruneFL round at 95dc78e). Capped
+# at 0.25 s (edge20p, docs/edge-testbed.md) that wait fell to about 0.4 s, but the rounds
+# did not get shorter: the 4 nodes then start their ClientApps and fetch their messages at
+# the same moment on 2 cores, and start-up and transfer grew by as much. Flower's own
+# polling stays the default; the cap is for hosts with a core per node.
+DEFAULT_POLL_S = 0.0
 WARM_SUFFIX = "-warm"  # as in experiments.compare: the method after PruneFL's server phase
 
 
@@ -218,11 +225,13 @@ def testbed_federation(
     startup_timeout_s: float = 180.0,
     started: list[Federation] | None = None,
     warm_clientapp: bool = True,
+    supernode_poll_s: float = 0.0,
 ) -> Iterator[Federation]:
     """The SuperLink in the hub namespace and one registered SuperNode in each node
     namespace, all started through the probe; everything stopped on exit. The federation
     is appended to `started` as soon as its SuperLink runs, so that a caller can check its
-    processes are gone even when start-up fails."""
+    processes are gone even when start-up fails. `supernode_poll_s` > 0 caps the
+    SuperNodes' wait between polls of the SuperLink (`deploy.probe`); 0 keeps Flower's."""
     workdir.mkdir(parents=True, exist_ok=True)
     hub_addresses = [link.hub_address for link in net.links]
     tls = generate_tls(workdir / "certificates", [*LOOPBACK_HOSTS, *hub_addresses])
@@ -276,6 +285,7 @@ def testbed_federation(
                     "PATH": path,
                     ENV_EVENTS: str(events / f"node-{node_link.index}.jsonl"),
                     ENV_WHO: str(node_link.index),
+                    **({ENV_POLL: repr(supernode_poll_s)} if supernode_poll_s > 0 else {}),
                 },
                 cpus=cpus,
                 program=[str(bin_dir / "probe-supernode")],
@@ -440,6 +450,13 @@ def _fmt(value: Any, spec: str = ".1f", none: str = "-") -> str:
     return format(value, spec)
 
 
+def poll_text(cap_s: float) -> str:
+    """How the report names the SuperNodes' polling."""
+    if cap_s > 0:
+        return f"at most {cap_s:g} s apart (Flower's: 3 s when idle)"
+    return "Flower's (3 s when idle, 0.5 s while a reply is made)"
+
+
 def markdown_report(report: dict) -> str:
     """The table for README: per method, time to each target (clock, clock without
     run-queue waits, model), bytes per round, the model's error, start-up per message."""
@@ -449,7 +466,8 @@ def markdown_report(report: dict) -> str:
         f"{report['num_supernodes']} SuperNodes, links "
         + ", ".join(f"{r / 1e6:.3g} MB/s" for r in report["rates_bytes_per_s"])
         + f"; CPUs: {json.dumps(report['placement'])}"
-        + f"; ClientApp starts: {report.get('clientapp_start', 'cold')}",
+        + f"; ClientApp starts: {report.get('clientapp_start', 'cold')}"
+        + f"; SuperNode polls: {poll_text(report.get('supernode_poll_s', 0.0))}",
         "",
         "| method | rounds | final acc. | "
         + " | ".join(f"to {t:g}: wall / no run-queue / model (s)" for t in targets)
@@ -590,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
         "message) instead of forking them warm (deploy/warm_clientapp.py)",
     )
     parser.add_argument(
+        "--supernode-poll-s",
+        type=float,
+        default=DEFAULT_POLL_S,
+        help="longest wait of a SuperNode between its polls of the SuperLink, in seconds "
+        "(Flower 1.41 hard-codes 3 s when idle; deploy/probe.py caps it); 0: Flower's own",
+    )
+    parser.add_argument(
         "--server-cpus", default="", help="CPUs of the SuperLink and ServerApp (default: any)"
     )
     parser.add_argument(
@@ -633,7 +658,10 @@ def _cpu_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.supernode_poll_s >= 0:
+        parser.error(f"--supernode-poll-s must be 0 or more seconds, not {args.supernode_poll_s}")
     if args.reanalyse:
         return reanalyse(args.reanalyse.resolve())
     prefix = f"fpt-{os.getpid()}"
@@ -686,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         "rates_bytes_per_s": rates,
         "placement": placement.to_dict(),
         "clientapp_start": "cold" if args.cold_clientapp else "warm",
+        "supernode_poll_s": args.supernode_poll_s,
         "targets": args.targets,
         "methods": {},
     }
@@ -715,6 +744,7 @@ def main(argv: list[str] | None = None) -> int:
                 node_configs,
                 started=started,
                 warm_clientapp=not args.cold_clientapp,
+                supernode_poll_s=args.supernode_poll_s,
             ) as fed:
                 print(
                     f"[testbed] SuperLink (pid {fed.superlink.pid}) in {net.hub}; "

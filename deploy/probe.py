@@ -14,6 +14,16 @@ timer and then runs Flower's own entry point unchanged:
 - `serverapp`: every push of messages and every pull that brought replies, with message
   ids, types, destination nodes and the server round they carry.
 
+One change to what Flower does, and only where asked: with $FEDPRUNE_SUPERNODE_POLL_S set
+(the testbed's `--supernode-poll-s`), a SuperNode waits at most that many seconds between
+its requests to the SuperLink. Flower 1.41 hard-codes them (`start_client_internal`): 3 s
+after a poll that found no message, 0.5 s while it waits for a reply to push. A message
+therefore sits on the SuperLink for up to 3 s before its node fetches it, and a reply for
+up to 0.5 s before it leaves: on the testbed's PruneFL rounds of about 7.5 s, 1.5 to 3.8 s
+of each (the "polling" column), varying from round to round with the phase of each node's
+polls. The sleeps are shortened by giving that module a clock whose `sleep` is capped;
+nothing else in Flower changes.
+
 Each event is one JSON line, appended to the file named by $FEDPRUNE_PROBE_EVENTS with a
 single write (O_APPEND), so processes of one node can share a file. Wall times are
 `time.time()`: network namespaces share the clock.
@@ -37,6 +47,7 @@ from pathlib import Path
 
 ENV_EVENTS = "FEDPRUNE_PROBE_EVENTS"
 ENV_WHO = "FEDPRUNE_PROBE_WHO"  # "server" or the node's index
+ENV_POLL = "FEDPRUNE_SUPERNODE_POLL_S"  # the SuperNode's longest wait between polls
 ROLES = ("supernode", "clientapp", "serverapp")
 
 _fd: int | None = None
@@ -112,9 +123,35 @@ def _message_info(message) -> dict:
 
 
 # ---------------------------------------------------------------------- supernode
+class CappedSleep:
+    """The `time` module, but `sleep(s)` waits at most `cap` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.cap))
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+def cap_polling(sci, cap: float) -> None:
+    """Make Flower's SuperNode loop (module `sci`) wait at most `cap` s between polls."""
+    if not cap > 0:
+        raise SystemExit(f"${ENV_POLL} must be a positive number of seconds, not {cap!r}")
+    if getattr(sci, "time", None) is not time:  # another Flower: say so, do not run uncapped
+        raise SystemExit(f"${ENV_POLL}: {sci.__name__} has no `time` module to cap")
+    sci.time = CappedSleep(cap)
+    emit("poll_cap", cap=cap)
+
+
 def run_supernode(args: list[str]) -> int | None:
     import flwr.supernode.start_client_internal as sci
     from flwr.supernode.cli import flower_supernode
+
+    if os.environ.get(ENV_POLL):
+        cap_polling(sci, float(os.environ[ENV_POLL]))
 
     def timed_download(original):
         def wrapper(*a, **kw):

@@ -21,9 +21,16 @@ from pathlib import Path
 
 import pytest
 
-from deploy.edge_testbed import PAPER_RATE, method_run_config, parse_rates
+from deploy.edge_testbed import (
+    DEFAULT_POLL_S,
+    PAPER_RATE,
+    build_parser,
+    main,
+    method_run_config,
+    parse_rates,
+)
 from deploy.netns import burst_bytes, namespaces_with_prefix
-from deploy.probe import wrapper_script
+from deploy.probe import cap_polling, wrapper_script
 from deploy.wallclock import (
     ROUND_COLUMNS,
     MessagePath,
@@ -254,6 +261,40 @@ def test_the_probe_wrappers_load_it_by_path(tmp_path):
     assert "spec_from_file_location" in script and "sys.path" not in script
 
 
+def test_the_poll_cap_shortens_flowers_sleeps_and_nothing_else():
+    import time
+    import types
+
+    import flwr.supernode.start_client_internal as sci
+
+    # The module the cap replaces its clock in is the one whose loop sleeps 3 s.
+    assert sci.time is time and "time.sleep(3)" in Path(sci.__file__).read_text()
+    fake = types.SimpleNamespace(__name__="fake", time=time)
+    cap_polling(fake, 0.05)
+    t0 = time.monotonic()
+    fake.time.sleep(3)  # Flower's idle poll
+    fake.time.sleep(0.01)  # shorter sleeps stay as they are
+    assert time.monotonic() - t0 < 1.0
+    assert abs(fake.time.time() - time.time()) < 1.0  # the rest is the time module
+    assert fake.time.perf_counter is time.perf_counter
+
+
+def test_the_poll_cap_refuses_what_it_cannot_do():
+    import types
+
+    with pytest.raises(SystemExit, match="positive"):
+        cap_polling(types.SimpleNamespace(__name__="fake", time=__import__("time")), 0.0)
+    with pytest.raises(SystemExit, match="no `time` module"):
+        cap_polling(types.SimpleNamespace(__name__="fake"), 0.25)
+
+
+def test_the_testbed_keeps_flowers_polling_unless_asked():
+    assert build_parser().parse_args([]).supernode_poll_s == DEFAULT_POLL_S == 0
+    assert build_parser().parse_args(["--supernode-poll-s", "0.5"]).supernode_poll_s == 0.5
+    with pytest.raises(SystemExit):
+        main(["--supernode-poll-s", "-1", "--check"])
+
+
 # ---------------------------------------------------------------------- slow: a testbed
 def _can_run_testbed() -> str:
     if not sys.platform.startswith("linux") or os.geteuid() != 0:
@@ -289,6 +330,8 @@ def test_two_shaped_supernodes_run_two_rounds_and_leave_nothing_behind(tmp_path)
         "edge",
         "--timeout-s",
         "600",
+        "--supernode-poll-s",
+        "0.25",
     ]
     done = subprocess.run(
         cmd, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900, check=False
@@ -314,6 +357,11 @@ def test_two_shaped_supernodes_run_two_rounds_and_leave_nothing_behind(tmp_path)
     summary = json.loads((out / "testbed_summary.json").read_text())
     assert summary["messages"]["complete"] == summary["messages"]["probed"] >= 4
     assert "probe_missing" not in summary
+    # Both SuperNodes ran with their polls capped as asked (deploy/probe.py).
+    for node in range(2):
+        events = tmp_path / "edge" / "work" / "events" / f"node-{node}.jsonl"
+        caps = [json.loads(line) for line in events.read_text().splitlines()]
+        assert [e["cap"] for e in caps if e["kind"] == "poll_cap"] == [0.25]
     traffic = json.loads((out / "deploy_summary.json").read_text())
     assert traffic["flower_network_traffic"]["total_bytes"] > 0
     assert (tmp_path / "edge" / "accuracy_vs_wallclock.png").is_file()
