@@ -106,10 +106,11 @@ PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandw
 DEFAULT_TARGETS = (0.93, 0.95)  # the default comparison's (experiments/presets/default.toml)
 # Flower's SuperNode waits 3 s after every poll that finds no message, so a message waits
 # up to 3 s on the SuperLink (1.5 to 3.8 s of each 7.5 s PruneFL round at 95dc78e). Capped
-# at 0.25 s (edge20p, docs/edge-testbed.md) that wait fell to about 0.4 s, but the rounds
-# did not get shorter: the 4 nodes then start their ClientApps and fetch their messages at
-# the same moment on 2 cores, and start-up and transfer grew by as much. Flower's own
-# polling stays the default; the cap is for hosts with a core per node.
+# at 0.25 s that wait fell to about 0.5 s, but the rounds did not get shorter, with 4 nodes
+# on 2 cores (edge20p) or 2 nodes with a core each (edge20-2n-poll): a node that polls
+# sooner waits instead for the round's objects and for its ClientApp's start, which the
+# other nodes and the ServerApp are busy with (docs/edge-testbed.md). So Flower's own
+# polling is the default; the cap is an option for measuring it.
 DEFAULT_POLL_S = 0.0
 WARM_SUFFIX = "-warm"  # as in experiments.compare: the method after PruneFL's server phase
 
