@@ -104,13 +104,9 @@ from fedprune import hardware
 FEDERATION = "edge-testbed"
 PAPER_RATE = 1438848.9  # bytes/s: the paper's 1.44 MB/s link (the default bandwidth setting)
 DEFAULT_TARGETS = (0.93, 0.95)  # the default comparison's (experiments/presets/default.toml)
-# Flower's SuperNode waits 3 s after every poll that finds no message, so a message waits
-# up to 3 s on the SuperLink (1.5 to 3.8 s of each 7.5 s PruneFL round at 95dc78e). Capped
-# at 0.25 s that wait fell to about 0.5 s, but the rounds did not get shorter, with 4 nodes
-# on 2 cores (edge20p) or 2 nodes with a core each (edge20-2n-poll): a node that polls
-# sooner waits instead for the round's objects and for its ClientApp's start, which the
-# other nodes and the ServerApp are busy with (docs/edge-testbed.md). So Flower's own
-# polling is the default; the cap is an option for measuring it.
+# Flower's SuperNode polling (3 s when idle) is the default. Capped at 0.25 s the wait for
+# it fell by about 2.3 s a round, but the rounds took as long (docs/edge-testbed.md), so
+# the cap (deploy/probe.py) is an option for measuring it.
 DEFAULT_POLL_S = 0.0
 WARM_SUFFIX = "-warm"  # as in experiments.compare: the method after PruneFL's server phase
 
@@ -226,7 +222,7 @@ def testbed_federation(
     startup_timeout_s: float = 180.0,
     started: list[Federation] | None = None,
     warm_clientapp: bool = True,
-    supernode_poll_s: float = 0.0,
+    supernode_poll_s: float = DEFAULT_POLL_S,
 ) -> Iterator[Federation]:
     """The SuperLink in the hub namespace and one registered SuperNode in each node
     namespace, all started through the probe; everything stopped on exit. The federation

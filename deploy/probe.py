@@ -17,12 +17,10 @@ timer and then runs Flower's own entry point unchanged:
 One change to what Flower does, and only where asked: with $FEDPRUNE_SUPERNODE_POLL_S set
 (the testbed's `--supernode-poll-s`), a SuperNode waits at most that many seconds between
 its requests to the SuperLink. Flower 1.41 hard-codes them (`start_client_internal`): 3 s
-after a poll that found no message, 0.5 s while it waits for a reply to push. A message
-therefore sits on the SuperLink for up to 3 s before its node fetches it, and a reply for
-up to 0.5 s before it leaves: on the testbed's PruneFL rounds of about 7.5 s, 1.5 to 3.8 s
-of each (the "polling" column), varying from round to round with the phase of each node's
-polls. The sleeps are shortened by giving that module a clock whose `sleep` is capped;
-nothing else in Flower changes.
+after a poll that found no message, 0.5 s while it waits for a reply to push, so a message
+sits on the SuperLink for up to 3 s before its node fetches it. The sleeps are shortened
+by giving that module a clock whose `sleep` is capped; nothing else in Flower changes.
+(Measured on the testbed, this did not shorten the rounds: docs/edge-testbed.md.)
 
 Each event is one JSON line, appended to the file named by $FEDPRUNE_PROBE_EVENTS with a
 single write (O_APPEND), so processes of one node can share a file. Wall times are

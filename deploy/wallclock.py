@@ -384,6 +384,24 @@ def _mean(values: Iterable[Any]) -> float | None:
     return round(sum(vals) / len(vals), 4) if vals else None
 
 
+def _spread(values: Sequence[float]) -> dict[str, float | None]:
+    """Mean, standard deviation, minimum and maximum (None where there are too few)."""
+    return {
+        "mean": round(statistics.fmean(values), 3) if values else None,
+        "stdev": round(statistics.stdev(values), 3) if len(values) > 1 else None,
+        "min": round(min(values), 3) if values else None,
+        "max": round(max(values), 3) if values else None,
+    }
+
+
+# The round and the steps of its critical message, summarised over rounds 2.. in the run's
+# summary: where a round's time goes, and how much each part varies from round to round.
+ROUND_PARTS = (
+    "wall_round_s", "polling_s", "startup_s", "download_s", "upload_s", "handler_s",
+    "runqueue_s", "server_s",
+)  # fmt: skip
+
+
 def run_summary(
     table: Sequence[dict[str, Any]],
     paths: Sequence[MessagePath],
@@ -391,7 +409,8 @@ def run_summary(
     summary: dict[str, Any],
 ) -> dict[str, Any]:
     """The testbed's view of one run: model error (all rounds, and rounds 2.. without the
-    first round's one-off queries), time to each target, bytes per round, the start-up
+    first round's one-off queries), the round and its parts over rounds 2.. (mean, spread),
+    time to each target, bytes per round, the start-up
     cost and the other per-message phases (mean over complete train messages), and
     contention (CPU and run-queue seconds of the ClientApp processes)."""
     rounds = [r for r in table[1:] if r.get("wall_round_s") not in ("", None)]
@@ -424,11 +443,10 @@ def run_summary(
             "per_round": {str(int(_f(r["round"]))): r.get("model_runtime_error") for r in later},
             "from_round_2": stats(later, model_key="model_runtime_round_s"),
         },
-        "runtime_s": {
-            "mean": round(statistics.fmean(runtime), 3) if runtime else None,
-            "stdev": round(statistics.stdev(runtime), 3) if len(runtime) > 1 else None,
-            "min": round(min(runtime), 3) if runtime else None,
-            "max": round(max(runtime), 3) if runtime else None,
+        "runtime_s": _spread(runtime),
+        "round_parts_from_round_2_s": {
+            key: _spread([_f(r[key]) for r in later if r.get(key) not in ("", None)])
+            for key in ROUND_PARTS
         },
         "time_to_target": time_to_targets(table, targets),
         "wall_time_s": {

@@ -180,6 +180,9 @@ def test_round_table_compares_the_model_with_the_wall_clock():
     plus = summary["model_plus_runtime_error"]["from_round_2"]
     assert plus["total_error"] == pytest.approx(23 / 16 - 1) and plus["rounds_within_0.2"] == 0
     assert summary["runtime_s"]["mean"] == pytest.approx(-0.5)
+    parts = summary["round_parts_from_round_2_s"]
+    assert parts["wall_round_s"] == {"mean": 16.0, "stdev": None, "min": 16.0, "max": 16.0}
+    assert parts["startup_s"]["mean"] == pytest.approx(4.4)
     hit = summary["time_to_target"]["0.9"]
     assert hit == {
         "round": 2,
