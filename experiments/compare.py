@@ -55,7 +55,7 @@ import torch
 
 from experiments.local_run import local_superlink
 from fedprune.masks import from_prune_state
-from fedprune.settings import Settings
+from fedprune.settings import Settings, SettingsError
 from strategies.methods import REGISTERED
 from strategies.results import COMMIT_ENV, git_commit, source_digest
 
@@ -105,6 +105,24 @@ def load_preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     data = tomllib.loads(path.read_text())
     harness = data.pop("harness", {})
     return data, harness
+
+
+def parse_setting(text: str) -> tuple[str, Any]:
+    """One `--set KEY=VALUE`: VALUE is read as TOML (300, 0.5, true, 'x'); a bare word is
+    a string. The key must be a setting, so a typo fails here, not an hour into a run."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    try:
+        Settings.from_run_config({key: value})
+    except SettingsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return key, value
 
 
 def toml_value(value: Any) -> str:
@@ -552,6 +570,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, help="override num-server-rounds")
     parser.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        type=parse_setting,
+        help="override one run-config setting of the preset (repeatable; runs are keyed "
+        "by it), e.g. --set ip-max-iterations=1000",
+    )
+    parser.add_argument(
         "--out", type=Path, help="results folder (default experiments/results/<preset>)"
     )
     parser.add_argument(
@@ -560,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     overrides, harness = load_preset(args.preset)
+    overrides.update(dict(args.set))
     if args.rounds:
         overrides["num-server-rounds"] = args.rounds
     seeds = args.seeds or harness.get("seeds", [0])

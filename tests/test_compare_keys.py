@@ -75,3 +75,21 @@ def test_a_second_invocation_adds_to_the_table(tmp_path):
     assert [(r.arm, r.seed, r.key) for r in kept] == [("fedavg", 0, old.key)]
     # An arm this invocation runs again is not taken from the old table.
     assert compare.earlier_runs(tmp_path, [old], plan) == []
+
+
+def test_set_overrides_a_setting_and_refuses_typos_and_bad_values():
+    import argparse
+
+    assert compare.parse_setting("ip-max-iterations=1000") == ("ip-max-iterations", 1000)
+    assert compare.parse_setting("partitioner=dirichlet") == ("partitioner", "dirichlet")
+    assert compare.parse_setting("warm-start=true") == ("warm-start", True)
+    for bad, why in [
+        ("ip-max-iteration=3", "did you mean 'ip-max-iterations'"),
+        ("ip-max-iterations=-3", "non-negative"),
+        ("ip-max-iterations", "KEY=VALUE"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            compare.parse_setting(bad)
+    # An overridden setting is another run, so a sweep never reuses the preset's runs.
+    base = {"method": "prunefl", "ip-max-iterations": 300, "seed": 0}
+    assert key({**base, **dict([compare.parse_setting("ip-max-iterations=1000")])}) != key(base)
