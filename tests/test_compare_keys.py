@@ -2,6 +2,7 @@
 the code, and a finished run is reused only by the same key and the same sources. Fast:
 no engine (tests/test_compare.py runs the real one)."""
 
+import argparse
 import json
 
 import pytest
@@ -78,8 +79,6 @@ def test_a_second_invocation_adds_to_the_table(tmp_path):
 
 
 def test_set_overrides_a_setting_and_refuses_typos_and_bad_values():
-    import argparse
-
     assert compare.parse_setting("ip-max-iterations=1000") == ("ip-max-iterations", 1000)
     assert compare.parse_setting("partitioner=dirichlet") == ("partitioner", "dirichlet")
     assert compare.parse_setting("warm-start=true") == ("warm-start", True)
