@@ -245,6 +245,40 @@ if numba is not None:
         for m in prange(len(crow) - 1):
             csr_sddmm_row(g, x, crow, col, out, m, _u(b))
 
+    # The matrix-vector product of a CSR layer at one sample (inference at batch 1). Scalar
+    # on purpose: vectorised, LLVM gathers x with AVX-512 gathers, which on Zen 4 ran this
+    # 2x slower than four independent scalar sums (fastmath would let it vectorise; only
+    # `contract`, for FMAs, is allowed). `col` may be uint16 (half the bytes to stream of
+    # int32, where the layer has at most 65,536 inputs). On fc1 at density 0.1, as the
+    # layer runs it: 0.37 against MKL's CSR product's 0.57 ms on one thread, 0.22 against
+    # 0.29 on two (`python -m experiments.bench_kernel_parts`, 2026-12-04, AVX-512).
+    @njit(fastmath={"contract"}, boundscheck=False, cache=True, inline="always")
+    def csr_spmv_row(x, vals, crow, col, m):
+        """sum over the kept k of row m of vals[k] * x[col[k]]."""
+        k = np.int64(crow[m])
+        end = np.int64(crow[m + 1])
+        a0 = a1 = a2 = a3 = vals.dtype.type(0)
+        while k + 4 <= end:
+            a0 += vals[k] * x[_u(col[k])]
+            a1 += vals[k + 1] * x[_u(col[k + 1])]
+            a2 += vals[k + 2] * x[_u(col[k + 2])]
+            a3 += vals[k + 3] * x[_u(col[k + 3])]
+            k += 4
+        while k < end:
+            a0 += vals[k] * x[_u(col[k])]
+            k += 1
+        return (a0 + a1) + (a2 + a3)
+
+    @njit(fastmath={"contract"}, boundscheck=False, cache=True)
+    def csr_spmv_serial(x, vals, crow, col, bias, out):
+        for m in range(len(crow) - 1):
+            out[m] = bias[m] + csr_spmv_row(x, vals, crow, col, m)
+
+    @njit(fastmath={"contract"}, boundscheck=False, cache=True, parallel=True)
+    def csr_spmv_parallel(x, vals, crow, col, bias, out):
+        for m in prange(len(crow) - 1):
+            out[m] = bias[m] + csr_spmv_row(x, vals, crow, col, m)
+
     @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
     def _masked_sgd_range(p, g, keep, lr, start, end):
         zero = p.dtype.type(0)
@@ -367,6 +401,38 @@ if numba is not None:
     def max_pool2_nhwc_parallel(x, out, idx, n, h, w, c):
         for r in prange(n * (h // 2)):
             _pool2_nhwc_rows(x, out, idx, r, r + 1, h, w, c)
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _pool2_relu_rows(x, out, r0, r1, c, h, row_w, w):
+        """Output rows r0..r1-1 of relu(2x2 max-pooling) of one sample held as c planes of
+        h rows of row_w floats (the first w of each row are the image: a sparse
+        convolution's output buffer at batch 1, `fedprune.sparse_conv`) into out,
+        channels-last (flat, (h // 2, w // 2, c)). The maxima are `_max4`'s (torch's), and
+        the ReLU keeps NaN and -0.0 as torch's does."""
+        wo = w // 2
+        zero = out.dtype.type(0)
+        plane = _u(h) * _u(row_w)
+        for i in range(r0, r1):
+            for ch in range(c):
+                top = _u(ch) * plane + _u(2 * i) * _u(row_w)
+                below = top + _u(row_w)
+                o = _u(i) * _u(wo) * _u(c) + _u(ch)
+                for j in range(wo):
+                    m, _k = _max4(
+                        x[top + _u(2 * j)], x[top + _u(2 * j + 1)],
+                        x[below + _u(2 * j)], x[below + _u(2 * j + 1)],
+                        0, 0,
+                    )  # fmt: skip
+                    out[o + _u(j) * _u(c)] = zero if m < zero else m
+
+    @njit(boundscheck=False, cache=True)
+    def pool2_relu_serial(x, out, c, h, row_w, w):
+        _pool2_relu_rows(x, out, 0, h // 2, c, h, row_w, w)
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def pool2_relu_parallel(x, out, c, h, row_w, w):
+        for r in prange(h // 2):
+            _pool2_relu_rows(x, out, r, r + 1, c, h, row_w, w)
 
     @njit(boundscheck=False, cache=True, inline="always")
     def _unpool2_nhwc_samples(grad, idx, grad_x, n0, n1, h, w, c):
@@ -539,6 +605,18 @@ def max_unpool2(
         flat = [_flat(t) for t in (grad, idx, grad_x)]
         run(unpool2_nchw_serial, unpool2_nchw_parallel, *flat, n * c, h, w)
     return grad_x
+
+
+def pool2_relu(planes: np.ndarray, c: int, h: int, row_w: int, w: int) -> torch.Tensor:
+    """relu(max_pool2d(x, 2)) of one sample x (1, c, h, w) held as `planes` (flat: c planes
+    of h rows of `row_w` floats, the first w of each row the image), as a new
+    channels-last tensor (1, c, h // 2, w // 2): the bits of torch's pooling and ReLU.
+    Requires `available()`."""
+    out = torch.empty((1, c, h // 2, w // 2), dtype=torch.from_numpy(planes[:0]).dtype,
+                      memory_format=torch.channels_last)  # fmt: skip
+    run(pool2_relu_serial, pool2_relu_parallel, planes, _flat(out.permute(0, 2, 3, 1)),
+        c, h, row_w, w)  # fmt: skip
+    return out
 
 
 class threads:
@@ -734,6 +812,16 @@ def _check_kernels(rng, dtype) -> str | None:
     )
     if not np.allclose(wgrad, (gt @ xt.T).reshape(-1)[w_flat], rtol=tol, atol=tol):
         return "CSR weight gradient"
+    # One sample: rows of 0 to 40 kept (fours and a tail), uint16 and int32 columns.
+    w_vals = rng.standard_normal(len(w_col)).astype(dtype)
+    w_dense = np.zeros(wide.size, dtype)
+    w_dense[w_flat] = w_vals
+    x1, b1 = xt[:, 0].copy(), gt[:, 0].copy()
+    for cols in (w_col, w_col.astype(np.uint16)):
+        y1 = np.empty(5, dtype)
+        run(csr_spmv_serial, csr_spmv_parallel, x1, w_vals, w_crow, cols, b1, y1)
+        if not np.allclose(y1, w_dense.reshape(5, 40) @ x1 + b1, rtol=tol, atol=tol):
+            return "CSR matrix-vector product"
     if not (
         np.array_equal(flat, want_flat)
         and np.array_equal(col, want_flat % 13)
@@ -796,4 +884,16 @@ def _check_pooling(rng, dtype) -> str | None:
             and torch.equal(back, want_grad.view(x.shape))
         ):
             return "max-pooling"
+    # Pooling and ReLU at once, from a buffer with two spare floats at each row's end.
+    planes = torch.nn.functional.pad(x, (0, 2)).contiguous()
+    planes[0, 2, 2:4, :2] = torch.tensor([[-0.0, -1.0], [-2.0, -0.5]])  # ReLU keeps -0.0
+    want = torch.relu(torch.nn.functional.max_pool2d(planes[:1, :, :, :7], 2))
+    got = pool2_relu(planes[0].numpy().reshape(-1), 3, 5, 9, 7)
+    bits = [t.nan_to_num().contiguous().numpy().view(np.uint8) for t in (got, want)]
+    if not (
+        got.is_contiguous(memory_format=torch.channels_last)
+        and torch.equal(got.isnan(), want.isnan())
+        and np.array_equal(*bits)  # -0.0 included
+    ):
+        return "max-pooling with ReLU"
     return None

@@ -209,14 +209,23 @@ class _Buffers:
     ) -> torch.Tensor:
         entries = self._pool.setdefault((role, length, dtype, zeroed), [])
         held = None if holder is None else weakref.ref(holder)
+        # A buffer made under `torch.inference_mode` cannot be written outside it (torch
+        # raises): outside, such a free buffer is replaced.
+        inference = torch.is_inference_mode_enabled()
         for entry in entries:
             if entry[1] is None or entry[1]() is None:
+                if entry[0].is_inference() and not inference:
+                    entry[0] = self._new(length, dtype, zeroed)
                 entry[1] = held
                 return entry[0]
-        buf = torch.zeros(length, dtype=dtype) if zeroed else torch.empty(length, dtype=dtype)
+        buf = self._new(length, dtype, zeroed)
         if len(entries) < self.MAX_PER_KEY:
             entries.append([buf, held])
         return buf
+
+    @staticmethod
+    def _new(length: int, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
+        return torch.zeros(length, dtype=dtype) if zeroed else torch.empty(length, dtype=dtype)
 
     def clear(self) -> None:
         self._pool.clear()
@@ -517,6 +526,19 @@ class SparseConv2d(nn.Module):
 
     def _forward_kernel(self, xp, values, bias, plan: _Plan) -> torch.Tensor:
         run, b = plan.fwd, plan.batch
+        out = self._forward_into_scratch(xp, values, bias, plan)
+        y = out.view(self.out_channels, plan.out_h, run.out_width, b)[:, :, : plan.out_w]
+        # Channels-last: the ReLU and max-pooling that follow a convolution are an order of
+        # magnitude faster on it than on NCHW on the CPU (Conv-2's pool after conv2: 0.07
+        # against 1.0 ms at batch 20), and the transpose costs the same either way. Always
+        # a fresh tensor, never a view of the pooled buffer.
+        shape = (b, self.out_channels, plan.out_h, plan.out_w)
+        return _fresh(shape, xp.dtype, torch.channels_last).copy_(y.permute(3, 0, 1, 2))
+
+    def _forward_into_scratch(self, xp, values, bias, plan: _Plan) -> torch.Tensor:
+        """The forward kernel's output, laid out (C_out, H_out, row, B) in the layer's
+        scratch buffer "y" (free again once the caller has read it)."""
+        run = plan.fwd
         out = self._scratch.take("y", self.out_channels * run.out_row, xp.dtype, zeroed=False)
         vals = values.detach()
         if vals.dtype != xp.dtype:
@@ -531,13 +553,7 @@ class SparseConv2d(nn.Module):
             xp.numpy(), out.numpy(), self._rowptr, plan.fwd_offs, vals.numpy(), bias_np,
             run.nseg, run.seglen, run.in_stride, run.out_stride, run.out_row,
         )  # fmt: skip
-        y = out.view(self.out_channels, plan.out_h, run.out_width, b)[:, :, : plan.out_w]
-        # Channels-last: the ReLU and max-pooling that follow a convolution are an order of
-        # magnitude faster on it than on NCHW on the CPU (Conv-2's pool after conv2: 0.07
-        # against 1.0 ms at batch 20), and the transpose costs the same either way. Always
-        # a fresh tensor, never a view of the pooled buffer.
-        shape = (b, self.out_channels, plan.out_h, plan.out_w)
-        return _fresh(shape, xp.dtype, torch.channels_last).copy_(y.permute(3, 0, 1, 2))
+        return out
 
     def _input_grad_kernel(self, g, values, plan: _Plan, memory_format) -> torch.Tensor:
         run, b = plan.bwd, plan.batch
@@ -563,15 +579,36 @@ class SparseConv2d(nn.Module):
         )  # fmt: skip
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (
+    def _needs_graph(self, x: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and (
             x.requires_grad
             or self.values.requires_grad
             or (self.bias is not None and self.bias.requires_grad)
-        ):
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._needs_graph(x):
             return _SparseConvFunction.apply(x, self.values, self.bias, self)
         plan = self._plan(x)
         return self._forward_kernel(self._pad_input(x, plan), self.values, self.bias, plan)
+
+    def pooled_relu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """relu(max_pool2d(self(x), 2)), the same bits, for one sample without autograd
+        (inference at batch 1); None where that does not apply (a batch, or a graph to
+        record), and the caller runs the three steps.
+
+        At batch 1 the kernel's output buffer is already one plane per channel, so the
+        pooling and the ReLU read it straight from there (`kernels.pool2_relu`): no
+        full-size output tensor, no transpose into channels-last and back, no pooling
+        indices. The result is channels-last, as the three steps' is, so the layers after
+        it compute what they would."""
+        if x.dim() != 4 or x.shape[0] != 1 or self._needs_graph(x):
+            return None
+        plan = self._plan(x)
+        out = self._forward_into_scratch(self._pad_input(x, plan), self.values, self.bias, plan)
+        return kernels.pool2_relu(
+            out.numpy(), self.out_channels, plan.out_h, plan.fwd.out_width, plan.out_w
+        )
 
     def extra_repr(self) -> str:
         return (

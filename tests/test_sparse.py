@@ -1,5 +1,6 @@
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -323,3 +324,49 @@ def test_layer_masks_hold_no_bool_copy_of_a_sparse_layers_mask_and_train_the_sam
     plain, wrapped = replies
     assert plain.keys() == wrapped.keys()
     assert all((plain[k] == wrapped[k]).all() for k in plain)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_in=st.integers(1, 60),
+    n_out=st.integers(1, 40),
+    density=st.sampled_from([0.0, 0.05, 0.3, 1.0]),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    n_threads=st.sampled_from([1, 2]),
+    seed=st.integers(0, 10_000),
+)
+def test_one_sample_without_autograd_is_the_masked_dense_product(
+    n_in, n_out, density, bias, dtype, n_threads, seed
+):
+    """Inference at batch 1 runs the compiled matrix-vector product (rows of 0 to n_in
+    kept weights, with and without bias, both precisions, serial and parallel)."""
+    layer, mask = linear_with_mask(n_in, n_out, density, seed)
+    layer = layer.to(dtype)
+    if not bias:
+        layer.bias = None
+    sparse = SparseLinear.from_linear(layer, mask)
+    x = torch.randn(1, n_in, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    with kernels.threads(n_threads), torch.inference_mode():
+        got = sparse(x)
+        want = nn.functional.linear(x, layer.weight * mask, layer.bias)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want, **tol)
+    assert got.shape == (1, n_out) and got.dtype == dtype
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_the_matrix_vector_product_streams_uint16_columns_where_they_fit():
+    narrow, _ = linear_with_mask(3136, 8, 0.1, 0)
+    wide, _ = linear_with_mask(70_000, 2, 0.001, 1)  # more inputs than uint16 can index
+    for layer, dtype in ((narrow, np.uint16), (wide, np.int32)):
+        mask = layer.weight != 0
+        sparse = SparseLinear.from_linear(layer, mask)
+        x = torch.randn(1, layer.in_features)
+        with torch.no_grad():
+            got = sparse(x)
+            torch.testing.assert_close(got, layer(x), rtol=1e-5, atol=1e-5)
+        assert sparse._narrow_cols.dtype == dtype
+        # A batch takes MKL's product, which the server's evaluation uses.
+        with torch.no_grad():
+            torch.testing.assert_close(sparse(x.repeat(3, 1))[1:2], got, rtol=1e-5, atol=1e-5)

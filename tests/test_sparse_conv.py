@@ -424,3 +424,70 @@ def test_buffers_are_free_again_once_their_graph_is_gone():
     del kept, loss
     taken = layer._scratch.take("x", len(held), held.dtype, zeroed=True)
     assert any(taken is b for b in xs)
+
+
+def bits(t):
+    return t.contiguous().view(-1).view(torch.int32 if t.dtype == torch.float32 else torch.int64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    cin=st.integers(1, 5),
+    cout=st.integers(1, 6),
+    kernel=st.sampled_from([1, 3, 5, (3, 5)]),
+    padding=st.sampled_from([0, 1, 2, (2, 0)]),
+    size=st.tuples(st.integers(5, 11), st.integers(5, 11)),  # odd sizes drop a row
+    density=st.sampled_from([0.0, 0.1, 0.5, 1.0]),
+    n_threads=st.sampled_from([1, 2]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 10_000),
+)
+def test_pooled_relu_is_the_three_steps_bit_for_bit(
+    cin, cout, kernel, padding, size, density, n_threads, dtype, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(cin, cout, kernel, padding=padding).to(dtype)
+    layer = SparseConv2d.from_conv(conv, torch.rand(conv.weight.shape, generator=g) < density)
+    x = torch.randn(1, cin, *size, generator=g, dtype=dtype)
+    x[0, 0, 0, 0] = float("nan")  # a NaN window stays NaN, as torch pools and rectifies it
+    with threads(n_threads), torch.inference_mode():
+        if min(layer(x).shape[2:]) < 2:
+            return  # nothing to pool
+        got = layer.pooled_relu(x)
+        want = torch.relu(F.max_pool2d(layer(x), 2))
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(bits(got), bits(want.contiguous(memory_format=torch.channels_last)))
+
+
+def test_pooled_relu_declines_batches_and_graphs():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    layer = SparseConv2d.from_conv(conv, torch.rand(conv.weight.shape) < 0.5)
+    with torch.inference_mode():
+        assert layer.pooled_relu(torch.randn(2, 2, 6, 6)) is None
+    assert layer.pooled_relu(torch.randn(1, 2, 6, 6)) is None  # the parameters need grads
+    with torch.no_grad():
+        assert layer.pooled_relu(torch.randn(1, 2, 6, 6)) is not None
+
+
+def test_conv2_at_batch_1_fuses_its_sparse_convolutions_with_the_same_bits():
+    """TwoConvNet at one sample without autograd pools and rectifies straight from each
+    sparse convolution's buffer (`conv_block`); a batch, or training, runs the three steps.
+    The two paths give the same bits, so the layers after them compute the same."""
+    model, masks = masked_small_cnn(0.2)
+    to_formats(model, masks, MIXED)
+    x = toy_data(3).x
+    calls = []
+    for conv in (model.conv1, model.conv2):
+        fused = conv.pooled_relu
+        conv.pooled_relu = lambda x, fused=fused: calls.append(1) or fused(x)
+    model.eval()
+    with torch.inference_mode():
+        one = model(x[:1])
+        batch = model(x)
+    assert len(calls) == 4  # two convolutions, two calls; the batch's declined
+    with torch.no_grad():  # outside inference mode, on buffers made inside it
+            unfused = model.fc2(torch.relu(model.fc1(torch.flatten(
+            torch.relu(F.max_pool2d(model.conv2(torch.relu(F.max_pool2d(model.conv1(x[:1]), 2))), 2)),
+            1))))  # fmt: skip
+    assert torch.equal(one, unfused)
+    torch.testing.assert_close(batch[:1], one, rtol=1e-4, atol=1e-5)
