@@ -7,7 +7,10 @@ claims in `fedprune/sparse_conv.py`, `fedprune/sparse.py` and experiments/RESULT
 - fc1 (3136 -> 2048, batch 20) as a `SparseLinear` at density 0.039: its forward, input
   gradient (MKL on the transposed structure, the gather included), weight gradient
   (`SparseLinear._weight_grad`, MKL's sampled_addmm beside it), and the layer's forward
-  and backward against dense `nn.Linear`.
+  and backward against dense `nn.Linear`;
+- inference of one sample with every layer at density 0.1: fc1's product (MKL's CSR
+  product, the layer's compiled matrix-vector product, dense), and each convolution with
+  the pooling and ReLU after it (three steps, the layer's fused `pooled_relu`, dense).
 
 Fastest of `--calls` calls per cell (these kernels take about a millisecond, and the
 fastest call is the least disturbed by the rest of the machine), at each of `--threads`.
@@ -36,6 +39,7 @@ import torch
 
 import fedprune
 from fedprune import hardware
+from fedprune.models import MaxPool2d
 from fedprune.sparse import SparseLinear
 from fedprune.sparse_conv import SparseConv2d
 
@@ -43,6 +47,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernel_parts.md"
 BATCH = 20
 CONV2_DENSITY = 0.18
 FC1_DENSITY = 0.039
+BATCH1_DENSITY = 0.1
 
 
 def fastest_ms(fn: Callable[[], object], calls: int) -> float:
@@ -118,6 +123,36 @@ def fc1_cells(calls: int) -> dict:
     return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}
 
 
+def batch1_cells(calls: int) -> dict:
+    """Inference of one sample, every layer at density `BATCH1_DENSITY`: fc1's product
+    (MKL's CSR product beside the layer's compiled matrix-vector product, and dense), and
+    each convolution with the 2x2 max-pooling and ReLU after it (the three steps, the
+    sparse layer's `pooled_relu`, and dense)."""
+    g = torch.Generator().manual_seed(0)
+    cells: dict[str, Callable[[], object]] = {}
+    dense_fc1 = torch.nn.Linear(3136, 2048)
+    mask = torch.rand(2048, 3136, generator=g) < BATCH1_DENSITY
+    fc1 = SparseLinear(mask, dense_fc1.weight.detach()[mask], dense_fc1.bias.detach())
+    x = torch.rand(1, 3136, generator=g)
+    bias = fc1.bias.detach().unsqueeze(1)
+    cells["fc1, MKL CSR product"] = lambda: torch.addmm(bias, fc1.csr(), x.t())
+    cells["fc1, the layer's"] = lambda: fc1(x)
+    cells["fc1, dense"] = lambda: dense_fc1(x)
+    pool = MaxPool2d(2)
+    for name, cin, cout, side in (("conv1", 1, 32, 28), ("conv2", 32, 64, 14)):
+        conv = torch.nn.Conv2d(cin, cout, 5, padding=2)
+        layer = SparseConv2d.from_conv(conv, torch.rand(conv.weight.shape, generator=g) < BATCH1_DENSITY)
+        xc = torch.rand(1, cin, side, side, generator=g)
+        cells[f"{name} + pool + ReLU, three steps"] = lambda l=layer, xc=xc: torch.relu_(pool(l(xc)))
+        if hasattr(layer, "pooled_relu"):
+            cells[f"{name} + pool + ReLU, the layer's pooled_relu"] = (
+                lambda l=layer, xc=xc: l.pooled_relu(xc)
+            )
+        cells[f"{name} + pool + ReLU, dense"] = lambda c=conv, xc=xc: torch.relu_(pool(c(xc)))
+    with torch.inference_mode():
+        return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}
+
+
 def checkout() -> dict:
     where = Path(fedprune.__file__).resolve().parent.parent
     try:
@@ -158,6 +193,8 @@ def markdown(result: dict) -> str:
         ]
         out += ["", "| fc1 (SparseLinear) | ms |", "|---|---:|"]
         out += [f"| {name} | {c['ms']:.3f} |" for name, c in run["fc1"].items()]
+        out += ["", f"| batch 1, inference, density {BATCH1_DENSITY} | ms |", "|---|---:|"]
+        out += [f"| {name} | {c['ms']:.3f} |" for name, c in run["batch1"].items()]
         out.append("")
     return "\n".join(out)
 
@@ -182,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             result["threads"][str(n)] = {
                 "conv2": conv2_cells(args.calls),
                 "fc1": fc1_cells(args.calls),
+                "batch1": batch1_cells(args.calls),
             }
     finally:
         torch.set_num_threads(before)
