@@ -141,13 +141,14 @@ def batch1_cells(calls: int) -> dict:
     pool = MaxPool2d(2)
     for name, cin, cout, side in (("conv1", 1, 32, 28), ("conv2", 32, 64, 14)):
         conv = torch.nn.Conv2d(cin, cout, 5, padding=2)
-        layer = SparseConv2d.from_conv(conv, torch.rand(conv.weight.shape, generator=g) < BATCH1_DENSITY)
+        mask = torch.rand(conv.weight.shape, generator=g) < BATCH1_DENSITY
+        sparse = SparseConv2d.from_conv(conv, mask)
         xc = torch.rand(1, cin, side, side, generator=g)
-        cells[f"{name} + pool + ReLU, three steps"] = lambda l=layer, xc=xc: torch.relu_(pool(l(xc)))
-        if hasattr(layer, "pooled_relu"):
-            cells[f"{name} + pool + ReLU, the layer's pooled_relu"] = (
-                lambda l=layer, xc=xc: l.pooled_relu(xc)
-            )
+        three = f"{name} + pool + ReLU, three steps"
+        cells[three] = lambda sp=sparse, xc=xc: torch.relu_(pool(sp(xc)))
+        if hasattr(sparse, "pooled_relu"):
+            fused = f"{name} + pool + ReLU, the layer's pooled_relu"
+            cells[fused] = lambda sp=sparse, xc=xc: sp.pooled_relu(xc)
         cells[f"{name} + pool + ReLU, dense"] = lambda c=conv, xc=xc: torch.relu_(pool(c(xc)))
     with torch.inference_mode():
         return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}

@@ -171,8 +171,8 @@ class TwoConvNet(nn.Module):
         `fedprune.sparse.fastest_inference_formats` times through it)."""
         # A sparse convolution (`fedprune.sparse_conv.SparseConv2d`) pools and rectifies a
         # single sample without autograd straight from its kernel's buffer, with the same
-        # bits (inference at batch 1: conv1's unfused pooling was about a third of the
-        # pruned model's forward there). It answers None where that does not apply.
+        # bits (conv1's at density 0.1: 0.04 against 0.08 ms for the three steps, `python
+        # -m experiments.bench_kernel_parts`). It answers None where that does not apply.
         fused = getattr(conv, "pooled_relu", None)
         if fused is not None and not torch.jit.is_tracing() and not torch.jit.is_scripting():
             y = fused(x)

@@ -41,6 +41,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -386,9 +387,9 @@ class SparseLinear(nn.Module):
         """x W^T + b for one sample x (1, in_features), without autograd, by the compiled
         matrix-vector product (`kernels.csr_spmv_*`): on fc1 it streams uint16 column
         indices, half the int32 ones MKL takes, and ran 1.3x to 1.5x faster than MKL's
-        product (see the kernel). A copy of the column indices in the narrowest type is made at
-        the first call and kept; batches of more samples use MKL's product, which the
-        server's evaluation and training use, so their sums are unchanged."""
+        product (see the kernel). The narrow copy of the column indices is made at the
+        first call and kept. Batches of more samples use MKL's product, which the server's
+        evaluation and training use, so their sums are unchanged."""
         if self._narrow_cols is None:
             col = self.col_indices.numpy()
             self._narrow_cols = col.astype(np.uint16) if self.in_features <= 1 << 16 else col
@@ -991,9 +992,9 @@ def fastest_inference_formats(
         # the same pass, a dense one does not.
         block = getattr(model, "conv_block", None)
         if isinstance(module, nn.Conv2d) and block is not None:
-            run = {f: (lambda layer=layer: block(layer, x)) for f, layer in candidates.items()}
+            run = {f: partial(block, layer, x) for f, layer in candidates.items()}
         else:
-            run = {f: (lambda layer=layer: layer(x)) for f, layer in candidates.items()}
+            run = {f: partial(layer, x) for f, layer in candidates.items()}
         times: dict[str, list[float]] = {f: [] for f in candidates}
         with torch.inference_mode():
             for _ in range(5):

@@ -486,8 +486,8 @@ def test_conv2_at_batch_1_fuses_its_sparse_convolutions_with_the_same_bits():
         batch = model(x)
     assert len(calls) == 4  # two convolutions, two calls; the batch's declined
     with torch.no_grad():  # outside inference mode, on buffers made inside it
-            unfused = model.fc2(torch.relu(model.fc1(torch.flatten(
-            torch.relu(F.max_pool2d(model.conv2(torch.relu(F.max_pool2d(model.conv1(x[:1]), 2))), 2)),
-            1))))  # fmt: skip
+        pooled = torch.relu(F.max_pool2d(model.conv1(x[:1]), 2))
+        pooled = torch.relu(F.max_pool2d(model.conv2(pooled), 2))
+        unfused = model.fc2(torch.relu(model.fc1(torch.flatten(pooled, 1))))
     assert torch.equal(one, unfused)
     torch.testing.assert_close(batch[:1], one, rtol=1e-4, atol=1e-5)
