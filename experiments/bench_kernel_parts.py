@@ -10,7 +10,9 @@ claims in `fedprune/sparse_conv.py`, `fedprune/sparse.py` and experiments/RESULT
   and backward against dense `nn.Linear`;
 - inference of one sample with every layer at density 0.1: fc1's product (MKL's CSR
   product, the layer's compiled matrix-vector product, dense), and each convolution with
-  the pooling and ReLU after it (three steps, the layer's fused `pooled_relu`, dense).
+  the pooling and ReLU after it (three steps, the layer's fused `pooled_relu`, dense);
+- where a training step goes with every layer at 0.1, in a node's default formats, and
+  dense: torch.profiler's self CPU time per operator.
 
 Fastest of `--calls` calls per cell (these kernels take about a millisecond, and the
 fastest call is the least disturbed by the rest of the machine), at each of `--threads`.
@@ -48,6 +50,12 @@ BATCH = 20
 CONV2_DENSITY = 0.18
 FC1_DENSITY = 0.039
 BATCH1_DENSITY = 0.1
+STEP_FORMATS = {
+    "conv1.weight": "dense",
+    "conv2.weight": "sparse-conv",
+    "fc1.weight": "csr",
+    "fc2.weight": "dense",
+}
 
 
 def fastest_ms(fn: Callable[[], object], calls: int) -> float:
@@ -154,6 +162,51 @@ def batch1_cells(calls: int) -> dict:
         return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}
 
 
+def step_profile(steps: int = 25, top: int = 12) -> dict:
+    """Where a training step goes, every layer at density 0.1 (issue 12's second case),
+    in the formats a node picks by default there (conv1 dense, conv2 sparse, fc1 CSR, fc2
+    dense) and dense: torch.profiler's self CPU time per operator over `steps` steps of
+    batch 20, in ms a step, the largest `top` of each (a sparse layer's own kernels are
+    its autograd Function's forward and backward)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedprune.data import Examples
+    from fedprune.masks import apply_masks, full_masks
+    from fedprune.models import conv2
+    from fedprune.sparse import to_formats
+    from fedprune.training import masked_steps
+
+    g = torch.Generator().manual_seed(0)
+    data = Examples(torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,)))
+    dense = conv2()
+    masks = {
+        n: torch.rand(m.shape, generator=g) < BATCH1_DENSITY for n, m in full_masks(dense).items()
+    }
+    sparse = conv2()
+    sparse.load_state_dict(dense.state_dict())
+    apply_masks(sparse, masks)
+    to_formats(sparse, masks, STEP_FORMATS)
+    out = {}
+    for name, model, held in (("dense", dense, {}), ("every layer at 0.1", sparse, masks)):
+
+        def run(n, model=model, held=held):
+            masked_steps(model, held, data, steps=n, batch_size=BATCH, lr=0.01, momentum=0.0,
+                         weight_decay=0.0, generator=torch.Generator().manual_seed(0),
+                         track_importance=False)  # fmt: skip
+
+        run(5)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            run(steps)
+            wall = (time.perf_counter() - start) / steps * 1e3
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        out[name] = {
+            "step_ms": wall,
+            "ops": {e.key: e.self_cpu_time_total / steps / 1e3 for e in rows[:top]},
+        }
+    return out
+
+
 def checkout() -> dict:
     where = Path(fedprune.__file__).resolve().parent.parent
     try:
@@ -197,6 +250,16 @@ def markdown(result: dict) -> str:
         out += ["", f"| batch 1, inference, density {BATCH1_DENSITY} | ms |", "|---|---:|"]
         out += [f"| {name} | {c['ms']:.3f} |" for name, c in run["batch1"].items()]
         out.append("")
+        for case, prof in run.get("step_profile", {}).items():
+            out += [
+                f"Training step, {case} (batch {BATCH}): {prof['step_ms']:.2f} ms a step "
+                "under the profiler; self CPU time per operator, ms a step:",
+                "",
+                "| operator | ms |",
+                "|---|---:|",
+            ]
+            out += [f"| `{op}` | {ms:.3f} |" for op, ms in prof["ops"].items()]
+            out.append("")
     return "\n".join(out)
 
 
@@ -221,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
                 "conv2": conv2_cells(args.calls),
                 "fc1": fc1_cells(args.calls),
                 "batch1": batch1_cells(args.calls),
+                "step_profile": step_profile(),
             }
     finally:
         torch.set_num_threads(before)

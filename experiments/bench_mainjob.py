@@ -82,7 +82,20 @@ def run_arm(link, arm: str, out_dir: Path, num_supernodes: int, rounds: int) -> 
         "round0_accuracy": float(first["accuracy"]),
         "round0_density": float(first["density"]),
         "node_peak_memory_mb": (summary.get("node_peak_memory") or {}).get("max_mb"),
+        "inference": _inference(summary.get("inference") or {}),
     }
+
+
+def _inference(block: dict) -> dict:
+    """The exported model's forward against the dense model's (summary.json's "inference"
+    block, timed on the server's machine after the run): pruned / dense seconds at each
+    batch size, and the format of each layer."""
+    ratios = {
+        key.removeprefix("batch_"): cell.get("pruned_vs_dense")
+        for key, cell in block.items()
+        if key.startswith("batch_") and isinstance(cell, dict)
+    }
+    return {"pruned_vs_dense": ratios, "formats": block.get("formats", {})}
 
 
 def markdown(result: dict) -> str:
@@ -102,11 +115,14 @@ def markdown(result: dict) -> str:
         "FedAvg's in this invocation (goal of issue 12: <= 0.4)",
         "- node MB: the largest peak memory a node's process measured in a train handler, "
         "above what it held at the handler's start (`node_peak_memory`)",
+        "- inference b1 / b20: the exported pruned model's forward against the dense "
+        "model's at batch 1 and 20, on the server's machine after the run (summary.json's "
+        "`inference` block)",
         "",
         "| arm | run config | final acc | final density | flwr run s | initial pruning s | "
         "rounds s | evaluation s | MB moved | device s per round | vs FedAvg | node MB | "
-        "formats (last round) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "formats (last round) | inference b1 / b20 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         split = r["wall_time_split_s"]
@@ -121,7 +137,7 @@ def markdown(result: dict) -> str:
             f"{split.get('initial_pruning', 0):.1f} | {split.get('rounds', 0):.1f} | "
             f"{split.get('evaluation', 0):.1f} | {r['total_bytes'] / 1e6:.1f} | "
             f"{r['mean_device_round_s']:.3f} | {ratio} | {_mb(r.get('node_peak_memory_mb'))} | "
-            f"{r['train_formats']} |"
+            f"{r['train_formats']} | {_inference_cell(r.get('inference'))} |"
         )
     out += kinds_table(rows)
     return "\n".join(out) + "\n"
@@ -129,6 +145,12 @@ def markdown(result: dict) -> str:
 
 def _mb(value) -> str:
     return "" if value is None else f"{value:.1f}"
+
+
+def _inference_cell(inference: dict | None) -> str:
+    ratios = (inference or {}).get("pruned_vs_dense", {})
+    cells = [f"{ratios[b]:.2f}x" if ratios.get(b) else "-" for b in ("1", "20")]
+    return "" if not ratios else " / ".join(cells)
 
 
 KIND_NAMES = {
