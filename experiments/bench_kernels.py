@@ -626,7 +626,9 @@ def goal_lines(model: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for what, today, goal, step, round_, best, floor in rows:
-        verdict = "met" if step <= goal else f"missed by {step / goal - 1:.0%}"
+        # One decimal below 1 %: a step at 0.401x of a 0.40x goal is not "missed by 0%".
+        over = step / goal - 1
+        verdict = "met" if over <= 0 else f"missed by {over:.{1 if over < 0.01 else 0}%}"
         lines.append(
             f"| {what} | {today} | <= {goal}x | {step:.2f}x | "
             f"{'-' if round_ is None else f'{round_:.2f}x'} | {best:.2f}x | {floor:.3f}x "
