@@ -38,12 +38,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fedprune
 from fedprune import hardware
-from fedprune.models import MaxPool2d
-from fedprune.sparse import SparseLinear
+from fedprune.data import Examples
+from fedprune.masks import apply_masks, full_masks
+from fedprune.models import MaxPool2d, conv2
+from fedprune.sparse import SparseLinear, to_formats
 from fedprune.sparse_conv import SparseConv2d
+from fedprune.training import masked_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kernel_parts.md"
 BATCH = 20
@@ -168,14 +172,6 @@ def step_profile(steps: int = 25, top: int = 12) -> dict:
     dense) and dense: torch.profiler's self CPU time per operator over `steps` steps of
     batch 20, in ms a step, the largest `top` of each (a sparse layer's own kernels are
     its autograd Function's forward and backward)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from fedprune.data import Examples
-    from fedprune.masks import apply_masks, full_masks
-    from fedprune.models import conv2
-    from fedprune.sparse import to_formats
-    from fedprune.training import masked_steps
-
     g = torch.Generator().manual_seed(0)
     data = Examples(torch.rand(BATCH, 1, 28, 28, generator=g), torch.randint(0, 10, (BATCH,)))
     dense = conv2()
