@@ -4,10 +4,11 @@ claims in `fedprune/sparse_conv.py`, `fedprune/sparse.py` and experiments/RESULT
 - conv2 (32 -> 64 channels, 5x5, padding 2, 14x14, batch 20) as a `SparseConv2d` at
   density 0.18: the forward, input-gradient and weight-gradient kernels alone, in G kept
   multiply-adds per second, beside oneDNN's dense forward of the same layer;
-- fc1 (3136 -> 2048, batch 20) as a `SparseLinear` at density 0.039: its forward, input
-  gradient (MKL on the transposed structure, the gather included), weight gradient
-  (`SparseLinear._weight_grad`, MKL's sampled_addmm beside it), and the layer's forward
-  and backward against dense `nn.Linear`;
+- fc1 (3136 -> 2048, batch 20) as a `SparseLinear` at density 0.039: its forward and
+  input gradient by MKL (on the transposed structure, the gather included) and by the
+  layer's compiled panel kernel, weight gradient (`SparseLinear._weight_grad`, MKL's
+  sampled_addmm beside it), and the layer's forward and backward against dense
+  `nn.Linear`;
 - inference of one sample with every layer at density 0.1: fc1's product (MKL's CSR
   product, the layer's compiled matrix-vector product, dense), and each convolution with
   the pooling and ReLU after it (three steps, the layer's fused `pooled_relu`, dense);
@@ -132,6 +133,14 @@ def fc1_cells(calls: int) -> dict:
     }
     if hasattr(layer, "_weight_grad"):  # the layer's own path (compiled where it runs)
         cells["weight gradient, the layer's"] = lambda: layer._weight_grad(gt, xt)
+    if hasattr(layer, "_panel_product"):  # the compiled batch products, on padded panels
+        xp, gp = layer._padded_t(xt.t()), layer._padded_t(gt.t())
+        cells["forward, the layer's (compiled panels)"] = lambda: layer._panel_product(
+            xp, values, layer.bias
+        )
+        cells["input gradient, the layer's (compiled panels, no gather)"] = lambda: (
+            layer._panel_product(gp, values, None, transposed=True)
+        )
     return {name: {"ms": fastest_ms(fn, calls)} for name, fn in cells.items()}
 
 

@@ -1,5 +1,6 @@
 """Compiled CPU kernels (numba): the direct sparse convolution's products, the CSR layer's
-weight gradient and structure, the masked SGD update, and 2x2 max-pooling.
+batch products, weight gradient and structure, the masked SGD update, and 2x2
+max-pooling.
 
 Everything here is compiled by numba at first use (a few seconds on a fresh machine) and
 cached on disk (`cache=True`: next to this file, or in numba's user cache directory where
@@ -189,29 +190,29 @@ if numba is not None:
             )  # fmt: skip
 
     @njit(fastmath=True, boundscheck=False, cache=True, inline="always")
-    def csr_sddmm_row(g, x, crow, col, out, m, b):
-        """out[k] = dot(g[m*b : (m+1)*b], x[col[k]*b : (col[k]+1)*b]) for the kept k of row
-        m: a CSR Linear layer's weight gradient at its kept positions, from the output
-        gradient and the input, both transposed (features x batch, row-major). Eight kept
+    def csr_sddmm_row(g, x, crow, col, out, m, b, ld):
+        """out[k] = dot(g[m*ld :][:b], x[col[k]*ld :][:b]) for the kept k of row m: a CSR
+        Linear layer's weight gradient at its kept positions, from the output gradient and
+        the input, both transposed (features x batch, row-major, rows `ld` apart). Eight kept
         weights at a time share each load of g's row, as in `sddmm_row`, whose offsets
         come from an array: here they are computed from the column indices the layer
         already holds, so no nnz-long offset array (2 MB on fc1) exists."""
-        gb = _u(m) * b
+        gb = _u(m) * ld
         k = np.int64(crow[m])  # signed, as in sddmm_row: uint64 + 1 would be float64
         end = np.int64(crow[m + 1])
         zero = g.dtype.type(0)
         while k + 8 <= end:
             a0, a1, a2, a3 = (
-                _u(col[k]) * b,
-                _u(col[k + 1]) * b,
-                _u(col[k + 2]) * b,
-                _u(col[k + 3]) * b,
+                _u(col[k]) * ld,
+                _u(col[k + 1]) * ld,
+                _u(col[k + 2]) * ld,
+                _u(col[k + 3]) * ld,
             )
             a4, a5, a6, a7 = (
-                _u(col[k + 4]) * b,
-                _u(col[k + 5]) * b,
-                _u(col[k + 6]) * b,
-                _u(col[k + 7]) * b,
+                _u(col[k + 4]) * ld,
+                _u(col[k + 5]) * ld,
+                _u(col[k + 6]) * ld,
+                _u(col[k + 7]) * ld,
             )
             c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = zero
             for j in range(b):
@@ -228,7 +229,7 @@ if numba is not None:
             out[k + 4], out[k + 5], out[k + 6], out[k + 7] = c4, c5, c6, c7
             k += 8
         while k < end:
-            a0 = _u(col[k]) * b
+            a0 = _u(col[k]) * ld
             c0 = zero
             for j in range(b):
                 c0 += g[gb + j] * x[a0 + j]
@@ -236,14 +237,95 @@ if numba is not None:
             k += 1
 
     @njit(fastmath=True, boundscheck=False, cache=True)
-    def csr_sddmm_serial(g, x, crow, col, out, b):
+    def csr_sddmm_serial(g, x, crow, col, out, b, ld):
         for m in range(len(crow) - 1):
-            csr_sddmm_row(g, x, crow, col, out, m, _u(b))
+            csr_sddmm_row(g, x, crow, col, out, m, _u(b), _u(ld))
 
     @njit(fastmath=True, boundscheck=False, cache=True, parallel=True)
-    def csr_sddmm_parallel(g, x, crow, col, out, b):
+    def csr_sddmm_parallel(g, x, crow, col, out, b, ld):
         for m in prange(len(crow) - 1):
-            csr_sddmm_row(g, x, crow, col, out, m, _u(b))
+            csr_sddmm_row(g, x, crow, col, out, m, _u(b), _u(ld))
+
+    # A CSR layer's product with a batch, in training: out (rows x ld) = W x, x the batch
+    # transposed (features x ld, row-major), both padded to `ld`, a multiple of PANEL.
+    # Each output is summed in the order of the row's kept weights, each product rounded
+    # before its sum (no FMA: `fastmath` off), from 0.0, the bias added last. That is what
+    # MKL's CSR product does, bit for bit (tests/test_sparse.py), so training took this
+    # kernel without a change in any result. Its speed comes from the PANEL sums of one
+    # pass over a row living in registers (three 8-wide vectors; LLVM packs the scalars):
+    # written as a loop over an array, each product was a load and a store of the output.
+    # `perm` (or None) reads the values through a permutation: with W^T's structure and
+    # the transpose's permutation it is the input gradient, with no gathered copy of the
+    # values. On fc1 at density 0.1, batch 20, two threads: forward 0.41 against MKL's
+    # 0.74 ms; input gradient 0.76 against 1.14 for the gather and MKL's product
+    # (a probe of 2026-12-05; `python -m experiments.bench_kernel_parts` times the layer).
+    PANEL = 24
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def _panel_value(vals, perm, k):
+        return vals[k] if perm is None else vals[perm[k]]
+
+    @njit(boundscheck=False, cache=True, inline="always")
+    def csr_panel_row(x, vals, perm, crow, col, bias, out, m, ld):
+        k0 = np.int64(crow[m])
+        end = np.int64(crow[m + 1])
+        zero = vals.dtype.type(0)
+        for p in range(ld // _u(PANEL)):
+            o = _u(m) * ld + p * _u(PANEL)
+            xo = p * _u(PANEL)
+            for j in range(_u(PANEL)):
+                out[o + j] = zero
+            k = k0
+            while k + 8 <= end:
+                w0 = _panel_value(vals, perm, k + 0)
+                w1 = _panel_value(vals, perm, k + 1)
+                w2 = _panel_value(vals, perm, k + 2)
+                w3 = _panel_value(vals, perm, k + 3)
+                w4 = _panel_value(vals, perm, k + 4)
+                w5 = _panel_value(vals, perm, k + 5)
+                w6 = _panel_value(vals, perm, k + 6)
+                w7 = _panel_value(vals, perm, k + 7)
+                a0 = _u(col[k + 0]) * ld + xo
+                a1 = _u(col[k + 1]) * ld + xo
+                a2 = _u(col[k + 2]) * ld + xo
+                a3 = _u(col[k + 3]) * ld + xo
+                a4 = _u(col[k + 4]) * ld + xo
+                a5 = _u(col[k + 5]) * ld + xo
+                a6 = _u(col[k + 6]) * ld + xo
+                a7 = _u(col[k + 7]) * ld + xo
+                for j in range(_u(PANEL)):  # left to right: the order of the kept weights
+                    out[o + j] = (
+                        out[o + j]
+                        + w0 * x[a0 + j]
+                        + w1 * x[a1 + j]
+                        + w2 * x[a2 + j]
+                        + w3 * x[a3 + j]
+                        + w4 * x[a4 + j]
+                        + w5 * x[a5 + j]
+                        + w6 * x[a6 + j]
+                        + w7 * x[a7 + j]
+                    )
+                k += 8
+            while k < end:
+                w0 = _panel_value(vals, perm, k)
+                a0 = _u(col[k]) * ld + xo
+                for j in range(_u(PANEL)):
+                    out[o + j] = out[o + j] + w0 * x[a0 + j]
+                k += 1
+            if bias is not None:
+                b = bias[m]
+                for j in range(_u(PANEL)):
+                    out[o + j] = out[o + j] + b
+
+    @njit(boundscheck=False, cache=True)
+    def csr_panel_mm_serial(x, vals, perm, crow, col, bias, out, ld):
+        for m in range(len(crow) - 1):
+            csr_panel_row(x, vals, perm, crow, col, bias, out, m, _u(ld))
+
+    @njit(boundscheck=False, cache=True, parallel=True)
+    def csr_panel_mm_parallel(x, vals, perm, crow, col, bias, out, ld):
+        for m in prange(len(crow) - 1):
+            csr_panel_row(x, vals, perm, crow, col, bias, out, m, _u(ld))
 
     # The matrix-vector product of a CSR layer at one sample (inference at batch 1). Scalar
     # on purpose: vectorised, LLVM gathers x with AVX-512 gathers, which on Zen 4 ran this
@@ -534,18 +616,48 @@ if numba is not None:
 _parallel_lock = threading.Lock()
 
 
-def run(serial, parallel, *args) -> None:
+def run(serial, parallel, *args, parallel_alone: bool = False) -> None:
     """Call the `parallel` kernel with torch's thread count when that is above one (and
-    no other thread is in a parallel kernel), else the `serial` one."""
+    no other thread is in a parallel kernel), else the `serial` one. With
+    `parallel_alone`, one thread also runs the parallel kernel (on one numba thread), for
+    kernels that LLVM vectorises only there (see `csr_panel_mm`)."""
     threads = torch.get_num_threads()
-    if threads > 1 and numba.config.NUMBA_NUM_THREADS > 1 and _parallel_lock.acquire(False):
+    wanted = threads > 1 and numba.config.NUMBA_NUM_THREADS > 1
+    if (wanted or parallel_alone) and _parallel_lock.acquire(False):
         try:
             numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
             parallel(*args)
         finally:
             _parallel_lock.release()
+            # numba's OpenMP layer and torch share OpenMP's thread count: a parallel
+            # kernel run on fewer threads than numba's pool leaves it at the pool's size,
+            # and torch would then run everything after it on two threads, not one.
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
     else:
         serial(*args)
+
+
+def csr_panel_mm(
+    x: np.ndarray,
+    vals: np.ndarray,
+    perm: np.ndarray | None,
+    crow: np.ndarray,
+    col: np.ndarray,
+    bias: np.ndarray | None,
+    out: np.ndarray,
+    ld: int,
+) -> None:
+    """out = W x (+ bias) by `csr_panel_mm_*`: W the CSR structure (crow, col) with values
+    `vals` (read through `perm` if given), x (columns of W x ld) and out (rows x ld), 1-D
+    row-major views, ld a multiple of PANEL. Requires `available()`.
+
+    One thread runs the parallel kernel too: compiled serially, LLVM keeps the inner loop
+    scalar (it cannot rule out that `out` overlaps `x` without more runtime checks than
+    it allows), and on fc1 at density 0.1, batch 20, the serial kernel took 1.42 against
+    0.99 ms on one thread (a probe of 2026-12-05)."""
+    run(csr_panel_mm_serial, csr_panel_mm_parallel, x, vals, perm, crow, col, bias, out, ld,
+        parallel_alone=True)  # fmt: skip
 
 
 def masked_sgd(p: torch.Tensor, grad: torch.Tensor, keep: torch.Tensor, lr: float) -> None:
@@ -809,9 +921,29 @@ def _check_kernels(rng, dtype) -> str | None:
         w_col,
         wgrad,
         21,
+        21,
     )
     if not np.allclose(wgrad, (gt @ xt.T).reshape(-1)[w_flat], rtol=tol, atol=tol):
         return "CSR weight gradient"
+    # The batch product, padded to two panels, and through W^T's structure and permutation.
+    ld = 2 * PANEL
+    w_vals = rng.standard_normal(len(w_col)).astype(dtype)
+    w_dense = np.zeros(wide.size, dtype)
+    w_dense[w_flat] = w_vals
+    w_dense = w_dense.reshape(5, 40)
+    xp = np.zeros((40, ld), dtype)
+    xp[:, :29] = rng.standard_normal((40, 29))
+    gp = np.zeros((5, ld), dtype)
+    gp[:, :29] = rng.standard_normal((5, 29))
+    y, dx = np.empty((5, ld), dtype), np.empty((40, ld), dtype)
+    csr_panel_mm(xp.reshape(-1), w_vals, None, w_crow, w_col, gt[:, 0].copy(), y.reshape(-1), ld)
+    crow_t, col_t, perm = csr_transpose(w_crow, w_col, 40)
+    csr_panel_mm(gp.reshape(-1), w_vals, perm, crow_t, col_t, None, dx.reshape(-1), ld)
+    if not (
+        np.allclose(y, w_dense @ xp + gt[:, :1], rtol=tol, atol=tol)
+        and np.allclose(dx, w_dense.T @ gp, rtol=tol, atol=tol)
+    ):
+        return "CSR batch product"
     # One sample: rows of 0 to 40 kept (fours and a tail), uint16 and int32 columns.
     w_vals = rng.standard_normal(len(w_col)).astype(dtype)
     w_dense = np.zeros(wide.size, dtype)

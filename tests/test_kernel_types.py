@@ -77,4 +77,16 @@ def test_masked_sgd_updates_float32_in_float32():
 def test_csr_weight_gradient_accumulates_float32_in_float32():
     crow, col = np.array([0, 13], np.int32), np.arange(13, dtype=np.int32)
     g, x, out = np.ones(20, F32), np.ones(13 * 20, F32), np.zeros(13, F32)
-    assert float64_locals(kernels.csr_sddmm_row, g, x, crow, col, out, 0, U64(20)) == []
+    assert float64_locals(kernels.csr_sddmm_row, g, x, crow, col, out, 0, U64(20), U64(20)) == []
+
+
+@pytest.mark.skipif(kernels.numba is None, reason="numba does not import here")
+def test_csr_batch_product_accumulates_float32_in_float32():
+    crow, col = np.array([0, 13], np.int32), np.arange(13, dtype=np.int32)
+    x, vals, out = np.ones(13 * 24, F32), np.ones(13, F32), np.zeros(24, F32)
+    perm = np.arange(13, dtype=np.int32)
+    for p, bias in ((None, np.ones(1, F32)), (perm, None)):
+        assert (
+            float64_locals(kernels.csr_panel_row, x, vals, p, crow, col, bias, out, 0, U64(24))
+            == []
+        )

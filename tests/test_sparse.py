@@ -97,6 +97,68 @@ def test_csr_weight_gradient_with_and_without_the_compiled_kernel(compiled, monk
     torch.testing.assert_close(sparse.values.grad, gw_ref[mask])
 
 
+def layer_pass(sparse, x, grad_out, track_importance=False):
+    """Output, input gradient, values' and bias's gradients, and the tracked dense
+    gradient (or None) of one forward and backward of `sparse`."""
+    sparse.track_importance = track_importance
+    sparse.values.grad = sparse.bias.grad = None
+    xs = x.clone().requires_grad_(True)
+    y = sparse(xs)
+    y.backward(grad_out)
+    return y.detach(), xs.grad, sparse.values.grad, sparse.bias.grad, sparse.dense_grad_sum()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "density", "batch"),
+    [(3136, 256, 0.1, 20), (3136, 256, 0.04, 15), (300, 62, 0.6, 1), (97, 40, 0.3, 24),
+     (97, 40, 0.3, 25), (64, 10, 0.0, 20), (64, 10, 1.0, 50)],
+)  # fmt: skip
+def test_batch_products_are_mkls_bit_for_bit(n_in, n_out, density, batch, threads, monkeypatch):
+    """In training a CSR layer's forward and input gradient run on the compiled panel
+    kernel (`kernels.csr_panel_mm`), its weight gradient reads the padded panels: every
+    result, the tracked dense gradient included, is the one MKL's CSR products give,
+    bit for bit, so moving training onto the kernel changed no run's numbers. fc1's shape
+    at the main job's densities, a partial batch, one sample, a panel's width exactly and
+    one past it, an empty and a full layer."""
+    layer, mask = linear_with_mask(n_in, n_out, density, seed=batch)
+    g = torch.Generator().manual_seed(7)
+    x, grad_out = torch.randn(batch, n_in, generator=g), torch.randn(batch, n_out, generator=g)
+    sparse = SparseLinear.from_linear(layer, mask)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = layer_pass(sparse, x, grad_out, track_importance=True)
+        assert torch.get_num_threads() == threads  # numba's OpenMP layer leaves it alone
+        monkeypatch.setattr(SparseLinear, "_panels_run", lambda self, x: False)
+        want = layer_pass(sparse, x, grad_out, track_importance=True)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    _, gx_ref, gw_ref, _ = masked_dense_pass(layer, mask, x, grad_out)
+    torch.testing.assert_close(got[1], gx_ref)
+    torch.testing.assert_close(got[2], gw_ref[mask])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+def test_batch_products_in_float64_match_masked_dense():
+    layer, mask = linear_with_mask(50, 30, 0.3, seed=3)
+    layer = layer.double()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(21, 50, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(21, 30, generator=g, dtype=torch.float64)
+    sparse = SparseLinear.from_linear(layer, mask)
+    assert sparse._panels_run(x)
+    y, gx, gv, gb, _ = layer_pass(sparse, x, grad_out)
+    y_ref, gx_ref, gw_ref, gb_ref = masked_dense_pass(layer, mask, x, grad_out)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gw_ref[mask])
+    torch.testing.assert_close(gb, gb_ref)
+
+
 def test_exact_zero_weights_keep_their_place_and_train():
     layer, mask = linear_with_mask(12, 8, 0.5, seed=3, zeros=5)
     zero_kept = mask & (layer.weight == 0)
