@@ -19,10 +19,11 @@ from fedprune.sparse import (
     read_export,
     sparse_layers,
     to_dense,
+    to_formats,
     to_sparse,
     train_sparse,
 )
-from fedprune.training import train_masked
+from fedprune.training import masked_steps, train_masked
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
 
@@ -140,6 +141,51 @@ def test_batch_products_are_mkls_bit_for_bit(n_in, n_out, density, batch, thread
     _, gx_ref, gw_ref, _ = masked_dense_pass(layer, mask, x, grad_out)
     torch.testing.assert_close(got[1], gx_ref)
     torch.testing.assert_close(got[2], gw_ref[mask])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv2_trains_to_the_same_bits_on_the_panel_kernel_as_on_mkl(threads, monkeypatch):
+    """Conv-2 with fc1 and fc2 in CSR (conv2 a sparse convolution), nine steps of batch
+    20 over 55 samples (a partial batch), momentum, weight decay and importance tracked:
+    every parameter and the tracked gradients end the same, bit for bit, whether the CSR
+    layers run the compiled panel kernel or MKL's products."""
+    formats = {"conv1.weight": "dense", "conv2.weight": "sparse-conv", "fc1.weight": "csr",
+               "fc2.weight": "csr"}  # fmt: skip
+
+    def train():
+        g = torch.Generator().manual_seed(1)
+        data = Examples(
+            torch.rand(55, 1, 28, 28, generator=g), torch.randint(0, 10, (55,), generator=g)
+        )
+        torch.manual_seed(0)
+        model = build_model("conv2", num_classes=10)
+        masks = {n: torch.rand(m.shape, generator=g) < 0.1 for n, m in full_masks(model).items()}
+        apply_masks(model, masks)
+        to_formats(model, masks, formats)
+        csr = {n: m for n, m in sparse_layers(model).items() if isinstance(m, SparseLinear)}
+        assert set(csr) == {"fc1.weight", "fc2.weight"}
+        for layer in csr.values():
+            layer.track_importance = True
+        steps = masked_steps(model, masks, data, steps=9, batch_size=20, lr=0.05, momentum=0.9,
+                             weight_decay=1e-4, generator=torch.Generator().manual_seed(0),
+                             track_importance=True)  # fmt: skip
+        state = {n: p.detach().clone() for n, p in model.state_dict().items()}
+        state.update({f"{n} summed gradient": t for n, t in steps.grad_sum.items()})
+        state.update({f"{n} dense gradient": layer.dense_grad_sum() for n, layer in csr.items()})
+        return state
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = train()
+        monkeypatch.setattr(SparseLinear, "_panels_run", lambda self, x: False)
+        want = train()
+    finally:
+        torch.set_num_threads(before)
+    assert got.keys() == want.keys()
+    for name in got:
+        assert torch.equal(got[name], want[name]), name
 
 
 @pytest.mark.skipif(not kernels.available(), reason="the compiled kernels do not run here")
