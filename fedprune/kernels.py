@@ -251,14 +251,14 @@ if numba is not None:
     # Each output is summed in the order of the row's kept weights, each product rounded
     # before its sum (no FMA: `fastmath` off), from 0.0, the bias added last. That is what
     # MKL's CSR product does, bit for bit (tests/test_sparse.py), so training took this
-    # kernel without a change in any result. Its speed comes from the PANEL sums of one
-    # pass over a row living in registers (three 8-wide vectors; LLVM packs the scalars):
-    # written as a loop over an array, each product was a load and a store of the output.
-    # `perm` (or None) reads the values through a permutation: with W^T's structure and
-    # the transpose's permutation it is the input gradient, with no gathered copy of the
-    # values. On fc1 at density 0.1, batch 20, two threads: forward 0.41 against MKL's
-    # 0.74 ms; input gradient 0.76 against 1.14 for the gather and MKL's product
-    # (a probe of 2026-12-05; `python -m experiments.bench_kernel_parts` times the layer).
+    # kernel without a change in any result. Its speed comes from the padding: a row's
+    # PANEL outputs are one vectorised loop of constant length, and each pass of it adds
+    # eight kept weights' products in order, so the output row is loaded and stored once
+    # per eight products. `perm` (or None) reads the values through a permutation: with
+    # W^T's structure and the transpose's permutation it is the input gradient, with no
+    # gathered copy of the values. On fc1 at density 0.039, batch 20, two threads: forward
+    # 0.22 against MKL's 0.30 ms; input gradient 0.33 against 0.60 for the gather and
+    # MKL's product (`python -m experiments.bench_kernel_parts`, 2026-12-05).
     PANEL = 24
 
     @njit(boundscheck=False, cache=True, inline="always")
